@@ -1,0 +1,62 @@
+"""The ``kogpt2`` command: one subcommand per module in :mod:`kogpt2.commands`.
+
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``. Modules are imported only when their command runs, so
+``kogpt2 --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from kogpt2 import __version__
+from kogpt2 import tf_setup as _tf_setup  # noqa: F401  (TF_USE_LEGACY_KERAS first)
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train-tokenizer": ("kogpt2.commands.train_tokenizer", "train a SentencePiece tokenizer on a corpus"),
+    "train": ("kogpt2.commands.train", "fine-tune or train GPT-2 from preprocessed shards"),
+    "evaluate": ("kogpt2.commands.evaluate", "loss and perplexity of a model on a shard split"),
+    "generate": ("kogpt2.commands.generate", "continue seed words with a model"),
+    "report": ("kogpt2.commands.report", "build report.html for a run folder"),
+}
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as ``kogpt2 <cmd>: error: ...`` with exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kogpt2", description="Korean GPT-2 pipeline tools.")
+    parser.add_argument("--version", action="version", version=f"kogpt2-pipeline {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``kogpt2 COMMAND ...``; return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except (CommandError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"kogpt2 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

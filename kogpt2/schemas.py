@@ -1,0 +1,125 @@
+"""Load the machine-readable specs in ``schemas/``: one source of truth each.
+
+- ``tfrecord_example.json``: features of the TFRecord shards.
+- ``shard_info.json``: JSON Schema of ``info.json`` beside the shards.
+- ``generations.json``: columns of the generation Parquet files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+SCHEMA_FILES = ("tfrecord_example.json", "shard_info.json", "generations.json")
+
+
+def schema_dir() -> Path:
+    """The folder holding the schema files, in a source checkout or an installed copy.
+
+    Raises:
+        FileNotFoundError: neither location holds them.
+    """
+    candidates = [
+        Path(__file__).resolve().parent.parent / "schemas",  # source checkout / editable install
+        Path(sys.prefix) / "share" / "kogpt2-pipeline" / "schemas",  # pip install (data_files)
+    ]
+    for c in candidates:
+        if (c / SCHEMA_FILES[0]).is_file():
+            return c
+    raise FileNotFoundError(f"schema files not found in {[str(c) for c in candidates]}")
+
+
+@lru_cache(maxsize=None)
+def load_schema(name: str) -> dict[str, Any]:
+    """Return one schema file's JSON, by file name (``tfrecord_example.json``) or stem."""
+    if not name.endswith(".json"):
+        name += ".json"
+    if name not in SCHEMA_FILES:
+        raise ValueError(f"unknown schema {name!r}; known: {SCHEMA_FILES}")
+    return dict(json.loads((schema_dir() / name).read_text(encoding="utf-8")))
+
+
+def tfrecord_features() -> list[dict[str, Any]]:
+    """The TFRecord feature list (name, dtype, shape, description)."""
+    return list(load_schema("tfrecord_example")["features"])
+
+
+def tf_feature_spec(max_len: int) -> dict[str, Any]:
+    """A ``tf.io.parse_example`` spec for shards of ``max_len`` tokens."""
+    from kogpt2.tf_setup import import_tf
+
+    tf = import_tf()
+    spec = {}
+    for feat in tfrecord_features():
+        shape = [max_len if d == "max_len" else int(d) for d in feat["shape"]]
+        spec[feat["name"]] = tf.io.FixedLenFeature(shape, tf.as_dtype(feat["dtype"]))
+    return spec
+
+
+def arrow_schema() -> Any:
+    """The ``pyarrow.Schema`` of generation Parquet files (plain Arrow types only)."""
+    import pyarrow as pa
+
+    spec = load_schema("generations")
+    fields = [
+        pa.field(c["name"], pa.type_for_alias(c["type"]), nullable=c["nullable"], metadata={"description": c["description"]})
+        for c in spec["columns"]
+    ]
+    return pa.schema(fields, metadata={"kogpt2_schema_version": str(spec["schema_version"])})
+
+
+def validate_info(info: dict[str, Any]) -> None:
+    """Check an ``info.json`` document against ``shard_info.json``.
+
+    Raises:
+        ValueError: naming the first field that does not conform.
+    """
+    _validate(info, load_schema("shard_info"), "info")
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "object": (dict,),
+    "array": (list,),
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "null": (type(None),),
+}
+
+
+def _validate(value: Any, schema: dict[str, Any], where: str) -> None:
+    """A small JSON Schema subset: type, const, enum, required, properties, items, minimum, maximum."""
+    if "const" in schema and value != schema["const"]:
+        raise ValueError(f"{where}={value!r}: must be {schema['const']!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise ValueError(f"{where}={value!r}: must be one of {schema['enum']}")
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        ok = any(
+            isinstance(value, _TYPES[t]) and not (t in ("integer", "number") and isinstance(value, bool)) for t in types
+        )
+        if not ok:
+            raise ValueError(f"{where}={value!r}: must be of type {'/'.join(types)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            raise ValueError(f"{where}={value!r}: must be >= {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            raise ValueError(f"{where}={value!r}: must be <= {schema['maximum']}")
+    if isinstance(value, dict):
+        for key in schema.get("required", []):
+            if key not in value:
+                raise ValueError(f"{where}.{key}: required field missing")
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, sub in value.items():
+            if key in props:
+                _validate(sub, props[key], f"{where}.{key}")
+            elif isinstance(extra, dict):
+                _validate(sub, extra, f"{where}.{key}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            _validate(item, schema["items"], f"{where}[{i}]")

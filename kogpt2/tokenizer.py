@@ -1,0 +1,361 @@
+"""Tokenizers: one interface over SentencePiece files and HF ``tokenizer.json``.
+
+Encoding is deterministic (never subword sampling) and NFKC-normalizes first, as
+the KoGPT2 SentencePiece normalizer does. Decoding joins pieces, drops special
+pieces and turns the conjoining jamo that NFKC produced (``ᄏ``) back into the
+compatibility jamo people type (``ㅋ``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import unicodedata
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+SPIECE_SUFFIXES = (".spiece", ".model")
+SPECIAL_PIECES = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
+#: The KoGPT2 v1 ids of the special pieces; trained tokenizers use the same.
+SPECIAL_IDS = {"bos": 0, "eos": 1, "pad": 3, "unk": 5}
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file or folder is missing, unreadable or inconsistent."""
+
+
+def _compat_jamo_table() -> dict[int, str]:
+    """Map each conjoining jamo that NFKC yields back to its compatibility jamo."""
+    table: dict[int, str] = {}
+    for cp in range(0x3131, 0x318F):
+        nfkc = unicodedata.normalize("NFKC", chr(cp))
+        if len(nfkc) == 1 and nfkc != chr(cp):
+            table.setdefault(ord(nfkc), chr(cp))
+    return table
+
+
+_COMPAT_JAMO = _compat_jamo_table()
+
+
+def normalize(text: str) -> str:
+    """NFKC-normalize ``text`` as the model's own normalizer does."""
+    return unicodedata.normalize("NFKC", text)
+
+
+def restore_compat_jamo(text: str) -> str:
+    """Turn standalone conjoining jamo (``ᄏᄏ``) back into compatibility jamo (``ㅋㅋ``).
+
+    Args:
+        text: decoded text.
+
+    Returns:
+        The text with U+1100..U+11FF jamo mapped to U+3131..U+318E where one exists.
+    """
+    return text.translate(_COMPAT_JAMO)
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """Return the sha256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Tokenizer(ABC):
+    """What the rest of kogpt2 needs from a tokenizer.
+
+    Attributes:
+        path: the tokenizer file (a SentencePiece model or a ``tokenizer.json``).
+        fingerprint: sha256 of that file's bytes.
+    """
+
+    path: Path
+    fingerprint: str
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    unk_id: int
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of pieces."""
+
+    @abstractmethod
+    def _encode_normalized(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def _decode_ids(self, ids: list[int]) -> str: ...
+
+    @abstractmethod
+    def id_to_piece(self, token_id: int) -> str:
+        """The piece string of one id."""
+
+    def encode(self, text: str) -> list[int]:
+        """Encode text into piece ids, without ``<s>``/``</s>``.
+
+        Args:
+            text: raw text; it is NFKC-normalized first.
+
+        Returns:
+            The piece ids, deterministically (no subword sampling).
+        """
+        return self._encode_normalized(normalize(text))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts; same result as calling :meth:`encode` on each."""
+        return [self.encode(t) for t in texts]
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset({self.bos_id, self.eos_id, self.pad_id})
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode ids to text: pieces joined, specials dropped, compatibility jamo restored."""
+        special = self.special_ids
+        kept = [int(i) for i in ids if int(i) not in special]
+        return restore_compat_jamo(self._decode_ids(kept))
+
+    def save(self, folder: str | Path) -> Path:
+        """Copy the tokenizer file into ``folder`` under its canonical name; return the copy."""
+        target = Path(folder) / self.canonical_name
+        if target.resolve() != self.path.resolve():
+            shutil.copyfile(self.path, target)
+        return target
+
+    @property
+    @abstractmethod
+    def canonical_name(self) -> str:
+        """File name used when the tokenizer is saved into a model folder."""
+
+    def describe(self) -> dict[str, object]:
+        """The facts recorded beside data and models to detect mismatches."""
+        return {
+            "fingerprint": self.fingerprint,
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+            "unk_id": self.unk_id,
+        }
+
+    def __getstate__(self) -> dict[str, object]:
+        # Beam and multiprocessing pickle by path: the native processor is reloaded.
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        other = load_tokenizer(str(state["path"]))
+        self.__dict__.update(other.__dict__)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model file (KoGPT2 v1's ``gpt2_kor_tokenizer.spiece``)."""
+
+    canonical_name = "tokenizer.spiece"
+
+    def __init__(self, path: str | Path):
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        try:
+            data = self.path.read_bytes()
+            self._sp = spm.SentencePieceProcessor(model_proto=data)
+        except Exception as exc:  # sentencepiece raises RuntimeError/OSError
+            raise TokenizerError(f"cannot read SentencePiece model {self.path}: {exc}") from exc
+        self.fingerprint = hashlib.sha256(data).hexdigest()
+        sp = self._sp
+        self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else sp.piece_to_id("<s>")
+        self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else sp.piece_to_id("</s>")
+        self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.piece_to_id("<pad>")
+        self.unk_id = sp.unk_id()
+        self._control = frozenset(i for i in range(sp.vocab_size()) if sp.is_control(i))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._sp.vocab_size())
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return self._control | {self.bos_id, self.eos_id, self.pad_id}
+
+    def _encode_normalized(self, text: str) -> list[int]:
+        return list(self._sp.encode(text, enable_sampling=False))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        normalized = [normalize(t) for t in texts]
+        return [list(x) for x in self._sp.encode(normalized, enable_sampling=False)]
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return str(self._sp.decode(ids))
+
+    def id_to_piece(self, token_id: int) -> str:
+        return str(self._sp.id_to_piece(int(token_id)))
+
+
+class HFJsonTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json`` (KoGPT2 v2 style, where bos = eos = ``</s>``)."""
+
+    canonical_name = "tokenizer.json"
+
+    def __init__(self, path: str | Path):
+        import json
+
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.path = Path(path)
+        try:
+            self._tok = HFTokenizer.from_file(str(self.path))
+        except Exception as exc:
+            raise TokenizerError(f"cannot read tokenizer.json {self.path}: {exc}") from exc
+        self.fingerprint = file_fingerprint(self.path)
+        names = dict(SPECIAL_PIECES)
+        folder = self.path.parent
+        for meta in ("special_tokens_map.json", "tokenizer_config.json"):
+            if (folder / meta).is_file():
+                data = json.loads((folder / meta).read_text(encoding="utf-8"))
+                for role in names:
+                    value = data.get(f"{role}_token")
+                    if isinstance(value, dict):
+                        value = value.get("content")
+                    if isinstance(value, str):
+                        names[role] = value
+        ids = {}
+        for role, piece in names.items():
+            token_id = self._tok.token_to_id(piece)
+            if token_id is None:
+                raise TokenizerError(f"{self.path}: special piece {piece!r} ({role}) is not in the vocabulary")
+            ids[role] = token_id
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (ids["bos"], ids["eos"], ids["pad"], ids["unk"])
+        self._vocab = self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._vocab)
+
+    def _encode_normalized(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        text = self._tok.decode(ids, skip_special_tokens=True)
+        return text.replace("\u2581", " ").strip()
+
+    def id_to_piece(self, token_id: int) -> str:
+        return str(self._tok.id_to_token(int(token_id)))
+
+
+def find_tokenizer_file(folder: Path) -> Path:
+    """Return the tokenizer file inside a model folder.
+
+    Raises:
+        TokenizerError: the folder holds no tokenizer, or several candidates.
+    """
+    if (folder / "tokenizer.json").is_file():
+        return folder / "tokenizer.json"
+    candidates = sorted(p for p in folder.iterdir() if p.suffix in SPIECE_SUFFIXES and p.is_file())
+    if (folder / "tokenizer.spiece") in candidates:
+        return folder / "tokenizer.spiece"
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise TokenizerError(
+            f"{folder} holds no tokenizer: expected tokenizer.json or a SentencePiece "
+            "file (*.spiece / *.model, e.g. gpt2_kor_tokenizer.spiece)"
+        )
+    raise TokenizerError(f"{folder} holds several SentencePiece files {[p.name for p in candidates]}; keep one")
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer from a SentencePiece file, a model folder, or a ``tokenizer.json``.
+
+    Args:
+        path: a ``.spiece``/``.model`` file; a ``tokenizer.json``; or a folder holding one
+            (the KoGPT2 v1 layout, a saved kogpt2 model, or an HF folder).
+
+    Returns:
+        A :class:`Tokenizer`.
+
+    Raises:
+        TokenizerError: the path does not exist or holds no readable tokenizer.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = find_tokenizer_file(p)
+    if not p.is_file():
+        raise TokenizerError(f"tokenizer not found: {path} (give a .spiece/.model file, tokenizer.json or a model folder)")
+    if p.suffix == ".json":
+        return HFJsonTokenizer(p)
+    return SentencePieceTokenizer(p)
+
+
+def train_tokenizer(
+    files: Sequence[str | Path],
+    vocab_size: int,
+    output: str | Path,
+    *,
+    character_coverage: float = 0.9995,
+    model_type: str = "unigram",
+) -> SentencePieceTokenizer:
+    """Train a SentencePiece tokenizer with KoGPT2's special pieces and ids.
+
+    ``<s>``=0, ``</s>``=1, ``<usr>``=2, ``<pad>``=3, ``<sys>``=4, ``<unk>``=5, then 256
+    byte-fallback pieces, so rare syllables and hanja never become ``<unk>``.
+
+    Args:
+        files: UTF-8 text files, one sentence per line.
+        vocab_size: target number of pieces (at least 300: specials + 256 bytes + some).
+        output: folder to write ``tokenizer.spiece`` (and ``tokenizer.vocab``) into.
+        character_coverage: share of characters covered by pieces; the rest fall back to bytes.
+        model_type: ``unigram`` (as KoGPT2) or ``bpe``.
+
+    Returns:
+        The trained tokenizer, loaded from ``output/tokenizer.spiece``.
+
+    Raises:
+        ValueError: bad vocab size, no input file, or an empty corpus.
+    """
+    import sentencepiece as spm
+
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size={vocab_size}: must be at least 300 (6 specials + 256 byte pieces + pieces)")
+    paths = [str(f) for f in files]
+    if not paths:
+        raise ValueError("train_tokenizer: no input files")
+    for f in paths:
+        if not Path(f).is_file():
+            raise ValueError(f"train_tokenizer: input file not found: {f}")
+    if all(Path(f).stat().st_size == 0 for f in paths):
+        raise ValueError("train_tokenizer: input files are empty")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = out / "tokenizer"
+    spm.SentencePieceTrainer.train(
+        input=paths,
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=True,
+        hard_vocab_limit=False,
+        normalization_rule_name="nmt_nfkc",
+        bos_id=SPECIAL_IDS["bos"],
+        eos_id=SPECIAL_IDS["eos"],
+        pad_id=SPECIAL_IDS["pad"],
+        unk_id=SPECIAL_IDS["unk"],
+        bos_piece="<s>",
+        eos_piece="</s>",
+        pad_piece="<pad>",
+        unk_piece="<unk>",
+        user_defined_symbols=["<usr>", "<sys>"],
+        input_sentence_size=2_000_000,
+        shuffle_input_sentence=True,
+        seed_sentencepiece_size=1_000_000,
+        num_threads=2,
+        minloglevel=2,
+    )
+    model_file = prefix.with_suffix(".model")
+    final = out / SentencePieceTokenizer.canonical_name
+    model_file.replace(final)
+    return SentencePieceTokenizer(final)
