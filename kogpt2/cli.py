@@ -29,7 +29,8 @@ class CommandError(Exception):
     """A user-facing failure: printed as ``kogpt2 <cmd>: error: ...`` with exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only ``command``'s module is imported to add its flags."""
     parser = argparse.ArgumentParser(prog="kogpt2", description="Korean GPT-2 pipeline tools.")
     parser.add_argument("--version", action="version", version=f"kogpt2-pipeline {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -37,14 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``kogpt2 COMMAND ...``; return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
