@@ -1,0 +1,125 @@
+"""Model folders: the KoGPT2 v1 layout, save/load round trips, presets, safety."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kogpt2.model import (
+    PRESETS,
+    ModelLoadError,
+    load_model,
+    model_fingerprint,
+    new_model,
+    read_model_info,
+    save_model,
+)
+from kogpt2.tf_setup import import_tf
+
+
+def _logits(model, ids: list[int]) -> np.ndarray:
+    tf = import_tf()
+    return model(tf.constant([ids], dtype=tf.int32)).logits.numpy()
+
+
+@pytest.mark.shared_data
+def test_v1_layout_folder_loads_with_eos_corrected(tmp_path: Path, v1_tokenizer_path: Path) -> None:
+    """config.json says eos 50256 (outside the 50,000 vocabulary): the tokenizer's ids win."""
+    from kogpt2.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(v1_tokenizer_path)
+    model = new_model("tiny", tok, seed=0)
+    model.save_pretrained(str(tmp_path))  # config.json + tf_model.h5
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(bos_token_id=50256, eos_token_id=50256)
+    cfg.pop("pad_token_id", None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "generation_config.json").unlink(missing_ok=True)
+    shutil.copy(v1_tokenizer_path, tmp_path / "gpt2_kor_tokenizer.spiece")
+
+    with pytest.warns(UserWarning, match="50256"):
+        loaded, loaded_tok = load_model(tmp_path)
+    assert loaded.config.eos_token_id == 1
+    assert loaded.config.bos_token_id == 0
+    assert loaded.config.pad_token_id == 3
+    assert loaded.generation_config.eos_token_id == 1
+    assert loaded_tok.encode("이때문에 일부 전문가들은") == [4499, 2592, 847, 4558]
+    np.testing.assert_allclose(_logits(loaded, [0, 4499]), _logits(model, [0, 4499]), atol=1e-5)
+
+
+def test_pickle_only_folder_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    shutil.copy(tiny_model_dir / "config.json", tmp_path / "config.json")
+    shutil.copy(tiny_model_dir / "tokenizer.spiece", tmp_path / "tokenizer.spiece")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04 pretend pickle")
+    with pytest.raises(ModelLoadError, match="pickle"):
+        load_model(tmp_path)
+
+
+def test_missing_folder_and_missing_weights(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model(tmp_path / "nowhere")
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_model(tmp_path)
+    shutil.copy(tiny_model_dir / "config.json", tmp_path / "config.json")
+    shutil.copy(tiny_model_dir / "tokenizer.spiece", tmp_path / "tokenizer.spiece")
+    with pytest.raises(ModelLoadError, match="no weights"):
+        load_model(tmp_path)
+
+
+def test_save_load_round_trip_is_self_describing(tiny_model_dir: Path, tiny_tokenizer) -> None:
+    from transformers import TFGPT2LMHeadModel
+
+    model, tok = load_model(tiny_model_dir)
+    assert tok.fingerprint == tiny_tokenizer.fingerprint
+    info = read_model_info(tiny_model_dir)
+    assert info["tokenizer"]["fingerprint"] == tiny_tokenizer.fingerprint
+    assert info["tokenizer"]["file"] == "tokenizer.spiece"
+    assert info["model"]["preset"] == "tiny"
+    assert info["model"]["fingerprint"] == model_fingerprint(tiny_model_dir)
+    assert info["info"]["steps"] == 0
+    assert "tensorflow" in info["versions"] and "transformers" in info["versions"]
+    plain = TFGPT2LMHeadModel.from_pretrained(str(tiny_model_dir))
+    ids = tok.encode("그날 밤 그는 웃었다")
+    np.testing.assert_allclose(_logits(plain, ids), _logits(model, ids), atol=1e-5)
+
+
+def test_safetensors_folder_loads(tmp_path: Path, tiny_model_dir: Path) -> None:
+    model, tok = load_model(tiny_model_dir)
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    tok.save(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert not (tmp_path / "tf_model.h5").exists()
+    again, _ = load_model(tmp_path)
+    ids = tok.encode("아침이 밝았다")
+    np.testing.assert_allclose(_logits(again, ids), _logits(model, ids), atol=1e-5)
+
+
+def test_new_model_presets_follow_tokenizer(tiny_tokenizer) -> None:
+    model = new_model("tiny", tiny_tokenizer, seed=1)
+    cfg = model.config
+    assert (cfg.n_layer, cfg.n_embd) == (PRESETS["tiny"].n_layer, PRESETS["tiny"].n_embd) == (2, 128)
+    assert cfg.vocab_size == tiny_tokenizer.vocab_size
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (0, 1, 3)
+    assert (PRESETS["small"].n_layer, PRESETS["small"].n_embd) == (6, 512)
+    assert (PRESETS["base"].n_layer, PRESETS["base"].n_embd) == (12, 768)
+    same = new_model("tiny", tiny_tokenizer, seed=1)
+    np.testing.assert_array_equal(_logits(model, [0, 7]), _logits(same, [0, 7]))
+    with pytest.raises(ValueError, match="preset='huge'"):
+        new_model("huge", tiny_tokenizer)
+
+
+def test_compile_and_fit_one_step_after_import(tiny_tokenizer) -> None:
+    """transformers TF models compile and train with tf-keras bound (Keras 3 would fail)."""
+    from kogpt2.tf_setup import import_keras
+
+    tf = import_tf()
+    keras = import_keras()
+    model = new_model("tiny", tiny_tokenizer, seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy(True))
+    x = tf.constant([[0, 10, 11, 12, 1]], dtype=tf.int32)
+    hist = model.fit(x[:, :-1], x[:, 1:], epochs=1, verbose=0)
+    assert np.isfinite(hist.history["loss"][0])
