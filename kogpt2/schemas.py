@@ -65,7 +65,9 @@ def arrow_schema() -> Any:
 
     spec = load_schema("generations")
     fields = [
-        pa.field(c["name"], pa.type_for_alias(c["type"]), nullable=c["nullable"], metadata={"description": c["description"]})
+        pa.field(
+            c["name"], pa.type_for_alias(c["type"]), nullable=c["nullable"], metadata={"description": c["description"]}
+        )
         for c in spec["columns"]
     ]
     return pa.schema(fields, metadata={"kogpt2_schema_version": str(spec["schema_version"])})

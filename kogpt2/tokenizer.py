@@ -284,7 +284,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if p.is_dir():
         p = find_tokenizer_file(p)
     if not p.is_file():
-        raise TokenizerError(f"tokenizer not found: {path} (give a .spiece/.model file, tokenizer.json or a model folder)")
+        raise TokenizerError(
+            f"tokenizer not found: {path} (give a .spiece/.model file, tokenizer.json or a model folder)"
+        )
     if p.suffix == ".json":
         return HFJsonTokenizer(p)
     return SentencePieceTokenizer(p)

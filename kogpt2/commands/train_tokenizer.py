@@ -9,7 +9,9 @@ HELP = "train a SentencePiece tokenizer on a corpus"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", action="append", required=True, metavar="GLOB", help="text files, one sentence a line (repeatable)")
+    p.add_argument(
+        "--input", action="append", required=True, metavar="GLOB", help="text files, one sentence a line (repeatable)"
+    )
     p.add_argument("--vocab-size", type=int, default=8000, help="number of pieces (default 8000)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for tokenizer.spiece")
     p.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
