@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ def schema_dir() -> Path:
     raise FileNotFoundError(f"schema files not found in {[str(c) for c in candidates]}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(name: str) -> dict[str, Any]:
     """Return one schema file's JSON, by file name (``tfrecord_example.json``) or stem."""
     if not name.endswith(".json"):

@@ -16,7 +16,6 @@ from kogpt2.model import (
     model_fingerprint,
     new_model,
     read_model_info,
-    save_model,
 )
 from kogpt2.tf_setup import import_tf
 

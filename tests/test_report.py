@@ -60,14 +60,14 @@ def run_folder(tmp_path: Path) -> Path:
     epochs = [
         {
             "epoch": e,
-            "loss": l,
+            "loss": tl,
             "accuracy": 0.1 * e,
-            "perplexity": 2.0**l,
+            "perplexity": 2.0**tl,
             "val_loss": v,
             "val_accuracy": 0.1 * e,
             "val_perplexity": 2.0**v,
         }
-        for e, l, v in [(1, 5.0, 5.5), (2, 4.0, 4.5), (3, 3.0, 4.8)]
+        for e, tl, v in [(1, 5.0, 5.5), (2, 4.0, 4.5), (3, 3.0, 4.8)]
     ]
     (tmp_path / "model" / "history.json").write_text(
         json.dumps({"epochs": epochs, "best_epoch": 2, "best_val_loss": 4.5, "epochs_run": 3, "stopped_early": True})
