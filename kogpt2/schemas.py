@@ -125,3 +125,25 @@ def _validate(value: Any, schema: dict[str, Any], where: str) -> None:
     if isinstance(value, list) and "items" in schema:
         for i, item in enumerate(value):
             _validate(item, schema["items"], f"{where}[{i}]")
+
+
+def markdown_table(name: str) -> str:
+    """A Markdown table of a schema's fields, as the README shows it (kept in sync by a test).
+
+    Args:
+        name: ``tfrecord_example`` (features) or ``generations`` (Parquet columns).
+    """
+    if name == "tfrecord_example":
+        rows = [
+            (f"`{f['name']}`", f["dtype"], "[" + ", ".join(map(str, f["shape"])) + "]", f["description"])
+            for f in tfrecord_features()
+        ]
+        header = ("feature", "dtype", "shape", "description")
+    elif name == "generations":
+        rows = [(f"`{c['name']}`", c["type"], c["description"]) for c in load_schema("generations")["columns"]]
+        header = ("column", "type", "description")
+    else:
+        raise ValueError(f"markdown_table: name={name!r} must be 'tfrecord_example' or 'generations'")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
