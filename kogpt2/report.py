@@ -163,6 +163,16 @@ def render_html(data: dict[str, Any], charts: list[tuple[str, str]], chart_dir: 
             [s["name"], s.get("status", ""), f"{s.get('seconds', 0):.1f}", s.get("detail", "")] for s in demo["stages"]
         ]
         parts.append("<h2>Stages</h2>" + _table(["stage", "status", "seconds", "detail"], rows))
+    evaluation = (demo or {}).get("evaluation") or {}
+    if evaluation:
+        rows = [
+            [phase, _fmt(e["loss"]), _fmt(e["perplexity"]), _fmt(e["accuracy"]), e["tokens"]]
+            for phase, e in evaluation.items()
+        ]
+        parts.append(
+            "<h2>Validation split, before vs after training</h2>"
+            + _table(["model", "loss", "perplexity", "accuracy", "tokens"], rows)
+        )
     hist = data["training"]
     if hist:
         first, best = hist["epochs"][0], hist["epochs"][hist["best_epoch"] - 1]
@@ -248,6 +258,7 @@ def build_report(run: str | Path) -> Path:
         "preprocess": data["preprocess"]["counts"] if data["preprocess"] else None,
         "training": {k: v for k, v in (data["training"] or {}).items() if k != "config"} or None,
         "generations": {n: g["stats"] for n, g in data["generations"].items()},
+        "evaluation": (data["demo"] or {}).get("evaluation"),
         "charts": [c[0] for c in charts],
     }
     (run / "report.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
