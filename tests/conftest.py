@@ -73,3 +73,104 @@ def test_pipeline():
     from apache_beam.testing.test_pipeline import TestPipeline
 
     return TestPipeline(runner=FnApiRunner())
+
+
+# --- training shards (issue 4): written directly, independent of pipelines/preprocess.py ---
+
+
+def write_test_shards(
+    folder: Path,
+    tokenizer,
+    train_texts: list[str],
+    val_texts: list[str],
+    *,
+    max_len: int = 24,
+    packing: bool = False,
+    num_shards: int = 2,
+    completed: bool = True,
+    tokenizer_overrides: dict | None = None,
+) -> Path:
+    """Write a shard folder per the preprocessing contract (info.json, gzip TFRecords, COMPLETED).
+
+    Padded mode: one example per text, ``<s> ids </s>`` cut at the end to ``max_len`` and
+    right-padded with ``<pad>``. Packed mode: all sequences concatenated into ``max_len``
+    blocks; only the last block is padded.
+    """
+    import hashlib
+    import json
+
+    from kogpt2.tf_setup import import_tf
+
+    tf = import_tf()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def examples(texts: list[str]) -> list[tuple[list[int], int]]:
+        seqs = [[tokenizer.bos_id, *tokenizer.encode(t), tokenizer.eos_id] for t in texts]
+        rows = []
+        if packing:
+            flat = [i for s in seqs for i in s]
+            for start in range(0, len(flat), max_len):
+                block = flat[start : start + max_len]
+                rows.append((block + [tokenizer.pad_id] * (max_len - len(block)), len(block)))
+        else:
+            for s in seqs:
+                s = s[:max_len]
+                rows.append((s + [tokenizer.pad_id] * (max_len - len(s)), len(s)))
+        return rows
+
+    digest = hashlib.sha256()
+    shards: dict[str, list[str]] = {}
+    counts_ex: dict[str, int] = {}
+    counts_tok: dict[str, int] = {}
+    for split, texts in (("train", train_texts), ("validation", val_texts)):
+        rows = examples(texts)
+        counts_ex[split] = len(rows)
+        counts_tok[split] = sum(n for _, n in rows)
+        n_files = max(1, min(num_shards, len(rows))) if rows else 0
+        shards[split] = []
+        for k in range(n_files):
+            name = f"{split}-{k:05d}-of-{n_files:05d}.tfrecord.gz"
+            with tf.io.TFRecordWriter(str(folder / name), options="GZIP") as w:
+                for ids, length in rows[k::n_files]:
+                    feats = {
+                        "input_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=ids)),
+                        "length": tf.train.Feature(int64_list=tf.train.Int64List(value=[length])),
+                    }
+                    w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+            digest.update((folder / name).read_bytes())
+            shards[split].append(name)
+    n = len(train_texts) + len(val_texts)
+    info = {
+        "schema_version": 1,
+        "created_by": "tests/conftest.py write_test_shards",
+        "data_fingerprint": digest.hexdigest(),
+        "tokenizer": {**tokenizer.describe(), **(tokenizer_overrides or {})},
+        "max_len": max_len,
+        "packing": packing,
+        "val_fraction": len(val_texts) / max(1, n),
+        "inputs": ["<test>"],
+        "counts": {
+            "lines_read": n,
+            "kept": n,
+            "filtered": {},
+            "rejected": 0,
+            "truncated": 0,
+            "examples": counts_ex,
+            "tokens": counts_tok,
+            "unk_tokens": 0,
+            "unk_rate": 0.0,
+        },
+        "shards": shards,
+    }
+    (folder / "info.json").write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+    if completed:
+        (folder / "COMPLETED").write_text("ok\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Padded shards (max_len 32) from make_sentences: 48 train and 16 validation examples."""
+    texts = make_sentences(64)
+    return write_test_shards(tmp_path_factory.mktemp("shards"), tiny_tokenizer, texts[:48], texts[48:], max_len=32)

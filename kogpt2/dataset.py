@@ -1,0 +1,322 @@
+"""tf.data input: preprocessing shards as ``(inputs, targets)`` batches for a causal LM.
+
+A shard folder (written by ``pipelines/preprocess.py``) holds ``info.json``, gzip
+TFRecord shards per split and a ``COMPLETED`` marker written last. Examples hold
+``input_ids`` (``max_len`` ids, right-padded with ``<pad>``) and ``length`` (real
+tokens). Packed shards hold full blocks of concatenated ``<s> ... </s>`` sentences.
+
+Labels by shift: ``inputs = ids[:-1]``, ``targets = ids[1:]``; a target whose
+position is padding is :data:`IGNORE_ID`, so loss and metrics skip it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from kogpt2.schemas import tf_feature_spec, validate_info
+from kogpt2.tf_setup import import_tf
+from kogpt2.tokenizer import Tokenizer
+
+INFO_FILE = "info.json"
+COMPLETED_FILE = "COMPLETED"
+SPLITS = ("train", "validation")
+#: Target id of padding positions: masked out of loss and metrics.
+IGNORE_ID = -100
+#: Shards whose raw records are estimated below this many bytes are cached in memory.
+CACHE_LIMIT_BYTES = 512 << 20
+
+
+class ShardError(ValueError):
+    """A shard folder is missing, unfinished or malformed."""
+
+
+class TokenizerMismatchError(ValueError):
+    """Shards were tokenized with a different tokenizer than the model's."""
+
+
+def _join(folder: str, name: str) -> str:
+    return folder.rstrip("/") + "/" + name
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A finished shard folder and its ``info.json``.
+
+    Attributes:
+        folder: the folder (local path or ``gs://`` URL).
+        info: the parsed ``info.json``.
+    """
+
+    folder: str
+    info: dict[str, Any]
+
+    @property
+    def max_len(self) -> int:
+        return int(self.info["max_len"])
+
+    @property
+    def packing(self) -> bool:
+        return bool(self.info["packing"])
+
+    @property
+    def tokenizer_info(self) -> dict[str, Any]:
+        return dict(self.info["tokenizer"])
+
+    @property
+    def data_fingerprint(self) -> str:
+        return str(self.info["data_fingerprint"])
+
+    def files(self, split: str) -> list[str]:
+        """Full paths of the shards of ``split`` (``train`` or ``validation``)."""
+        _check_split(split)
+        return [_join(self.folder, name) for name in self.info["shards"][split]]
+
+    def num_examples(self, split: str) -> int:
+        """Number of examples in ``split``, from ``info.json``."""
+        _check_split(split)
+        return int(self.info["counts"]["examples"][split])
+
+    def steps(self, split: str, batch_size: int, *, drop_remainder: bool = False) -> int:
+        """Number of batches one pass over ``split`` yields."""
+        n = self.num_examples(split)
+        return n // batch_size if drop_remainder else math.ceil(n / batch_size)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: must be one of {SPLITS}")
+
+
+def open_shards(folder: str) -> ShardSet:
+    """Read and check a shard folder's ``info.json``.
+
+    Args:
+        folder: the preprocessing output folder (local or ``gs://``).
+
+    Returns:
+        A :class:`ShardSet`.
+
+    Raises:
+        ShardError: no folder, no ``COMPLETED`` marker (an unfinished or failed run),
+            an ``info.json`` that does not match ``schemas/shard_info.json``, or a listed
+            shard file that is missing.
+    """
+    tf = import_tf()
+    folder = str(folder)
+    if not tf.io.gfile.isdir(folder):
+        raise ShardError(f"shard folder not found: {folder}")
+    if not tf.io.gfile.exists(_join(folder, COMPLETED_FILE)):
+        raise ShardError(
+            f"{folder} has no {COMPLETED_FILE} marker: preprocessing did not finish (or is still running); "
+            "rerun it before training"
+        )
+    info_path = _join(folder, INFO_FILE)
+    if not tf.io.gfile.exists(info_path):
+        raise ShardError(f"{folder} has {COMPLETED_FILE} but no {INFO_FILE}")
+    with tf.io.gfile.GFile(info_path, "r") as f:
+        try:
+            info = json.loads(f.read())
+        except json.JSONDecodeError as exc:
+            raise ShardError(f"{info_path}: not valid JSON: {exc}") from exc
+    try:
+        validate_info(info)
+    except ValueError as exc:
+        raise ShardError(f"{info_path}: {exc}") from exc
+    shards = ShardSet(folder, info)
+    for split in SPLITS:
+        if shards.num_examples(split) and not info["shards"][split]:
+            raise ShardError(f"{info_path}: counts {shards.num_examples(split)} {split} examples but lists no shard")
+        for path in shards.files(split):
+            if not tf.io.gfile.exists(path):
+                raise ShardError(f"{info_path} lists {path}, which does not exist")
+    return shards
+
+
+def check_tokenizer(
+    shards: ShardSet, tokenizer: Tokenizer, *, model_vocab_size: int | None = None, model: str = "model"
+) -> None:
+    """Refuse shards made with another tokenizer than the model's.
+
+    Args:
+        shards: the shard folder.
+        tokenizer: the model's tokenizer.
+        model_vocab_size: the model's embedding rows (``config.vocab_size``), if known.
+        model: how to name the model in messages (its folder or preset).
+
+    Raises:
+        TokenizerMismatchError: fingerprints, vocabulary sizes or special ids differ, or
+            the shards hold ids the model has no embedding for. The message names both sides.
+    """
+    tok = shards.tokenizer_info
+    where = f"shards {shards.folder}"
+    if tok["fingerprint"] != tokenizer.fingerprint or int(tok["vocab_size"]) != tokenizer.vocab_size:
+        raise TokenizerMismatchError(
+            f"tokenizer mismatch: {where} were tokenized with sha256 {tok['fingerprint'][:16]} "
+            f"(vocab {tok['vocab_size']}), but {model} uses {tokenizer.path.name} sha256 "
+            f"{tokenizer.fingerprint[:16]} (vocab {tokenizer.vocab_size}); rerun preprocessing with "
+            "the model's tokenizer (--tokenizer) or train with a model built on the shards' tokenizer"
+        )
+    for role in ("bos", "eos", "pad"):
+        have, want = int(tok[f"{role}_id"]), getattr(tokenizer, f"{role}_id")
+        if have != want:
+            raise TokenizerMismatchError(f"{where}: {role}_id {have}, but {model}'s tokenizer says {want}")
+    if model_vocab_size is not None and int(tok["vocab_size"]) > model_vocab_size:
+        raise TokenizerMismatchError(
+            f"{where}: vocab {tok['vocab_size']} is larger than {model}'s embedding ({model_vocab_size} rows)"
+        )
+
+
+def shift_targets(input_ids: Any, length: Any) -> tuple[Any, Any]:
+    """Labels by shift, padding masked.
+
+    Args:
+        input_ids: ``(B, T)`` integer ids, right-padded.
+        length: ``(B,)`` number of real tokens per row.
+
+    Returns:
+        ``(inputs, targets)``, both ``(B, T-1)`` int32: ``inputs = ids[:, :-1]``,
+        ``targets = ids[:, 1:]`` with :data:`IGNORE_ID` where the target is padding.
+    """
+    tf = import_tf()
+    ids = tf.cast(input_ids, tf.int32)  # (B, T)
+    inputs = ids[:, :-1]  # (B, T-1)
+    targets = ids[:, 1:]  # (B, T-1)
+    positions = tf.range(1, tf.shape(ids)[1])[tf.newaxis, :]  # (1, T-1): index of each target in ids
+    real = positions < tf.cast(length, tf.int32)[:, tf.newaxis]  # (B, T-1)
+    return inputs, tf.where(real, targets, tf.fill(tf.shape(targets), IGNORE_ID))
+
+
+def _parse_batch(max_len: int) -> Any:
+    spec = tf_feature_spec(max_len)
+
+    def parse(serialized: Any) -> tuple[Any, Any]:
+        tf = import_tf()
+        ex = tf.io.parse_example(serialized, spec)  # input_ids (B, T) int64, length (B,) int64
+        return shift_targets(ex["input_ids"], ex["length"])
+
+    return parse
+
+
+def _records(files: list[str], *, shuffle_files: bool, seed: Any, cycle_length: int = 8) -> Any:
+    tf = import_tf()
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle_files and len(files) > 1:
+        ds = ds.shuffle(len(files), seed=seed)
+    return ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP", buffer_size=1 << 20),
+        cycle_length=max(1, min(cycle_length, len(files))),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+
+
+def make_dataset(
+    shards: ShardSet,
+    split: str,
+    batch_size: int,
+    *,
+    training: bool = False,
+    seed: int = 0,
+    first_epoch: int = 0,
+    epochs: int = 1,
+    shuffle_buffer: int = 10_000,
+    cache: bool | None = None,
+    drop_remainder: bool = False,
+) -> Any:
+    """A ``tf.data`` pipeline of ``(inputs, targets)`` batches over one split.
+
+    Training datasets run epochs ``first_epoch .. epochs-1`` back to back; each epoch
+    shuffles its file order and its examples with a seed derived from ``(seed, epoch)``,
+    so a resumed run sees the same order as an uninterrupted one. Each epoch ends with
+    its own (possibly partial) batch: pass ``steps_per_epoch=shards.steps(...)`` to Keras.
+
+    Args:
+        shards: the shard folder.
+        split: ``train`` or ``validation``.
+        batch_size: examples per batch (global batch under a distribution strategy).
+        training: shuffle and run several epochs; otherwise one pass in file order.
+        seed: base shuffle seed.
+        first_epoch: first epoch to produce (0-based), when resuming.
+        epochs: epochs to produce up to (exclusive); ignored unless ``training``.
+        shuffle_buffer: examples in the shuffle buffer.
+        cache: keep raw records in memory after the first pass (default: when they are
+            estimated under :data:`CACHE_LIMIT_BYTES`).
+        drop_remainder: drop each epoch's last partial batch (static shapes, e.g. for XLA).
+
+    Returns:
+        A ``tf.data.Dataset`` of ``(inputs (B, T-1) int32, targets (B, T-1) int32)``.
+
+    Raises:
+        ShardError: the split lists no shard.
+    """
+    tf = import_tf()
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size}: must be positive")
+    files = shards.files(split)
+    if not files:
+        raise ShardError(f"{shards.folder}: no {split} shards")
+    if cache is None:
+        cache = shards.num_examples(split) * (shards.max_len * 3 + 32) < CACHE_LIMIT_BYTES
+    parse = _parse_batch(shards.max_len)
+    cached = _records(files, shuffle_files=False, seed=None).cache() if cache else None
+
+    def one_epoch(epoch: int) -> Any:
+        epoch_seed = (seed * 1_000_003 + epoch) % (2**31 - 1) + 1  # per epoch, so a resumed run matches
+        if cached is not None:
+            records = cached
+        else:
+            records = _records(files, shuffle_files=training, seed=epoch_seed)
+        if training:
+            records = records.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+        # Parse whole batches at once (vectorized), then shift.
+        return records.batch(batch_size, drop_remainder=drop_remainder).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+    if training:
+        if epochs <= first_epoch:
+            raise ValueError(f"epochs={epochs}: must be greater than first_epoch={first_epoch}")
+        ds = one_epoch(first_epoch)
+        for epoch in range(first_epoch + 1, epochs):
+            ds = ds.concatenate(one_epoch(epoch))
+    else:
+        ds = one_epoch(0)
+    options = tf.data.Options()
+    options.experimental_deterministic = True
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def synthetic_dataset(
+    vocab_size: int,
+    seq_len: int,
+    batch_size: int,
+    *,
+    real_fraction: float = 1.0,
+    seed: int = 0,
+) -> Any:
+    """An endless in-memory dataset of one fixed random batch, shaped like :func:`make_dataset`'s.
+
+    For benchmarks: it costs nothing to produce, so a job fed from it measures the model
+    alone.
+
+    Args:
+        vocab_size: ids are drawn from ``[0, vocab_size)``.
+        seq_len: shard ``max_len``; batches are ``(B, seq_len - 1)``.
+        batch_size: rows per batch.
+        real_fraction: share of each row's targets that are real (the rest is padding).
+        seed: numpy seed of the random ids.
+
+    Returns:
+        A repeating ``tf.data.Dataset`` of ``(inputs, targets)``.
+    """
+    import numpy as np
+
+    tf = import_tf()
+    if not 0.0 < real_fraction <= 1.0:
+        raise ValueError(f"real_fraction={real_fraction}: must be in (0, 1]")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size, size=(batch_size, seq_len), dtype=np.int64)  # (B, T)
+    length = np.full((batch_size,), max(2, round(seq_len * real_fraction)), dtype=np.int64)  # (B,)
+    inputs, targets = shift_targets(tf.constant(ids), tf.constant(length))
+    return tf.data.Dataset.from_tensors((inputs, targets)).repeat()

@@ -1,0 +1,310 @@
+"""The training job: masked loss, end-to-end runs from shards, early stopping, resume, refusals, mirroring."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, make_sentences, write_test_shards
+
+from kogpt2.cli import main
+from kogpt2.dataset import IGNORE_ID, ShardError, TokenizerMismatchError, open_shards
+from kogpt2.evaluate import LMTrainer, evaluate_model, masked_lm_loss, token_stats
+from kogpt2.model import load_model, new_model, read_model_info
+from kogpt2.tf_setup import import_tf
+from kogpt2.training import EXIT_AFTER_EPOCH_ENV, TrainConfig, train
+
+tf = import_tf()
+
+
+def _config(shards: Path, out: Path, tok, **kwargs) -> TrainConfig:
+    base = {"model": "tiny", "tokenizer": str(tok.path), "epochs": 3, "learning_rate": 1e-3}
+    return TrainConfig(data=str(shards), output=str(out), **{**base, **kwargs})
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _val_target_tokens(shards: Path) -> int:
+    """Real targets of the validation split, read straight from the TFRecords."""
+    s = open_shards(str(shards))
+    total = 0
+    for path in s.files("validation"):
+        for rec in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+            ex = tf.train.Example.FromString(rec.numpy())
+            total += ex.features.feature["length"].int64_list.value[0] - 1
+    return total
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_shards: Path, tiny_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One end-to-end `kogpt2 train` run of the tiny preset (3 epochs)."""
+    out = tmp_path_factory.mktemp("run") / "model"
+    rc, stdout, stderr = _cli(
+        "train", "--data", tiny_shards, "--model", "tiny", "--tokenizer", tiny_tokenizer.path, "--output", out,
+        "--epochs", 3, "--lr", 1e-3, "--warmup-steps", 2, "--clip-norm", 1.0, "--weight-decay", 0.01,
+    )  # fmt: skip
+    assert rc == 0, stderr
+    return out, stdout
+
+
+def test_masked_loss_matches_a_hand_computation(tiny_tokenizer) -> None:
+    model = new_model("tiny", tiny_tokenizer, seed=1)
+    pad = tiny_tokenizer.pad_id
+    inputs = np.array([[0, 270, 280, 290, 1, pad], [0, 300, 1, pad, pad, pad]], dtype=np.int32)
+    targets = np.array([[270, 280, 290, 1, IGNORE_ID, IGNORE_ID], [300, 1] + [IGNORE_ID] * 4], dtype=np.int32)
+    logits = model(tf.constant(inputs)).logits.numpy().astype(np.float64)  # (2, 6, V)
+
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    real = targets != IGNORE_ID
+    nll = np.array([-logp[b, t, targets[b, t]] for b, t in zip(*np.nonzero(real), strict=True)])
+    hand = nll.sum() / real.sum()  # 6 real targets out of 12
+    correct = sum(logits[b, t].argmax() == targets[b, t] for b, t in zip(*np.nonzero(real), strict=True))
+
+    loss = float(masked_lm_loss(tf.constant(targets), tf.constant(logits, tf.float32)))
+    assert loss == pytest.approx(hand, rel=1e-5)
+    nll_sum, n_correct, count = (float(v) for v in token_stats(tf.constant(targets), tf.constant(logits, tf.float32)))
+    assert count == 6 and n_correct == correct and nll_sum == pytest.approx(nll.sum(), rel=1e-5)
+    # The notebook's loss averaged over padding too: a different number.
+    unmasked = -np.mean(np.take_along_axis(logp, np.where(real, targets, pad)[..., None], -1))
+    assert abs(unmasked - hand) > 1e-3
+
+    scorer = LMTrainer(model)
+    scorer.compile()
+    scores = scorer.evaluate(tf.data.Dataset.from_tensors((inputs, targets)), verbose=0, return_dict=True)
+    assert scores["loss"] == pytest.approx(hand, rel=1e-5)
+    assert scores["perplexity"] == pytest.approx(math.exp(hand), rel=1e-5)
+    assert scores["accuracy"] == pytest.approx(correct / 6)
+
+
+def test_config_errors_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"TrainConfig\.epochs=0"):
+        TrainConfig(data="d", model="tiny", output=str(tmp_path), epochs=0)
+    with pytest.raises(ValueError, match=r"TrainConfig\.strategy='tpu'"):
+        TrainConfig(data="d", model="tiny", output=str(tmp_path), strategy="tpu")
+    with pytest.raises(ValueError, match=r"TrainConfig\.learning_rate"):
+        TrainConfig(data="d", model="tiny", output=str(tmp_path), learning_rate=0)
+
+
+def test_tiny_preset_trains_end_to_end_from_shards(trained: tuple[Path, str], tiny_shards: Path) -> None:
+    out, stdout = trained
+    assert "Epoch 1/3" in stdout  # Keras progress
+    summary = stdout.strip().splitlines()[-1]
+    assert summary.startswith("best epoch ") and str(out) in summary and "perplexity" in summary
+    h = json.loads((out / "history.json").read_text())
+    assert [e["epoch"] for e in h["epochs"]] == [1, 2, 3] and h["epochs_run"] == 3
+    val = [e["val_loss"] for e in h["epochs"]]
+    assert val[-1] < val[0]  # it learns
+    assert h["best_epoch"] == 1 + int(np.argmin(val)) and h["best_val_loss"] == min(val)
+    assert h["best_val_perplexity"] == pytest.approx(math.exp(h["best_val_loss"]), rel=1e-4)
+    for e in h["epochs"]:
+        assert set(e) >= {"loss", "accuracy", "perplexity", "val_loss", "val_accuracy", "val_perplexity", "seconds"}
+        assert e["perplexity"] == pytest.approx(math.exp(e["loss"]), rel=1e-4)
+    steps = open_shards(str(tiny_shards)).steps("train", 16)
+    assert h["steps"] == 3 * steps and not h["stopped_early"]
+    assert h["train_tokens"] > 0 and h["config"]["weight_decay"] == 0.01
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "backup").exists()
+    tags = set()
+    for split in ("train", "validation"):
+        for event_file in (out / "logs" / split).iterdir():
+            for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+                tags.update(f"{split}/{v.tag}" for v in event.summary.value)
+    assert {
+        "train/epoch_loss",
+        "validation/epoch_loss",
+        "validation/epoch_perplexity",
+        "train/epoch_learning_rate",
+    } <= tags
+
+
+def test_saved_folder_loads_and_describes_itself(trained: tuple[Path, str], tiny_shards: Path, tiny_tokenizer) -> None:
+    from transformers import TFGPT2LMHeadModel
+
+    out, _ = trained
+    model, tok = load_model(out)
+    plain = TFGPT2LMHeadModel.from_pretrained(str(out))
+    ids = tf.constant([[0, *tok.encode("그는 강가에서")]])
+    np.testing.assert_allclose(model(ids).logits.numpy(), plain(ids).logits.numpy(), atol=1e-5)
+    info = read_model_info(out)["info"]
+    history = json.loads((out / "history.json").read_text())
+    shard_info = json.loads((tiny_shards / "info.json").read_text())
+    assert info["data_fingerprint"] == shard_info["data_fingerprint"]
+    assert info["tokenizer_fingerprint"] == tiny_tokenizer.fingerprint == tok.fingerprint
+    assert info["steps"] == history["steps"] and info["best_epoch"] == history["best_epoch"]
+    assert info["base_model"] == {"preset": "tiny"} and info["config"]["epochs"] == 3
+
+
+def test_evaluate_command_reports_the_best_validation_loss(trained: tuple[Path, str], tiny_shards: Path) -> None:
+    out, _ = trained
+    rc, stdout, stderr = _cli("evaluate", "--model", out, "--data", tiny_shards, "--json", "--batch-size", 7)
+    assert rc == 0, stderr
+    result = json.loads(stdout)
+    history = json.loads((out / "history.json").read_text())
+    assert result["loss"] == pytest.approx(history["best_val_loss"], abs=1e-4)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-6)
+    assert result["tokens"] == _val_target_tokens(tiny_shards) and result["examples"] == 16
+    rc, stdout, _ = _cli("evaluate", "--model", out, "--data", tiny_shards, "--split", "train")
+    assert rc == 0 and stdout.startswith("train: loss ")
+
+
+def test_early_stopping_saves_the_best_epoch(tmp_path: Path, tiny_tokenizer) -> None:
+    # Validation text is the training text reversed: the model overfits to left-to-right
+    # order, so validation loss turns up after a few epochs.
+    texts = make_sentences(64)
+    shards = write_test_shards(
+        tmp_path / "shards", tiny_tokenizer, texts[:48], [t[::-1] for t in texts[48:]], max_len=32
+    )
+    result = train(_config(shards, tmp_path / "out", tiny_tokenizer, epochs=12, learning_rate=3e-3), progress=False)
+    h = result.history
+    val = [e["val_loss"] for e in h["epochs"]]
+    assert h["stopped_early"] and h["epochs_run"] < 12 and h["best_epoch"] == h["epochs_run"] - 2  # patience 2
+    assert h["best_val_loss"] == min(val) and val[-1] > min(val) + 0.05
+    saved = evaluate_model(str(tmp_path / "out"), str(shards))
+    assert saved.loss == pytest.approx(h["best_val_loss"], abs=1e-4)  # the best epoch's weights, not the last
+
+
+def test_killed_run_resumes_to_the_full_epoch_count(tmp_path: Path, tiny_shards: Path, tiny_tokenizer) -> None:
+    out = tmp_path / "out"
+    args = ["train", "--data", tiny_shards, "--model", "tiny", "--tokenizer", tiny_tokenizer.path, "--output", out,
+            "--epochs", 4, "--lr", 1e-3, "--early-stopping-patience", 0, "--quiet"]  # fmt: skip
+    env = {**os.environ, EXIT_AFTER_EPOCH_ENV: "2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kogpt2.cli", *map(str, args)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 75, proc.stderr[-2000:]  # "preempted" right after epoch 2's checkpoint
+    state = json.loads((out / "backup" / "state.json").read_text())
+    assert [e["epoch"] for e in state["epochs"]] == [1, 2] and not (out / "history.json").exists()
+
+    rc, _, stderr = _cli(*args)  # without --resume: refused, nothing lost
+    assert rc == 2 and "--resume" in stderr
+    rc, _, stderr = _cli(*[a if a != 4 else 5 for a in args], "--resume")  # other settings: refused
+    assert rc == 2 and "epochs: 4 -> 5" in stderr
+    rc, stdout, stderr = _cli(*args, "--resume")
+    assert rc == 0, stderr
+    h = json.loads((out / "history.json").read_text())
+    assert [e["epoch"] for e in h["epochs"]] == [1, 2, 3, 4] and h["epochs_run"] == 4 and h["starts"] == 2
+    assert h["epochs"][:2] == state["epochs"]
+    steps = open_shards(str(tiny_shards)).steps("train", 16)
+    assert [e["steps"] for e in h["epochs"]] == [steps, 2 * steps, 3 * steps, 4 * steps]  # optimizer state restored
+    per_epoch = h["epochs"][0]["train_tokens"]
+    assert [e["train_tokens"] for e in h["epochs"]] == [per_epoch * n for n in (1, 2, 3, 4)]
+    assert h["epochs"][3]["loss"] < h["epochs"][1]["loss"]  # it kept learning from the checkpoint
+    load_model(out)
+    rc, stdout, _ = _cli(*args, "--resume")  # a finished run: nothing to do
+    assert rc == 0 and "best epoch" in stdout
+
+
+def test_time_budget_on_packed_shards(tmp_path: Path, tiny_tokenizer) -> None:
+    texts = make_sentences(40)
+    shards = write_test_shards(tmp_path / "packed", tiny_tokenizer, texts[:32], texts[32:], max_len=24, packing=True)
+    result = train(_config(shards, tmp_path / "out", tiny_tokenizer, epochs=5, max_seconds=0.01), progress=False)
+    assert result.history["stopped_by_time"] and result.history["epochs_run"] == 1
+    assert "time budget" in result.summary()
+    load_model(tmp_path / "out")
+
+
+def test_mixed_precision_saves_float32_weights(tmp_path: Path, tiny_shards: Path, tiny_tokenizer) -> None:
+    result = train(
+        _config(tiny_shards, tmp_path / "out", tiny_tokenizer, epochs=1, mixed_precision=True), progress=False
+    )
+    assert math.isfinite(result.history["epochs"][0]["val_loss"])
+    model, _ = load_model(tmp_path / "out")
+    assert {w.dtype for w in model.weights} == {tf.float32}
+    from kogpt2.tf_setup import import_keras
+
+    assert import_keras().mixed_precision.global_policy().name == "float32"  # restored after the run
+
+
+def test_refusals(tmp_path: Path, tiny_shards: Path, tiny_tokenizer, tiny_model_dir: Path, trained) -> None:
+    other = write_test_shards(
+        tmp_path / "other",
+        tiny_tokenizer,
+        ["가나다"],
+        ["라마바"],
+        tokenizer_overrides={"fingerprint": "e" * 64, "vocab_size": 999},
+    )
+    with pytest.raises(TokenizerMismatchError) as err:
+        train(_config(other, tmp_path / "o1", tiny_tokenizer, model=str(tiny_model_dir)), progress=False)
+    assert "eeeeeeeeeeeeeeee" in str(err.value) and tiny_tokenizer.fingerprint[:16] in str(err.value)
+    assert "999" in str(err.value) and str(tiny_tokenizer.vocab_size) in str(err.value)
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(tiny_shards, unfinished)
+    (unfinished / "COMPLETED").unlink()
+    rc, _, stderr = _cli("train", "--data", unfinished, "--model", tiny_model_dir, "--output", tmp_path / "o2")
+    assert rc == 2 and "COMPLETED" in stderr
+    with pytest.raises(ShardError):
+        evaluate_model(str(tiny_model_dir), str(unfinished))
+
+    finished, _ = trained
+    with pytest.raises(RuntimeError, match="already holds a finished run"):
+        train(_config(tiny_shards, finished, tiny_tokenizer), progress=False)
+    with pytest.raises(ValueError, match="--tokenizer"):
+        train(_config(tiny_shards, tmp_path / "o3", tiny_tokenizer, tokenizer=None), progress=False)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+MIRRORED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import kogpt2
+    from kogpt2.tf_setup import import_tf
+    tf = import_tf()
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from kogpt2.evaluate import evaluate_model
+    from kogpt2.training import TrainConfig, make_strategy, train
+
+    shards, model, out = sys.argv[1:4]
+    runs = {}
+    for name in ("mirrored", "default"):
+        config = TrainConfig(data=shards, model=model, output=f"{out}/{name}", epochs=2, batch_size=16,
+                             learning_rate=1e-3, early_stopping_patience=0, strategy=name)
+        runs[name] = train(config, progress=False).history
+    ev = {name: evaluate_model(f"{out}/mirrored", shards, batch_size=5, strategy=make_strategy(name)).loss
+          for name in ("mirrored", "default")}
+    print("RESULT " + json.dumps({"runs": runs, "eval": ev}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_over_two_logical_cpus(tmp_path: Path, tiny_shards: Path, tiny_model_dir: Path) -> None:
+    # A dropout-free copy, so a mirrored run and a single-device run must agree.
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    (model / "config.json").write_text(json.dumps(cfg))
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tiny_shards), str(model), str(tmp_path / "runs")],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    mirrored, single = result["runs"]["mirrored"], result["runs"]["default"]
+    assert mirrored["replicas"] == 2 and single["replicas"] == 1
+    for a, b in zip(mirrored["epochs"], single["epochs"], strict=True):
+        # The global masked mean: replicas divide by the global token count, so the runs agree.
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+    assert mirrored["epochs"][1]["val_loss"] < mirrored["epochs"][0]["val_loss"]
+    assert result["eval"]["mirrored"] == pytest.approx(result["eval"]["default"], abs=1e-5)
