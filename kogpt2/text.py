@@ -1,0 +1,244 @@
+"""Pure text functions of corpus preprocessing: decode, normalize, split sentences, filter.
+
+Everything here is ``bytes -> str`` or ``str -> str`` with no I/O, so the Beam pipeline
+(:mod:`pipelines.preprocess`), the benchmark loop and the tests share one definition.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+import sys
+import unicodedata
+from functools import lru_cache
+
+from kogpt2.tokenizer import normalize
+
+#: Filter reasons, in the order they are checked.
+FILTER_REASONS = ("empty", "too_short", "duplicate")
+
+# Sentence ends after NFKC (which maps "？！．" to "?!." and "…" to "...").
+_TERMINALS = frozenset(".?!。")
+_OPEN_TO_CLOSE = {
+    "“": "”",
+    "‘": "’",
+    "「": "」",
+    "『": "』",
+    "(": ")",
+    "[": "]",
+    "{": "}",
+    "《": "》",
+    "〈": "〉",
+    "«": "»",
+}
+_CLOSERS = frozenset(_OPEN_TO_CLOSE.values()) | {'"', "'"}
+# A quotation closed after a sentence end is still one sentence when a quotative ending
+# follows it: "가자." 하고 말했다 / "가자." 라며 웃었다.
+_QUOTATIVES = (
+    "하고",
+    "라고",
+    "라며",
+    "하며",
+    "하면서",
+    "라는",
+    "이라고",
+    "이라며",
+    "하는",
+    "하니",
+    "하자",
+    "고 ",
+    "며 ",
+)
+# Latin abbreviations that end in a period without ending a sentence.
+_ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "vs", "etc", "e.g", "i.e", "no", "vol", "p", "pp"})
+
+
+def check_encoding(name: str) -> str:
+    """Return the canonical codec name of a text encoding that can be read line by line.
+
+    Args:
+        name: an encoding name (``utf-8``, ``cp949``, ``euc-kr``, ...).
+
+    Returns:
+        The codec's canonical name (``utf-8``, ``cp949``, ``euc_kr``).
+
+    Raises:
+        ValueError: unknown name, not a text encoding, or one where ``\\n`` is not the byte
+            ``0x0a`` (UTF-16/32: lines cannot be split on bytes).
+    """
+    try:
+        info = codecs.lookup(name)
+    except LookupError:
+        raise ValueError(f"encoding={name!r}: unknown encoding (try utf-8, cp949 or euc-kr)") from None
+    if not getattr(info, "_is_text_encoding", True):
+        raise ValueError(f"encoding={name!r}: not a text encoding")
+    if "\n".encode(info.name) != b"\n" or "a".encode(info.name) != b"a":
+        raise ValueError(
+            f"encoding={name!r}: not ASCII-compatible, lines cannot be split on b'\\n' (re-encode as UTF-8)"
+        )
+    return info.name
+
+
+def decode_line(raw: bytes, encoding: str, *, file_start: bool = False) -> str:
+    """Decode one line's bytes (without its line ending).
+
+    Args:
+        raw: the line's bytes.
+        encoding: codec name (see :func:`check_encoding`).
+        file_start: the line is the first of its file: a UTF-8 byte-order mark is dropped.
+
+    Returns:
+        The decoded text.
+
+    Raises:
+        UnicodeDecodeError: the bytes are not valid in ``encoding``.
+    """
+    if file_start and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
+    return raw.decode(encoding)
+
+
+def escape_bytes(raw: bytes) -> str:
+    """Printable ASCII (except ``\\``) as is, every other byte as ``\\xNN``: unambiguous and reversible."""
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw)
+
+
+def unescape_bytes(text: str) -> bytes:
+    """Invert :func:`escape_bytes`."""
+    return re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), text.encode("ascii"))
+
+
+@lru_cache(maxsize=1)
+def _removal_pattern() -> re.Pattern[str]:
+    """Control characters that are not whitespace (Cc) and format characters (Cf: zero-width, BOM, bidi marks)."""
+    chars = []
+    for cp in range(sys.maxunicode + 1):
+        cat = unicodedata.category(chr(cp))
+        if cat == "Cf" or (cat == "Cc" and not chr(cp).isspace()):
+            chars.append(chr(cp))
+    return re.compile("[" + re.escape("".join(chars)) + "]")
+
+
+def normalize_text(text: str) -> str:
+    """Normalize a line as the tokenizer expects, and clean it.
+
+    Removes control characters (Cc, except whitespace) and format characters (Cf: zero-width
+    space/joiners, BOM, soft hyphen, bidi marks), applies NFKC (:func:`kogpt2.tokenizer.normalize`),
+    and collapses every run of whitespace (tabs, NBSP, ideographic space, ...) to one space,
+    stripped at both ends.
+
+    Args:
+        text: decoded text.
+
+    Returns:
+        The normalized text (possibly empty).
+    """
+    if not text.isprintable():  # fast path: printable text holds no Cc/Cf character
+        text = _removal_pattern().sub("", text)
+    return " ".join(normalize(text).split())
+
+
+def _quote_depths(text: str, *, balanced_only: bool) -> list[int] | None:
+    """Nesting depth of quotes/brackets after each character; None when unbalanced and balanced_only."""
+    depths = []
+    stack: list[str] = []
+    for ch in text:
+        if ch == '"':
+            if stack and stack[-1] == '"':
+                stack.pop()
+            else:
+                stack.append('"')
+        elif ch in _OPEN_TO_CLOSE:
+            stack.append(_OPEN_TO_CLOSE[ch])
+        elif stack and ch == stack[-1]:
+            stack.pop()
+        depths.append(len(stack))
+    if balanced_only and stack:
+        return None
+    return depths
+
+
+def _is_abbreviation(text: str, dot: int) -> bool:
+    """The period at ``dot`` ends a Latin abbreviation or initial (``Dr.``, ``J.``), not a sentence."""
+    start = dot
+    while start > 0 and (text[start - 1].isascii() and (text[start - 1].isalpha() or text[start - 1] == ".")):
+        start -= 1
+    word = text[start:dot].lower()
+    if not word:
+        return False
+    return word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha())
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split normalized paragraph text into sentences, Korean-aware.
+
+    A sentence ends at ``.``, ``?``, ``!`` or ``。`` (runs such as ``?!`` included, with any
+    closing quotes or brackets after them) followed by a space or the end of the text. It does
+    not end:
+
+    - inside quotes or brackets (``그는 "왜? 어서 가." 하고 물었다`` stays whole),
+    - at a closing quote followed by a quotative ending (``하고``, ``라고``, ``라며``, ...),
+    - at an ellipsis (``...``, NFKC's form of ``…``), common mid-sentence in Korean prose,
+    - after a Latin abbreviation or initial (``Dr.``, ``J. K.``) or between digits (``3.14``).
+
+    Unbalanced quotes are ignored for nesting. Splitting an already split sentence returns it.
+
+    Args:
+        text: one normalized line (see :func:`normalize_text`).
+
+    Returns:
+        The sentences, stripped, none empty; ``[]`` for empty text.
+    """
+    if not text.strip():
+        return []
+    depths = _quote_depths(text, balanced_only=True) or [0] * len(text)
+    sentences = []
+    start = 0
+    i = 0
+    n = len(text)
+    while i < n:
+        if text[i] not in _TERMINALS:
+            i += 1
+            continue
+        j = i
+        while j < n and text[j] in _TERMINALS:
+            j += 1
+        run = text[i:j]
+        while j < n and text[j] in _CLOSERS:
+            j += 1
+        closed_quote = j > i + len(run)
+        at_break = j == n or text[j].isspace()
+        ok = at_break and depths[j - 1] == 0
+        if ok and set(run) == {"."} and len(run) >= 2:
+            ok = False  # ellipsis
+        if ok and run == "." and _is_abbreviation(text, i):
+            ok = False
+        if ok and closed_quote and j < n and text[j:].lstrip().startswith(_QUOTATIVES):
+            ok = False
+        if ok:
+            piece = text[start:j].strip()
+            if piece:
+                sentences.append(piece)
+            start = j
+        i = j
+    tail = text[start:].strip()
+    if tail:
+        sentences.append(tail)
+    return sentences
+
+
+def filter_reason(text: str, min_chars: int) -> str | None:
+    """Why a normalized text is filtered out, or None to keep it.
+
+    Args:
+        text: normalized text.
+        min_chars: shortest text kept, in characters.
+
+    Returns:
+        ``"empty"``, ``"too_short"`` or None.
+    """
+    if not text:
+        return "empty"
+    if len(text) < min_chars:
+        return "too_short"
+    return None
