@@ -42,7 +42,7 @@ typecheck: $(STAMP) ## mypy on kogpt2/
 	$(VENV)/bin/mypy kogpt2
 
 demo: $(STAMP) ## The main job on the bundled corpus (MODEL=... to fine-tune a checkpoint)
-	$(PY) -m kogpt2.demo --run $(RUN) $(if $(MODEL),--model $(MODEL),)
+	$(PY) -m pipelines.demo --run $(RUN) $(if $(MODEL),--model $(MODEL),)
 
 report: $(STAMP) ## Rebuild report.html of a run folder (RUN=...)
 	$(VENV)/bin/kogpt2 report --run $(RUN)
