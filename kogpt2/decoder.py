@@ -1,0 +1,262 @@
+"""A compiled GPT-2 decoder with a fixed-size key/value cache, for fast batched generation.
+
+transformers' own TF ``generate`` re-concatenates the cache every step and computes
+logits for the whole prompt; on a CPU its sampling path sorts 50,000 logits per row
+and step. This decoder reads the weights of a ``TFGPT2LMHeadModel`` and runs two
+graph functions (traced once each; every shape is dynamic, so no retracing):
+
+- ``prefill(ids, starts, capacity)``: the left-padded prompts ``(B, T)`` in one pass;
+  fills the cache slots ``0 .. T-1`` and returns the last position's logits ``(B, V)``.
+- ``step(tokens, starts, slot)``: one new token per row; writes its key/value into
+  cache slot ``slot`` in place (``scatter_nd_update``) and returns logits ``(B, V)``.
+
+Row ``b`` holds its prompt in slots ``starts[b] .. T-1``; its position ids count from
+``starts[b]``, so left padding changes nothing but the slots attended. Graph mode
+(oneDNN kernels) is used rather than XLA: on this CPU it measured faster for the step,
+much faster in bfloat16, and it needs no recompiles when shapes change.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import numpy as np
+
+from kogpt2.tf_setup import import_tf
+
+DTYPES = ("float32", "bfloat16")
+_NEG = -1e9  # additive mask for slots a row must not attend
+
+
+class Decoder:
+    """Batched GPT-2 decoding with a KV cache held in TF variables (one per layer).
+
+    One decoder runs one batch at a time (a lock guards the cache); make one per
+    thread for concurrency, or share it and let calls queue.
+
+    Args:
+        model: a built ``TFGPT2LMHeadModel`` (GPT-2 architecture).
+        dtype: ``float32`` or ``bfloat16`` (weights and cache; layer norms, softmax
+            and logits stay float32).
+
+    Raises:
+        ValueError: unknown dtype or an unsupported model configuration.
+    """
+
+    def __init__(self, model: Any, dtype: str = "float32", attention: str = "auto", jit_step: bool = False) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
+        if attention == "auto":
+            attention = "xla" if dtype == "float32" else "graph"
+        if attention not in ("xla", "graph"):
+            raise ValueError(f"attention={attention!r}: must be auto, xla or graph")
+        self.attention = attention
+        tf = import_tf()
+        cfg = model.config
+        act = getattr(cfg, "activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu", "gelu_pytorch_tanh"):
+            raise ValueError(f"model activation_function={act!r}: the decoder supports gelu_new and gelu")
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+            if getattr(cfg, flag, False):
+                raise ValueError(f"model config {flag}=True is not supported by the decoder")
+        self.dtype = dtype
+        self.n_layer, self.n_head, self.n_embd = cfg.n_layer, cfg.n_head, cfg.n_embd
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.n_positions = cfg.n_positions
+        self.vocab_size = cfg.vocab_size
+        self._approx_gelu = act != "gelu"
+        self._eps = float(cfg.layer_norm_epsilon)
+        self._dt = tf.bfloat16 if dtype == "bfloat16" else tf.float32
+        self._w = self._collect_weights(model)
+        shape = tf.TensorShape(None)
+        empty = tf.zeros([0, self.n_head, 0, self.head_dim], self._dt)
+        self._k = [tf.Variable(empty, shape=shape, trainable=False) for _ in range(self.n_layer)]
+        self._v = [tf.Variable(empty, shape=shape, trainable=False) for _ in range(self.n_layer)]
+        self.lock = threading.Lock()
+        self.traces = 0  # graph traces: at most 3 for the decoder's lifetime (every shape is dynamic)
+        self.xla_compiles = 0  # XLA attention compiles: one per (batch, cache length) shape
+        i32 = tf.int32
+        self._prefill = tf.function(
+            self._prefill_fn,
+            input_signature=[
+                tf.TensorSpec([None, None], i32),  # ids (B, T), left-padded
+                tf.TensorSpec([None], i32),  # starts (B,): first real slot per row
+                tf.TensorSpec([], i32),  # capacity S: cache slots
+            ],
+        )
+        self._attend = self._make_attention()
+        self._select = tf.function(self._select_fn, input_signature=[tf.TensorSpec([None], i32)])
+        self._step = tf.function(
+            self._step_fn,
+            jit_compile=jit_step,
+            input_signature=[
+                tf.TensorSpec([None], i32),  # tokens (B,)
+                tf.TensorSpec([None], i32),  # starts (B,)
+                tf.TensorSpec([], i32),  # slot: where this token's key/value go
+            ],
+        )
+
+    def _collect_weights(self, model: Any) -> dict[str, Any]:
+        tf = import_tf()
+        tr = model.transformer
+
+        def cast(v: Any) -> Any:
+            # float32: the model's own variables (no copy); bfloat16: one cast copy.
+            return v if self._dt == tf.float32 else tf.cast(v, self._dt)
+
+        layers = []
+        for block in tr.h:
+            layers.append(
+                {
+                    "ln1": (block.ln_1.gamma, block.ln_1.beta),
+                    "attn": (cast(block.attn.c_attn.weight), cast(block.attn.c_attn.bias)),
+                    "proj": (cast(block.attn.c_proj.weight), cast(block.attn.c_proj.bias)),
+                    "ln2": (block.ln_2.gamma, block.ln_2.beta),
+                    "fc": (cast(block.mlp.c_fc.weight), cast(block.mlp.c_fc.bias)),
+                    "fc_proj": (cast(block.mlp.c_proj.weight), cast(block.mlp.c_proj.bias)),
+                }
+            )
+        return {
+            "wte": cast(tr.wte.embeddings),  # (V, E)
+            "head": tf.transpose(cast(tr.wte.embeddings)),  # (E, V): a plain matmul is faster than transpose_b
+            "wpe": cast(tr.wpe.embeddings),  # (P, E)
+            "ln_f": (tr.ln_f.gamma, tr.ln_f.beta),
+            "layers": layers,
+        }
+
+    # -- graph pieces -------------------------------------------------------------
+    def _ln(self, x: Any, gb: tuple[Any, Any]) -> Any:
+        tf = import_tf()
+        x32 = tf.cast(x, tf.float32)
+        mean, var = tf.nn.moments(x32, axes=[-1], keepdims=True)
+        y = (x32 - mean) * tf.math.rsqrt(var + self._eps) * gb[0] + gb[1]
+        return tf.cast(y, self._dt)
+
+    def _dense(self, x: Any, wb: tuple[Any, Any]) -> Any:
+        tf = import_tf()
+        return tf.matmul(x, wb[0]) + tf.reshape(wb[1], [-1])
+
+    def _mlp(self, x: Any, layer: dict[str, Any]) -> Any:
+        tf = import_tf()
+        h = tf.nn.gelu(self._dense(self._ln(x, layer["ln2"]), layer["fc"]), approximate=self._approx_gelu)
+        return self._dense(h, layer["fc_proj"])
+
+    def _logits(self, x: Any) -> Any:
+        tf = import_tf()
+        h = self._ln(x, self._w["ln_f"])  # (B, E)
+        return tf.cast(tf.matmul(h, self._w["head"]), tf.float32)  # (B, V)
+
+    def _prefill_fn(self, ids: Any, starts: Any, capacity: Any) -> Any:
+        tf = import_tf()
+        self.traces += 1
+        batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
+        heads, hd, emb = self.n_head, self.head_dim, self.n_embd
+        slots = tf.range(length)
+        pos = tf.maximum(slots[None, :] - starts[:, None], 0)  # (B, T)
+        x = tf.gather(self._w["wte"], ids) + tf.gather(self._w["wpe"], pos)  # (B, T, E)
+        # key j visible to query i: j <= i and j is a real token of the row
+        visible = (slots[None, :] <= slots[:, None])[None] & (slots[None, None, :] >= starts[:, None, None])
+        bias = tf.where(visible, 0.0, _NEG)[:, None]  # (B, 1, T, T)
+        pad = tf.zeros([batch, heads, capacity - length, hd], self._dt)
+        for layer, k_var, v_var in zip(self._w["layers"], self._k, self._v, strict=True):
+            qkv = self._dense(tf.reshape(self._ln(x, layer["ln1"]), [-1, emb]), layer["attn"])  # (B*T, 3E)
+            qkv = tf.transpose(tf.reshape(qkv, [batch, length, 3, heads, hd]), [2, 0, 3, 1, 4])  # (3, B, H, T, D)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            k_var.assign(tf.concat([k, pad], axis=2))  # (B, H, S, D)
+            v_var.assign(tf.concat([v, pad], axis=2))
+            scores = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) / math.sqrt(hd) + bias  # (B, H, T, T)
+            att = tf.matmul(tf.cast(tf.nn.softmax(scores, axis=-1), self._dt), v)  # (B, H, T, D)
+            att = tf.reshape(tf.transpose(att, [0, 2, 1, 3]), [-1, emb])  # (B*T, E)
+            x = x + tf.reshape(self._dense(att, layer["proj"]), [batch, length, emb])
+            x = x + tf.reshape(self._mlp(tf.reshape(x, [-1, emb]), layer), [batch, length, emb])
+        return self._logits(x[:, -1])
+
+    def _step_fn(self, tokens: Any, starts: Any, slot: Any) -> Any:
+        tf = import_tf()
+        self.traces += 1
+        batch = tf.shape(tokens)[0]
+        heads, hd, emb = self.n_head, self.head_dim, self.n_embd
+        x = tf.gather(self._w["wte"], tokens) + tf.gather(self._w["wpe"], slot - starts)  # (B, E)
+        for layer, k_var, v_var in zip(self._w["layers"], self._k, self._v, strict=True):
+            qkv = tf.reshape(self._dense(self._ln(x, layer["ln1"]), layer["attn"]), [batch, 3, heads, hd])
+            att = self._attend(k_var, v_var, qkv[:, 0], qkv[:, 1], qkv[:, 2], starts, slot)  # (B, H, D)
+            x = x + self._dense(tf.reshape(att, [batch, emb]), layer["proj"])
+            x = x + self._mlp(x, layer)
+        return self._logits(x)
+
+    def _make_attention(self) -> Any:
+        """Cached attention of one layer for one new token per row: write its key/value, attend.
+
+        In ``xla`` mode one XLA function serves every layer (the cache variables are
+        arguments), compiled once per (batch, cache length) shape.
+        """
+        tf = import_tf()
+        heads, hd = self.n_head, self.head_dim
+
+        def attend(k_var: Any, v_var: Any, q: Any, k: Any, v: Any, starts: Any, slot: Any) -> Any:
+            # q, k, v: (B, H, D); the cache variables: (B, H, S, D)
+            if self.attention == "xla":
+                self.xla_compiles += 1  # runs only when traced: one XLA compile per new shape
+            batch = tf.shape(q)[0]
+            bh = tf.stack(tf.meshgrid(tf.range(batch), tf.range(heads), indexing="ij"), axis=-1)  # (B, H, 2)
+            where = tf.concat([bh, tf.fill([batch, heads, 1], slot)], axis=-1)  # (B, H, 3)
+            if self.attention == "xla":  # XLA aliases the variable buffers: updated in place
+                k_var.assign(tf.tensor_scatter_nd_update(k_var.read_value(), where, k))
+                v_var.assign(tf.tensor_scatter_nd_update(v_var.read_value(), where, v))
+            else:
+                k_var.scatter_nd_update(where, k)
+                v_var.scatter_nd_update(where, v)
+            keys, values = k_var.read_value(), v_var.read_value()
+            cols = tf.range(tf.shape(keys)[2])
+            visible = (cols[None, :] >= starts[:, None]) & (cols[None, :] <= slot)  # (B, S)
+            bias = tf.where(visible, 0.0, _NEG)[:, None, None, :]  # (B, 1, 1, S)
+            scores = tf.cast(tf.matmul(q[:, :, None, :], keys, transpose_b=True), tf.float32) / math.sqrt(hd)
+            att = tf.matmul(tf.cast(tf.nn.softmax(scores + bias, axis=-1), self._dt), values)  # (B, H, 1, D)
+            return att[:, :, 0]
+
+        return tf.function(attend, jit_compile=True) if self.attention == "xla" else attend
+
+    # -- public -------------------------------------------------------------------
+    def prefill(self, ids: np.ndarray, starts: np.ndarray, capacity: int) -> np.ndarray:
+        """Run left-padded prompts and fill the cache.
+
+        Args:
+            ids: ``(B, T)`` int token ids, each row right-aligned (left-padded).
+            starts: ``(B,)`` index of each row's first real token.
+            capacity: cache slots ``S >= T`` (prompt plus the tokens to be fed).
+
+        Returns:
+            ``(B, V)`` float32 logits of each row's next token.
+        """
+        tf = import_tf()
+        if capacity > self.n_positions or capacity < ids.shape[1]:
+            raise ValueError(f"capacity={capacity}: must be in [{ids.shape[1]}, n_positions={self.n_positions}]")
+        out = self._prefill(tf.constant(ids, tf.int32), tf.constant(starts, tf.int32), tf.constant(capacity, tf.int32))
+        return np.array(out)
+
+    def step(self, tokens: np.ndarray, starts: np.ndarray, slot: int) -> np.ndarray:
+        """Feed one token per row at cache slot ``slot``; return ``(B, V)`` float32 next-token logits."""
+        tf = import_tf()
+        out = self._step(tf.constant(tokens, tf.int32), tf.constant(starts, tf.int32), tf.constant(slot, tf.int32))
+        return np.array(out)
+
+    def select_rows(self, rows: np.ndarray) -> None:
+        """Keep only these batch rows of the cache (in this order), e.g. once others finished."""
+        tf = import_tf()
+        self._select(tf.constant(rows, tf.int32))
+
+    def _select_fn(self, rows: Any) -> Any:
+        tf = import_tf()
+        self.traces += 1
+        for var in self._k + self._v:
+            var.assign(tf.gather(var.read_value(), rows))
+        return tf.constant(0)
+
+    def release(self) -> None:
+        """Free the cache memory (the variables keep their graphs)."""
+        tf = import_tf()
+        empty = tf.zeros([0, self.n_head, 0, self.head_dim], self._dt)
+        for var in self._k + self._v:
+            var.assign(empty)

@@ -1,0 +1,319 @@
+"""Generation library: strategies, stopping, reproducibility, prompt cuts, the decoder and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_sentences
+
+from kogpt2.generation import GenerationConfig
+from kogpt2.sampling import (
+    apply_repetition_penalty,
+    ban_repeated_ngrams,
+    row_seed,
+    sample_nucleus,
+    sample_top_k,
+    select_tokens,
+    uniforms,
+)
+
+PROMPTS = ["이때", "그날 밤", "마침내 그는", "아이들은 강가에서 오래 기다렸다", "노인은"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from kogpt2.model import load_model
+
+    return load_model(tiny_model_dir)
+
+
+def gen(tiny, prompts, batch_size=64, **kw):
+    from kogpt2.generation import generate
+
+    model, tok = tiny
+    kw.setdefault("max_new_tokens", 12)
+    return generate(model, tok, prompts, GenerationConfig(**kw), batch_size=batch_size)
+
+
+def texts(samples):
+    return {(s.prompt, s.sample_index): s.text for s in samples}
+
+
+# -- config ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"strategy": "beam"}, "strategy"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"temperature": 0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"no_repeat_ngram_size": -2}, "no_repeat_ngram_size"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"seed": -1}, "seed"),
+        ({"strategy": "greedy", "top_p": 0.9}, "top_p"),
+        ({"strategy": "greedy", "temperature": 0.7}, "temperature"),
+    ],
+)
+def test_config_rejects_nonsense_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"GenerationConfig\.{field}="):
+        GenerationConfig(**kwargs)
+
+
+def test_config_is_frozen_and_defaults_to_the_notebook_budget():
+    cfg = GenerationConfig()
+    assert cfg.max_new_tokens == 100 and cfg.strategy == "sample"
+    with pytest.raises(AttributeError):
+        cfg.top_p = 0.5  # type: ignore[misc]
+
+
+# -- pure sampling pieces -------------------------------------------------------------------
+
+
+def test_row_seed_and_uniforms_are_pure_functions_of_stable_ids():
+    assert row_seed("이때", 0, 7) == row_seed("이때", 0, 7)
+    assert len({row_seed("이때", i, s) for i in range(3) for s in range(3)}) == 9
+    seeds = np.array([row_seed(p, 0, 0) for p in PROMPTS], dtype=np.uint64)
+    u = uniforms(seeds, step=3)
+    assert np.all((u >= 0) & (u < 1))
+    np.testing.assert_array_equal(u[[2, 0]], uniforms(seeds[[2, 0]], step=3))  # row alone == row in a batch
+    assert not np.array_equal(u, uniforms(seeds, step=4))
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
+    logits = np.array([[2.0, -1.0, 3.0, 1.0]], dtype=np.float32)
+    apply_repetition_penalty(logits, np.array([[0, 1, 0, 9]]), np.array([3]), 2.0)  # id 9 is past the length
+    np.testing.assert_allclose(logits, [[1.0, -2.0, 3.0, 1.0]])
+
+
+def test_no_repeat_ngram_bans_the_token_that_would_repeat_a_bigram():
+    logits = np.zeros((1, 6), dtype=np.float32)
+    ban_repeated_ngrams(logits, np.array([[1, 2, 3, 1, 0]]), np.array([4]), 2)  # "1 2" seen, suffix "1"
+    assert logits[0, 2] == -np.inf and np.isfinite(np.delete(logits[0], 2)).all()
+
+
+def test_nucleus_sampling_keeps_only_the_nucleus_and_matches_its_distribution():
+    p = np.array([0.5, 0.3, 0.15, 0.05])  # top_p 0.75 keeps {0, 1}: renormalized 0.625 / 0.375
+    logits = np.log(p)[None].repeat(4000, axis=0).astype(np.float32)
+    seeds = np.array([row_seed("x", i, 0) for i in range(4000)], dtype=np.uint64)
+    drawn = sample_nucleus(logits, 0.75, seeds, step=0)
+    assert set(drawn.tolist()) == {0, 1}
+    assert abs(np.mean(drawn == 0) - 0.625) < 0.03
+    full = sample_nucleus(logits, 1.0, seeds, step=0)
+    assert abs(np.mean(full == 3) - 0.05) < 0.015
+    top2 = sample_top_k(logits, 2, 1.0, seeds, step=0)
+    assert set(top2.tolist()) == {0, 1}
+
+
+def test_greedy_ties_and_tiny_cuts_pick_the_best_token():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(8, 50)).astype(np.float32)
+    seeds = np.arange(8, dtype=np.uint64)
+    best = select_tokens(logits, greedy=True, temperature=1.0, top_k=0, top_p=1.0, row_seeds=seeds, step=0)
+    for kw in ({"top_k": 1, "top_p": 1.0}, {"top_k": 0, "top_p": 1e-6}, {"top_k": 5, "top_p": 1e-6}):
+        got = select_tokens(logits, greedy=False, temperature=1.0, row_seeds=seeds, step=0, **kw)
+        np.testing.assert_array_equal(got, best)
+
+
+# -- the decoder matches the transformers model ---------------------------------------------
+
+
+def test_decoder_logits_match_the_transformers_model(tiny):
+    from kogpt2.decoder import Decoder
+    from kogpt2.tf_setup import import_tf
+
+    tf = import_tf()
+    model, _ = tiny
+    dec = Decoder(model, "float32")
+    prompts = [[0, 10, 20, 30], [0, 55], [0, 7, 8, 9, 10, 11]]
+    width = 8
+    ids = np.full((3, width), 3)
+    starts = np.array([width - len(p) for p in prompts])
+    for b, p in enumerate(prompts):
+        ids[b, starts[b] :] = p
+    outs = [dec.prefill(ids, starts, width + 3)]
+    seqs = [list(p) for p in prompts]
+    for step, new in enumerate([[40, 41, 42], [50, 51, 52]]):
+        for b in range(3):
+            seqs[b].append(new[b])
+        outs.append(dec.step(np.array(new), starts, width + step))
+    for b in range(3):
+        ref = model(tf.constant([seqs[b]]), training=False).logits.numpy()[0]
+        n = len(prompts[b])
+        for step, out in enumerate(outs):
+            np.testing.assert_allclose(out[b], ref[n - 1 + step], atol=1e-4)
+
+
+# -- strategies on the tiny model -----------------------------------------------------------
+
+
+def test_greedy_is_deterministic_and_ignores_sample_index(tiny):
+    a = gen(tiny, PROMPTS[:3], strategy="greedy", num_samples=2)
+    b = gen(tiny, PROMPTS[:3], strategy="greedy", num_samples=2)
+    assert texts(a) == texts(b)
+    assert [(s.prompt, s.sample_index) for s in a] == [(p, i) for p in PROMPTS[:3] for i in range(2)]
+    assert a[0].text == a[1].text
+    assert all(
+        s.text.startswith(s.prompt) and s.text == s.text[: len(s.text) - len(s.continuation)] + s.continuation
+        for s in a
+    )
+
+
+def test_top_k_1_and_tiny_top_p_and_cold_temperature_equal_greedy(tiny):
+    greedy = texts(gen(tiny, PROMPTS, strategy="greedy"))
+    assert texts(gen(tiny, PROMPTS, top_k=1)) == greedy
+    assert texts(gen(tiny, PROMPTS, top_p=1e-6)) == greedy
+    assert texts(gen(tiny, PROMPTS, temperature=1e-4)) == greedy
+    assert texts(gen(tiny, PROMPTS, top_p=0.95)) != greedy
+
+
+def test_sampling_depends_on_seed_temperature_and_sample_index(tiny):
+    base = gen(tiny, PROMPTS, num_samples=2, top_p=0.95, seed=1)
+    assert texts(base) == texts(gen(tiny, PROMPTS, num_samples=2, top_p=0.95, seed=1))
+    assert texts(base) != texts(gen(tiny, PROMPTS, num_samples=2, top_p=0.95, seed=2))
+    assert texts(base) != texts(gen(tiny, PROMPTS, num_samples=2, top_p=0.95, seed=1, temperature=3.0))
+    assert len({s.text for s in base}) == len(base)  # every sample differs
+    assert len({s.row_seed for s in base}) == len(base)
+
+
+def test_same_text_whatever_the_batch_and_order(tiny):
+    kw = {"num_samples": 2, "top_p": 0.9, "repetition_penalty": 1.3, "max_new_tokens": 16}
+    together = texts(gen(tiny, PROMPTS, **kw))
+    reordered = texts(gen(tiny, PROMPTS[::-1], batch_size=3, **kw))
+    alone = {}
+    for p in PROMPTS:
+        alone.update(texts(gen(tiny, [p], batch_size=1, **kw)))
+    assert together == reordered == alone
+
+
+def test_repetition_penalty_and_no_repeat_ngram_prevent_repeats(tiny):
+    def ids(s):
+        return list(s.new_ids)
+
+    plain = gen(tiny, PROMPTS, strategy="greedy", max_new_tokens=20)
+    assert any(len(set(ids(s))) < len(ids(s)) for s in plain)  # a random model loops without them
+
+    penalized = gen(tiny, PROMPTS, strategy="greedy", max_new_tokens=20, repetition_penalty=100.0)
+    assert all(len(set(ids(s))) == len(ids(s)) for s in penalized)
+
+    _, tok = tiny
+    banned = gen(tiny, PROMPTS, strategy="greedy", max_new_tokens=20, no_repeat_ngram_size=2)
+    for s in banned:
+        seq = [tok.bos_id, *tok.encode(s.prompt), *ids(s)]
+        bigrams = list(zip(seq, seq[1:], strict=False))
+        assert len(bigrams) == len(set(bigrams)), s.text
+
+
+@pytest.fixture(scope="module")
+def eos_model(tiny_model_dir):
+    """The tiny model made context-free: every step gives </s> probability 0.08 (greedy: always </s>)."""
+    from kogpt2.model import load_model
+
+    model, tok = load_model(tiny_model_dir)
+    tr = model.transformer
+    emb = tr.wte.embeddings.numpy()
+    emb[:, 0] = 0.0
+    emb[tok.eos_id, 0] = 1.0
+    tr.wte.embeddings.assign(emb)
+    tr.ln_f.gamma.assign(np.zeros_like(tr.ln_f.gamma.numpy()))
+    beta = np.zeros_like(tr.ln_f.beta.numpy())
+    beta[0] = np.log(0.08 / 0.92 * (tok.vocab_size - 1))  # logits: eos = beta[0], every other token 0
+    tr.ln_f.beta.assign(beta)
+    return model, tok
+
+
+def test_generation_stops_at_eos_and_reports_why(eos_model):
+    from kogpt2.generation import generate
+
+    model, tok = eos_model
+    greedy = generate(model, tok, ["이때"], GenerationConfig(strategy="greedy"))[0]
+    assert (greedy.finish_reason, greedy.new_tokens, greedy.new_ids, greedy.continuation) == (
+        "eos",
+        1,
+        (tok.eos_id,),
+        "",
+    )
+
+    cfg = GenerationConfig(num_samples=12, max_new_tokens=15, top_p=1.0)
+    batch = generate(model, tok, PROMPTS[:2], cfg)  # 24 rows finishing at different steps
+    reasons = {s.finish_reason for s in batch}
+    assert reasons == {"eos", "length"}
+    for s in batch:
+        if s.finish_reason == "eos":
+            assert s.new_ids[-1] == tok.eos_id and tok.eos_id not in s.new_ids[:-1] and s.new_tokens < 15
+        else:
+            assert s.new_tokens == 15 and tok.eos_id not in s.new_ids
+    alone = [
+        generate(model, tok, [s.prompt], GenerationConfig(max_new_tokens=15, top_p=1.0, num_samples=12), batch_size=1)
+        for s in batch[:1]
+    ]
+    assert [s.text for s in alone[0]] == [s.text for s in batch[:12]]
+
+
+def test_long_prompts_are_cut_from_the_left_with_a_warning(tiny):
+    from kogpt2.generation import generate
+
+    model, tok = tiny
+    long_prompt = " ".join(make_sentences(12))
+    cfg = GenerationConfig(strategy="greedy", max_new_tokens=200)  # tiny model: 256 positions -> 56 prompt tokens
+    with pytest.warns(UserWarning, match="1 of 2 prompts are longer than 56 tokens.*cut from the left"):
+        cut, short = generate(model, tok, [long_prompt, "이때"], cfg)
+    assert cut.truncated and cut.prompt_tokens == 56 and not short.truncated
+    assert make_sentences(12)[-1].split()[-1] in cut.text and make_sentences(1)[0] not in cut.text
+    with pytest.raises(ValueError, match="max_new_tokens=300"):
+        generate(model, tok, ["이때"], GenerationConfig(max_new_tokens=300))
+
+
+def test_bfloat16_generation_runs(tiny):
+    from kogpt2.generation import generate
+
+    model, tok = tiny
+    out = generate(model, tok, PROMPTS[:2], GenerationConfig(strategy="greedy", max_new_tokens=5), dtype="bfloat16")
+    assert [s.new_tokens for s in out] == [5, 5]
+
+
+# -- CLI ------------------------------------------------------------------------------------
+
+
+def test_cli_prints_one_line_per_sample_and_greedy_repeats(tiny_model_dir, capsys):
+    from kogpt2.cli import main
+
+    argv = ["generate", "--model", str(tiny_model_dir), "이때", "그날", "--greedy", "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines() == first
+    assert len(first) == 2 and first[0].startswith("이때") and first[1].startswith("그날")
+
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "이때",
+                "--num-samples",
+                "3",
+                "--top-k",
+                "20",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_cli_rejects_greedy_with_sampling_flags(tiny_model_dir, capsys):
+    from kogpt2.cli import main
+
+    assert main(["generate", "--model", str(tiny_model_dir), "이때", "--greedy", "--top-p", "0.9"]) == 2
+    assert "--greedy cannot be combined with --top-p" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_model_dir), "이때", "--top-p", "2"]) == 2
+    assert "top_p=2.0" in capsys.readouterr().err
