@@ -78,12 +78,14 @@ AUTO_SHARD_BYTES = 128 << 20
 MAX_AUTO_SHARDS = 1000
 #: A sorted run is merged with at most this many others at once (open files per task).
 MAX_FANIN = 64
-_RECORD_HEADER = struct.Struct(">HI")  # key length, payload length
-_ITEM_OVERHEAD = 120  # bytes of Python objects per buffered (key, payload) pair
+#: Sorted-run records: a 20-byte sort key, a 4-byte big-endian payload length, the payload.
+#: Sorting the raw record bytes sorts by key (ties, equal keys, by length and payload: a total order).
+KEY_LEN = 20
+_RECORD_OVERHEAD = 48  # bytes of Python object per buffered record
 FINGERPRINT_METHOD = (
     "sha256 over the lines 'shard name<TAB>sha256 of its records' of every train/validation shard, "
-    "sorted by name; a shard's sha256 runs over each serialized tf.train.Example in file order, "
-    "prefixed by its 8-byte little-endian length (independent of gzip)"
+    "sorted by name; a shard's sha256 runs over its serialized tf.train.Example records concatenated "
+    "in file order (self-delimiting protos; independent of gzip and TFRecord framing)"
 )
 
 
@@ -294,26 +296,35 @@ class ReadLines(beam.DoFn):
 # --- cleaning --------------------------------------------------------------------------
 
 
-def _rejected_record(
-    path: str, start: int, index: int, exc: UnicodeDecodeError, raw: bytes
-) -> tuple[str, bytes, bytes]:
-    """A spill item for ``rejected-*.jsonl``, sorted by file and line; the line number is resolved at write time."""
-    key = path.encode("utf-8") + b"\0" + struct.pack(">QQ", start, index)
+def run_record(key: bytes, payload: bytes) -> bytes:
+    """One sorted-run record: ``key`` (KEY_LEN bytes) + payload length + payload."""
+    return key + len(payload).to_bytes(4, "big") + payload
+
+
+def record_payload(record: bytes) -> bytes:
+    """The payload of a :func:`run_record`."""
+    return record[KEY_LEN + 4 :]
+
+
+def _rejected_record(file_index: int, path: str, start: int, index: int, exc: UnicodeDecodeError, raw: bytes) -> bytes:
+    """A run record for ``rejected-*.jsonl``, sorted by file and line; the line number is resolved at write time."""
+    key = struct.pack(">IQQ", file_index, start, index)
     payload = {"file": path, "start": start, "index": index, "reason": str(exc), "raw": textlib.escape_bytes(raw)}
-    return REJECTED_FILE, key, json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    return run_record(key, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
 
 
 class CleanLines(beam.DoFn):
     """Decode, normalize, split sentences and filter a batch of lines.
 
     Main output: a list of texts, or with ``dedup`` a list of ``(text, (path, start, index, sentence))``.
-    ``rejected`` output: lists of spill items. ``stats`` output: count dicts.
+    ``rejected`` output: ``{rejected file name: [run records]}``. ``stats`` output: count dicts.
     """
 
     REJECTED = "rejected"
     STATS = "stats"
 
-    def __init__(self, config: PreprocessConfig):
+    def __init__(self, config: PreprocessConfig, files: Sequence[str]):
+        self.file_index = {path: i for i, path in enumerate(files)}
         self.encoding = config.encoding
         self.min_chars = config.min_chars
         self.split = config.split_sentences
@@ -324,43 +335,53 @@ class CleanLines(beam.DoFn):
 
     def process(self, element: tuple[str, int, int, list[bytes]]) -> Iterator[Any]:
         path, start, first, lines = element
-        stats: Counter[str] = Counter()
+        rejected: list[bytes] = []
         out: list[Any] = []
-        rejected = []
+        empty = too_short = kept = candidates = split_total = split_short = 0
+        encoding, min_chars, split, dedup = self.encoding, self.min_chars, self.split, self.dedup
         for index, raw in enumerate(lines, first):
             try:
-                line = textlib.decode_line(raw, self.encoding, file_start=start == 0 and index == 0)
+                line = textlib.decode_line(raw, encoding, file_start=start == 0 and index == 0)
             except UnicodeDecodeError as exc:
-                stats["rejected"] += 1
-                rejected.append(_rejected_record(path, start, index, exc, raw))
+                file_index = self.file_index.get(path, len(self.file_index))
+                rejected.append(_rejected_record(file_index, path, start, index, exc, raw))
                 continue
             norm = textlib.normalize_text(line)
             if not norm:
-                stats["filtered.empty"] += 1
+                empty += 1
                 continue
-            if self.split:
+            if split:
                 sentences = textlib.split_sentences(norm)
-                good = [s for s in sentences if textlib.filter_reason(s, self.min_chars) is None]
-                stats["sentences.split"] += len(sentences)
-                stats["sentences.too_short"] += len(sentences) - len(good)
+                good = [s for s in sentences if textlib.filter_reason(s, min_chars) is None]
+                split_total += len(sentences)
+                split_short += len(sentences) - len(good)
             else:
-                good = [norm] if textlib.filter_reason(norm, self.min_chars) is None else []
+                good = [norm] if textlib.filter_reason(norm, min_chars) is None else []
             if not good:
-                stats["filtered.too_short"] += 1
+                too_short += 1
                 continue
-            stats["sentences.candidates"] += len(good)
-            if self.dedup:
-                stats["dedup.candidate_lines"] += 1
+            kept += 1
+            candidates += len(good)
+            if dedup:
                 out.extend((s, (path, start, index, j)) for j, s in enumerate(good))
             else:
-                stats["kept"] += 1
                 out.extend(good)
+        stats = {
+            "rejected": len(rejected),
+            "filtered.empty": empty,
+            "filtered.too_short": too_short,
+            # with dedup, a line is kept only if one of its sentences survives Dedup
+            "dedup.candidate_lines" if dedup else "kept": kept,
+            "sentences.candidates": candidates,
+            "sentences.split": split_total,
+            "sentences.too_short": split_short,
+        }
         self.counters.add(stats)
         if out:
             yield out
         if rejected:
-            yield beam.pvalue.TaggedOutput(self.REJECTED, rejected)
-        yield beam.pvalue.TaggedOutput(self.STATS, dict(stats))
+            yield beam.pvalue.TaggedOutput(self.REJECTED, {REJECTED_FILE: rejected})
+        yield beam.pvalue.TaggedOutput(self.STATS, stats)
 
 
 class Dedup(beam.PTransform):
@@ -420,7 +441,8 @@ class Tokenize(beam.DoFn):
 class MakeExamples(beam.DoFn):
     """Assign split and shard by the text hash; fit, pad and serialize (or keep whole for packing).
 
-    Main output: lists of spill items ``(shard file name, sort key, payload)``. ``stats`` output.
+    Main output: ``{shard file name: [run records]}`` per batch, keyed by the text hash and
+    window index. ``stats`` output.
     """
 
     STATS = "stats"
@@ -438,41 +460,38 @@ class MakeExamples(beam.DoFn):
         self.counters = _Counters()
 
     def process(self, batch: list[tuple[bytes, list[int]]]) -> Iterator[Any]:
-        tokens = {"train": 0, "validation": 0}
-        unks = {"train": 0, "validation": 0}
-        sequences = {"train": 0, "validation": 0}
+        # Per split (0 = train, 1 = validation): tokens, <unk> tokens, sequences.
+        tokens, unks, sequences = [0, 0], [0, 0], [0, 0]
         overflowed = 0
-        items = []
-        max_len, unk, pad_id, names = self.max_len, self.unk_id, self.pad_id, self.names
+        items: dict[str, list[bytes]] = defaultdict(list)
+        max_len, unk, pad_id, packing = self.max_len, self.unk_id, self.pad_id, self.packing
+        names = (self.names["train"], self.names["validation"])
         for digest, framed in batch:
-            split = records.assign_split(digest, self.val_fraction)
-            shards = names[split]
-            name = shards[records.assign_shard(digest, len(shards))]
-            tokens[split] += len(framed) if self.packing or len(framed) <= max_len else 0
-            if self.packing:
-                items.append((name, digest, array("i", framed).tobytes()))
-                unks[split] += framed.count(unk)
+            v = records.SPLITS.index(records.assign_split(digest, self.val_fraction))
+            shards = names[v]
+            out = items[shards[records.assign_shard(digest, len(shards))] if len(shards) > 1 else shards[0]]
+            if packing:
+                out.append(run_record(digest + b"\0\0\0\0", array("i", framed).tobytes()))
+                tokens[v] += len(framed)
+                unks[v] += framed.count(unk)
                 continue
             if len(framed) <= max_len:
                 pieces = [framed]
             else:
                 overflowed += 1
                 pieces = records.fit(framed, max_len, self.overflow)
-                tokens[split] += sum(map(len, pieces))
-            sequences[split] += len(pieces)
+            sequences[v] += len(pieces)
             for k, piece in enumerate(pieces):
-                key = digest + k.to_bytes(4, "big")
-                items.append(
-                    (name, key, records.serialize_example(piece + [pad_id] * (max_len - len(piece)), len(piece)))
-                )
-                unks[split] += piece.count(unk)
+                n = len(piece)
+                example = records.serialize_example(piece + [pad_id] * (max_len - n) if n < max_len else piece, n)
+                out.append(digest + k.to_bytes(4, "big") + len(example).to_bytes(4, "big") + example)
+                tokens[v] += n
+                unks[v] += piece.count(unk)
         stats = {"truncated" if self.overflow == "truncate" else "windowed": overflowed}
-        for split in records.SPLITS:
-            stats.update(
-                {f"tokens.{split}": tokens[split], f"unk.{split}": unks[split], f"sequences.{split}": sequences[split]}
-            )
+        for v, split in enumerate(records.SPLITS):
+            stats.update({f"tokens.{split}": tokens[v], f"unk.{split}": unks[v], f"sequences.{split}": sequences[v]})
         self.counters.add(stats)
-        yield items
+        yield dict(items)
         yield beam.pvalue.TaggedOutput(self.STATS, stats)
 
 
@@ -486,35 +505,51 @@ def _ids_from_bytes(data: bytes) -> list[int]:
     return ids.tolist()
 
 
-def _write_records(f: Any, pairs: Iterable[tuple[bytes, bytes]]) -> tuple[int, int]:
-    """Write ``(key, payload)`` pairs in the run format; return (bytes, records) written."""
+def _write_records(f: Any, recs: Iterable[bytes]) -> tuple[int, int]:
+    """Write run records; return (bytes, records) written."""
     nbytes = count = 0
-    for key, payload in pairs:
-        data = _RECORD_HEADER.pack(len(key), len(payload)) + key + payload
-        f.write(data)
-        nbytes += len(data)
-        count += 1
-    return nbytes, count
+    chunk: list[bytes] = []
+    for rec in recs:
+        chunk.append(rec)
+        if len(chunk) == 4096:
+            data = b"".join(chunk)
+            f.write(data)
+            nbytes, count, chunk = nbytes + len(data), count + len(chunk), []
+    data = b"".join(chunk)
+    f.write(data)
+    return nbytes + len(data), count + len(chunk)
 
 
-def _read_records(ref: tuple[str, int, int, int]) -> Iterator[tuple[bytes, bytes]]:
-    """Stream the ``(key, payload)`` pairs of one sorted run section ``(path, offset, bytes, records)``."""
+def _read_records(ref: tuple[str, int, int, int], block: int = 1 << 20) -> Iterator[bytes]:
+    """Stream the records of one sorted run section ``(path, offset, bytes, records)``."""
     path, offset, nbytes, _ = ref
+    head = KEY_LEN + 4
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         f.seek(offset)
         left = nbytes
+        buf = b""
         while left > 0:
-            klen, plen = _RECORD_HEADER.unpack(f.read(_RECORD_HEADER.size))
-            key = f.read(klen)
-            payload = f.read(plen)
-            left -= _RECORD_HEADER.size + klen + plen
-            yield key, payload
+            chunk = f.read(min(left, block))
+            if not chunk:
+                raise OSError(f"{path}: sorted run ends {left} bytes early")
+            left -= len(chunk)
+            buf += chunk
+            pos, n = 0, len(buf)
+            while pos + head <= n:
+                end = pos + head + int.from_bytes(buf[pos + KEY_LEN : pos + head], "big")
+                if end > n:
+                    break
+                yield buf[pos:end]
+                pos = end
+            buf = buf[pos:]
+        if buf:
+            raise OSError(f"{path}: truncated record at the end of a sorted run")
 
 
 class SpillRuns(beam.DoFn):
-    """Buffer spill items per output file, sort them and write them as sorted runs.
+    """Buffer run records per output file, sort them and write them as sorted runs.
 
-    Output: ``(output file name, (run path, offset, bytes, records))`` per run section.
+    Input: ``{output file name: [run records]}``. Output: ``(output file name, (run path, offset, bytes, records))`` per run section.
     """
 
     def __init__(self, prefix: str, buffer_bytes: int):
@@ -522,13 +557,13 @@ class SpillRuns(beam.DoFn):
         self.buffer_bytes = buffer_bytes
 
     def start_bundle(self) -> None:
-        self.buffer: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
+        self.buffer: dict[str, list[bytes]] = defaultdict(list)
         self.size = 0
 
-    def process(self, items: list[tuple[str, bytes, bytes]]) -> Iterator[tuple[str, tuple[str, int, int, int]]]:
-        for name, key, payload in items:
-            self.buffer[name].append((key, payload))
-            self.size += len(key) + len(payload) + _ITEM_OVERHEAD
+    def process(self, items: dict[str, list[bytes]]) -> Iterator[tuple[str, tuple[str, int, int, int]]]:
+        for name, recs in items.items():
+            self.buffer[name].extend(recs)
+            self.size += sum(map(len, recs)) + _RECORD_OVERHEAD * len(recs)
         if self.size >= self.buffer_bytes:
             yield from self._flush()
 
@@ -544,9 +579,9 @@ class SpillRuns(beam.DoFn):
         sections = []
         with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             for name in sorted(self.buffer):
-                pairs = self.buffer[name]
-                pairs.sort()
-                nbytes, count = _write_records(f, pairs)
+                recs = self.buffer[name]
+                recs.sort()
+                nbytes, count = _write_records(f, recs)
                 sections.append((name, (path, offset, nbytes, count)))
                 offset += nbytes
         self.buffer = defaultdict(list)
@@ -579,12 +614,12 @@ class WriteShards(beam.DoFn):
             yield {"name": name, "split": "rejected", **self._write_rejected(path, stream, line_counts)}
             return
         if self.packing:
-            seqs = (_ids_from_bytes(payload) for _, payload in stream)
+            seqs = (_ids_from_bytes(record_payload(rec)) for rec in stream)
             examples: Iterable[bytes] = (
                 records.serialize_example(ids, n) for ids, n in records.pack(seqs, self.max_len, self.pad_id)
             )
         else:
-            examples = (payload for _, payload in stream)
+            examples = map(record_payload, stream)
         yield {"name": name, "split": name.split("-", 1)[0], **_write_tfrecord(path, examples)}
 
     def _reduce_fanin(self, refs: list[Any]) -> list[Any]:
@@ -600,9 +635,7 @@ class WriteShards(beam.DoFn):
         return refs
 
     @staticmethod
-    def _write_rejected(
-        path: str, stream: Iterable[tuple[bytes, bytes]], line_counts: list[tuple[str, int, int]]
-    ) -> dict[str, Any]:
+    def _write_rejected(path: str, stream: Iterable[bytes], line_counts: list[tuple[str, int, int]]) -> dict[str, Any]:
         before: dict[tuple[str, int], int] = {}
         by_file: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for file, start, n in line_counts:
@@ -617,8 +650,8 @@ class WriteShards(beam.DoFn):
         with FileSystems.create(
             path, mime_type="application/json", compression_type=CompressionTypes.UNCOMPRESSED
         ) as f:
-            for _, payload in stream:
-                rec = json.loads(payload)
+            for record in stream:
+                rec = json.loads(record_payload(record))
                 line = before[(rec["file"], rec["start"])] + rec["index"] + 1
                 out = {"file": rec["file"], "line": line, "reason": rec["reason"], "raw": rec["raw"]}
                 data = (json.dumps(out, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
@@ -639,12 +672,17 @@ def _write_tfrecord(path: str, examples: Iterable[bytes]) -> dict[str, Any]:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     digest = hashlib.sha256()
     count = 0
+    chunk: list[bytes] = []
     with tf.io.TFRecordWriter(target, options=tf.io.TFRecordOptions(compression_type="GZIP")) as writer:
         for data in examples:
             writer.write(data)
-            digest.update(struct.pack("<Q", len(data)))
-            digest.update(data)
-            count += 1
+            chunk.append(data)
+            if len(chunk) == 4096:
+                digest.update(b"".join(chunk))  # serialized Examples are self-delimiting
+                count += len(chunk)
+                chunk = []
+        digest.update(b"".join(chunk))
+        count += len(chunk)
     if not local:
         with open(target, "rb") as src, FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
@@ -655,25 +693,35 @@ def _write_tfrecord(path: str, examples: Iterable[bytes]) -> dict[str, Any]:
 # --- info.json -------------------------------------------------------------------------
 
 
-class SumCounts(beam.CombineFn):
-    """Sum count dicts key by key."""
+class CollectRun(beam.CombineFn):
+    """Gather what ``info.json`` needs: ``("counts", dict)`` summed key by key, ``("shard", dict)`` listed.
 
-    def create_accumulator(self) -> dict[str, int]:
-        return {}
+    Output: ``(counts, shard results sorted by name)``.
+    """
 
-    def add_input(self, acc: dict[str, int], counts: dict[str, int]) -> dict[str, int]:
-        for key, value in counts.items():
-            acc[key] = acc.get(key, 0) + value
+    def create_accumulator(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        return {}, []
+
+    def add_input(self, acc: tuple[dict[str, int], list[dict[str, Any]]], item: tuple[str, dict[str, Any]]) -> Any:
+        counts, shards = acc
+        kind, value = item
+        if kind == "counts":
+            for key, n in value.items():
+                counts[key] = counts.get(key, 0) + n
+        else:
+            shards.append(value)
         return acc
 
-    def merge_accumulators(self, accs: Iterable[dict[str, int]]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for acc in accs:
-            self.add_input(out, acc)
+    def merge_accumulators(self, accs: Iterable[Any]) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        out: tuple[dict[str, int], list[dict[str, Any]]] = ({}, [])
+        for counts, shards in accs:
+            self.add_input(out, ("counts", counts))
+            out[1].extend(shards)
         return out
 
-    def extract_output(self, acc: dict[str, int]) -> dict[str, int]:
-        return dict(sorted(acc.items()))
+    def extract_output(self, acc: tuple[dict[str, int], list[dict[str, Any]]]) -> Any:
+        counts, shards = acc
+        return dict(sorted(counts.items())), sorted(shards, key=lambda r: str(r["name"]))
 
 
 def summarize_counts(config: PreprocessConfig, stats: dict[str, int], shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -769,8 +817,9 @@ class WriteInfo(beam.DoFn):
         self.config = config
         self.plan = plan
 
-    def process(self, shards: list[dict[str, Any]], stats: dict[str, int]) -> Iterator[dict[str, Any]]:
-        info = build_info(self.config, self.plan, stats, sorted(shards, key=lambda r: r["name"]))
+    def process(self, collected: tuple[dict[str, int], list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+        stats, shards = collected
+        info = build_info(self.config, self.plan, stats, shards)
         counts = info["counts"]
         if self.config.dedup:
             _Counters().add({"kept": counts["kept"], "filtered.duplicate": counts["filtered"]["duplicate"]})
@@ -801,18 +850,17 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, plan: Plan | None
     prefix = join(config.output, f"{SPILL_PREFIX}{plan.run_id}-")
     ranges = (
         p
-        | "InputGlobs" >> beam.Create(list(config.inputs))
+        | "InputFiles" >> beam.Create(list(plan.files), reshuffle=False)  # the globs, matched at launch
         | "MatchFiles" >> fileio.MatchAll(fileio.EmptyMatchTreatment.DISALLOW)
         | "ReadMatches" >> fileio.ReadMatches(skip_directories=True)
         | "FileSizes" >> beam.Map(lambda f: (f.metadata.path, f.metadata.size_in_bytes))
-        | "DistinctFiles" >> beam.Distinct()
         | "PlanRanges" >> beam.FlatMapTuple(plan_ranges)
         | "SpreadRanges" >> beam.Reshuffle()
     )
     lines = ranges | "ReadLines" >> beam.ParDo(ReadLines(config.batch_size)).with_outputs(
         ReadLines.LINE_COUNTS, main="lines"
     )
-    cleaned = lines.lines | "Clean" >> beam.ParDo(CleanLines(config)).with_outputs(
+    cleaned = lines.lines | "Clean" >> beam.ParDo(CleanLines(config, plan.files)).with_outputs(
         CleanLines.REJECTED, CleanLines.STATS, main="texts"
     )
     stats = [lines.line_counts | "LinesRead" >> beam.Map(lambda c: {"lines_read": c[2]}), cleaned.stats]
@@ -826,23 +874,25 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, plan: Plan | None
         | "MakeExamples" >> beam.ParDo(MakeExamples(config, plan)).with_outputs(MakeExamples.STATS, main="items")
     )
     stats.append(examples.stats)
-    runs = (
-        (examples.items, cleaned.rejected)
-        | "AllRecords" >> beam.Flatten()
-        | "SpillSortedRuns" >> beam.ParDo(SpillRuns(prefix, int(config.spill_mb * (1 << 20))))
-    )
-    every_file = p | "OutputFiles" >> beam.Create([(name, None) for name in plan.all_names])
+    # Each spill step stays fused with its producer: a Flatten before it would make the
+    # FnApiRunner materialize every example in memory.
+    spill_bytes = int(config.spill_mb * (1 << 20))
+    example_runs = examples.items | "SpillSortedRuns" >> beam.ParDo(SpillRuns(prefix, spill_bytes))
+    rejected_runs = cleaned.rejected | "SpillRejected" >> beam.ParDo(SpillRuns(prefix, spill_bytes))
+    every_file = p | "OutputFiles" >> beam.Create([(name, None) for name in plan.all_names], reshuffle=False)
     written = (
-        (runs, every_file)
+        (example_runs, rejected_runs, every_file)
         | "WithEveryFile" >> beam.Flatten()
         | "GroupRuns" >> beam.GroupByKey()
         | "WriteShards" >> beam.ParDo(WriteShards(config, plan, prefix), beam.pvalue.AsList(lines.line_counts))
     )
-    totals = stats | "AllCounts" >> beam.Flatten() | "SumCounts" >> beam.CombineGlobally(SumCounts())
+    tagged = [pc | f"Tag{i}" >> beam.Map(lambda counts: ("counts", counts)) for i, pc in enumerate(stats)]
+    tagged.append(written | "TagShards" >> beam.Map(lambda shard: ("shard", shard)))
     return (
-        written
-        | "CollectShards" >> beam.combiners.ToList()
-        | "WriteInfo" >> beam.ParDo(WriteInfo(config, plan), beam.pvalue.AsSingleton(totals))
+        tagged
+        | "CountsAndShards" >> beam.Flatten()
+        | "CollectRun" >> beam.CombineGlobally(CollectRun()).without_defaults()
+        | "WriteInfo" >> beam.ParDo(WriteInfo(config, plan))
     )
 
 
