@@ -1,0 +1,310 @@
+"""``make demo``: the whole system on the bundled corpus, then a report.
+
+Stages (each timed, recorded in ``RUN/demo.json``; the first failure stops the run
+and says which stage failed and why):
+
+1. tokenizer   train SentencePiece on the corpus (or take ``--model``'s tokenizer)
+2. preprocess  Beam pipeline -> TFRecord shards + info.json
+3. before      bulk generation (greedy and top-p) with the untrained / original model
+4. train       the ``small`` preset from scratch for a bounded time, or fine-tune ``--model``
+5. after       bulk generation with the trained model
+6. report      RUN/report.html
+
+Usage: ``python -m pipelines.demo --run runs/demo [--model path/to/kogpt2_folder]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kogpt2 import tf_setup as _tf_setup  # noqa: F401  (TF_USE_LEGACY_KERAS first)
+
+
+def bundled(name: str) -> str:
+    """Path of a bundled data file (``corpus.txt``, ``seeds.txt``)."""
+    return str(resources.files("kogpt2") / "data" / name)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo runs. Defaults fit 15 minutes on 2 CPU cores."""
+
+    run: str = "runs/demo"
+    model: str | None = None
+    corpus: str = field(default_factory=lambda: bundled("corpus.txt"))
+    seeds: str = field(default_factory=lambda: bundled("seeds.txt"))
+    preset: str = "small"
+    vocab_size: int = 4000
+    max_len: int = 32
+    epochs: int = 10
+    batch_size: int = 16
+    learning_rate: float | None = None
+    train_seconds: float = 420.0
+    num_samples: int = 2
+    max_new_tokens: int = 40
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from kogpt2.model import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"DemoConfig.preset={self.preset!r}: must be one of {sorted(PRESETS)}")
+        for name in ("vocab_size", "max_len", "epochs", "batch_size", "num_samples", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DemoConfig.{name}={value!r}: must be a positive integer")
+        if not self.train_seconds > 0:
+            raise ValueError(f"DemoConfig.train_seconds={self.train_seconds!r}: must be > 0")
+        for name in ("corpus", "seeds"):
+            if not Path(getattr(self, name)).is_file():
+                raise ValueError(f"DemoConfig.{name}={getattr(self, name)!r}: file not found")
+        if self.model is not None and not Path(self.model).is_dir():
+            raise ValueError(f"DemoConfig.model={self.model!r}: not a model folder")
+
+    @property
+    def lr(self) -> float:
+        """Adam 1e-4 to fine-tune (as the notebook); a higher rate to train from scratch."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-4 if self.model else 1e-3
+
+
+class StageError(RuntimeError):
+    """A demo stage failed; the message names the stage."""
+
+
+class Demo:
+    """Runs the stages in order, timing and recording each in ``demo.json``."""
+
+    def __init__(self, config: DemoConfig):
+        self.config = config
+        self.run_dir = Path(config.run)
+        self.stages: list[dict[str, Any]] = []
+        self.evaluation: dict[str, Any] = {}
+        self.total = 6
+
+    def _record(self) -> None:
+        doc = {"config": asdict(self.config), "stages": self.stages, "evaluation": self.evaluation}
+        (self.run_dir / "demo.json").write_text(json.dumps(doc, ensure_ascii=False, indent=2), encoding="utf-8")
+
+    def stage(self, name: str, fn: Callable[[], str]) -> None:
+        n = len(self.stages) + 1
+        print(f"\n=== [{n}/{self.total}] {name} ===", flush=True)
+        start = time.monotonic()
+        entry: dict[str, Any] = {"name": name, "status": "running"}
+        self.stages.append(entry)
+        try:
+            detail = fn()
+        except BaseException as exc:
+            entry.update(status="failed", seconds=time.monotonic() - start, detail=f"{type(exc).__name__}: {exc}")
+            self._record()
+            raise StageError(f"stage {n}/{self.total} '{name}' failed: {type(exc).__name__}: {exc}") from exc
+        entry.update(status="ok", seconds=time.monotonic() - start, detail=detail)
+        self._record()
+        print(f"--- {name}: {detail} ({entry['seconds']:.0f} s)", flush=True)
+
+    # ------------------------------------------------------------------ stages
+
+    def tokenizer(self) -> str:
+        from kogpt2.tokenizer import load_tokenizer, train_tokenizer
+
+        if self.config.model:
+            tok = load_tokenizer(self.config.model)
+            self.tokenizer_path = str(tok.path)
+            return f"using {tok.path} (vocab {tok.vocab_size})"
+        tok = train_tokenizer([self.config.corpus], self.config.vocab_size, self.run_dir / "tokenizer")
+        self.tokenizer_path = str(tok.path)
+        return f"trained {tok.path} (vocab {tok.vocab_size})"
+
+    def preprocess(self) -> str:
+        from pipelines import preprocess
+
+        info = preprocess.run(
+            [
+                "--input",
+                self.config.corpus,
+                "--tokenizer",
+                self.tokenizer_path,
+                "--output",
+                str(self.run_dir / "data"),
+                "--max-len",
+                str(self.config.max_len),
+                "--val-fraction",
+                "0.1",
+                "--dedup",
+                "--overwrite",
+            ]
+        )
+        c = info["counts"]
+        return (
+            f"{c['lines_read']} lines read, {c['kept']} kept, {c['rejected']} rejected, "
+            f"examples train {c['examples']['train']} / validation {c['examples']['validation']}"
+        )
+
+    def initial_model(self) -> str:
+        """The model generated from before training: ``--model``, or the preset's random init."""
+        if self.config.model:
+            return self.config.model
+        from kogpt2.model import new_model, save_model
+        from kogpt2.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(self.tokenizer_path)
+        folder = self.run_dir / "init-model"
+        save_model(
+            new_model(self.config.preset, tok, seed=self.config.seed), tok, folder, {"steps": 0, "init": "random"}
+        )
+        return str(folder)
+
+    def evaluate(self, phase: str, model: str) -> str:
+        """Validation loss of ``model``, recorded under ``demo.json["evaluation"][phase]``."""
+        from kogpt2.evaluate import evaluate_model
+
+        result = evaluate_model(model, str(self.run_dir / "data"), "validation")
+        self.evaluation[phase] = result.to_dict()
+        return f"validation loss {result.loss:.3f}, perplexity {result.perplexity:.1f}"
+
+    def generate(self, phase: str, model: str) -> str:
+        from pipelines import generate
+
+        rows = 0
+        for strategy, flags in (
+            ("greedy", ["--greedy", "--num-samples", "1"]),
+            ("top_p", ["--top-p", "0.95", "--num-samples", str(self.config.num_samples)]),
+        ):
+            out = self.run_dir / "generations" / f"{phase}-{strategy}"
+            status = generate.run(
+                [
+                    "--model",
+                    model,
+                    "--seeds",
+                    self.config.seeds,
+                    "--output",
+                    str(out),
+                    "--max-new-tokens",
+                    str(self.config.max_new_tokens),
+                    "--seed",
+                    str(self.config.seed),
+                    "--overwrite",
+                    *flags,
+                ]
+            )
+            if status != 0:
+                raise RuntimeError(f"bulk generation into {out} exited with status {status}")
+            info = json.loads((out / "info.json").read_text(encoding="utf-8"))
+            rows += int(info["counts"]["rows"])
+        return f"{rows} samples written to {self.run_dir / 'generations'}/{phase}-*"
+
+    def train(self) -> str:
+        from kogpt2.training import TrainConfig, train
+
+        cfg = TrainConfig(
+            data=str(self.run_dir / "data"),
+            model=self.config.model or self.config.preset,
+            output=str(self.run_dir / "model"),
+            epochs=self.config.epochs,
+            batch_size=self.config.batch_size,
+            learning_rate=self.config.lr,
+            warmup_steps=0 if self.config.model else 50,
+            seed=self.config.seed,
+            max_seconds=self.config.train_seconds,
+            tokenizer=None if self.config.model else self.tokenizer_path,
+            overwrite=True,
+        )
+        result = train(cfg, progress=True)
+        after = self.evaluate("after", str(self.run_dir / "model"))
+        return f"{result.summary()}; {after}"
+
+    def report(self) -> str:
+        from kogpt2.report import build_report
+
+        return str(build_report(self.run_dir))
+
+    def run(self) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.stage("tokenizer", self.tokenizer)
+        self.stage("preprocess", self.preprocess)
+        holder: dict[str, str] = {}
+
+        def before() -> str:
+            holder["model"] = self.initial_model()
+            loss = self.evaluate("before", holder["model"])
+            return f"{loss}; {self.generate('before', holder['model'])}"
+
+        self.stage("generate before training", before)
+        self.stage("train", self.train)
+        self.stage("generate after training", lambda: self.generate("after", str(self.run_dir / "model")))
+        self.stage("report", self.report)
+        return self.run_dir / "report.html"
+
+
+def parse_args(argv: Sequence[str] | None) -> DemoConfig:
+    d = DemoConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default=d["run"].default, help="run folder (default runs/demo)")
+    p.add_argument("--model", help="a KoGPT2 folder to fine-tune instead of training a preset from scratch")
+    p.add_argument("--corpus", default=bundled("corpus.txt"), help="one sentence a line (default: bundled)")
+    p.add_argument("--seeds", default=bundled("seeds.txt"), help="seed words, one a line (default: bundled)")
+    p.add_argument("--preset", default=d["preset"].default, help="preset trained from scratch (default small)")
+    p.add_argument("--vocab-size", type=int, default=d["vocab_size"].default)
+    p.add_argument("--max-len", type=int, default=d["max_len"].default)
+    p.add_argument("--epochs", type=int, default=d["epochs"].default)
+    p.add_argument("--train-seconds", type=float, default=d["train_seconds"].default, help="training time budget")
+    p.add_argument("--num-samples", type=int, default=d["num_samples"].default, help="top-p samples per seed")
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"].default)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    return DemoConfig(
+        run=a.run,
+        model=a.model,
+        corpus=a.corpus,
+        seeds=a.seeds,
+        preset=a.preset,
+        vocab_size=a.vocab_size,
+        max_len=a.max_len,
+        epochs=a.epochs,
+        train_seconds=a.train_seconds,
+        num_samples=a.num_samples,
+        max_new_tokens=a.max_new_tokens,
+        seed=a.seed,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = parse_args(argv)
+    except ValueError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 2
+    start = time.monotonic()
+    try:
+        report = Demo(config).run()
+    except StageError as exc:
+        print(f"\ndemo: {exc}", file=sys.stderr)
+        return 1
+    run = Path(config.run)
+    print(f"\nDone in {time.monotonic() - start:.0f} s. Everything is in {run}/:")
+    for what, path in [
+        ("report", report),
+        ("tokenizer", run / "tokenizer"),
+        ("TFRecord shards + info.json", run / "data"),
+        ("trained model (load_model / from_pretrained)", run / "model"),
+        ("generations (Parquet)", run / "generations"),
+        ("stage timings", run / "demo.json"),
+    ]:
+        print(f"  {what:45s} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The main job end to end on a tiny corpus and the tiny preset, checked against its own files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_sentences
+
+from kogpt2.genstats import generation_stats
+
+SEEDS = ["그는", "마침내 그는", "그날 밤"]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_report_matches_run_files(tmp_path: Path) -> None:
+    from pipelines.demo import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(make_sentences(160)) + "\n\n", encoding="utf-8")  # a blank line gets filtered
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("\n".join(SEEDS) + "\n", encoding="utf-8")
+    run = tmp_path / "run"
+    argv = ["--run", str(run), "--corpus", str(corpus), "--seeds", str(seeds), "--preset", "tiny"]
+    argv += ["--vocab-size", "400", "--epochs", "3", "--train-seconds", "120", "--max-new-tokens", "8"]
+    argv += ["--num-samples", "2"]
+    assert main(argv) == 0
+
+    demo = json.loads((run / "demo.json").read_text(encoding="utf-8"))
+    assert [s["status"] for s in demo["stages"]] == ["ok"] * 6
+    summary = json.loads((run / "report.json").read_text(encoding="utf-8"))
+    info = json.loads((run / "data" / "info.json").read_text(encoding="utf-8"))
+    history = json.loads((run / "model" / "history.json").read_text(encoding="utf-8"))
+
+    # preprocessing counts in the report are the pipeline's own
+    assert summary["preprocess"] == info["counts"]
+    assert info["counts"]["lines_read"] == 161 and info["counts"]["filtered"]["empty"] == 1
+    # training figures are history.json's, and training lowered validation loss
+    assert summary["training"]["best_epoch"] == history["best_epoch"]
+    assert summary["evaluation"]["after"]["loss"] < summary["evaluation"]["before"]["loss"]
+    assert summary["evaluation"]["after"]["loss"] == pytest.approx(history["best_val_loss"], rel=1e-3)
+    # generation statistics are recomputed from the Parquet files; every seed, before and after
+    for name in ("before-greedy", "before-top_p", "after-greedy", "after-top_p"):
+        files = sorted((run / "generations" / name).glob("*.parquet"))
+        rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+        per_seed = 1 if name.endswith("greedy") else 2
+        assert sorted(r["seed"] for r in rows) == sorted(SEEDS * per_seed)
+        stats = generation_stats(
+            [r["continuation"] for r in rows], [r["new_tokens"] for r in rows], [r["finish_reason"] for r in rows]
+        )
+        assert summary["generations"][name] == pytest.approx(stats.as_dict())
+    page = (run / "report.html").read_text(encoding="utf-8")
+    for seed in SEEDS:
+        assert f"<td>{seed}</td>" in page
+
+
+def test_demo_config_rejects_bad_values(tmp_path: Path) -> None:
+    from pipelines.demo import DemoConfig
+
+    with pytest.raises(ValueError, match="DemoConfig.preset"):
+        DemoConfig(run=str(tmp_path), preset="huge")
+    with pytest.raises(ValueError, match="DemoConfig.corpus"):
+        DemoConfig(run=str(tmp_path), corpus=str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="DemoConfig.max_new_tokens"):
+        DemoConfig(run=str(tmp_path), max_new_tokens=0)
+
+
+def test_demo_stops_at_the_failing_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.demo import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(make_sentences(20)) + "\n", encoding="utf-8")
+    run = tmp_path / "run"
+    # vocab 10 is refused by the tokenizer trainer: stage 1 fails, nothing after it runs
+    assert main(["--run", str(run), "--corpus", str(corpus), "--vocab-size", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "stage 1/6 'tokenizer' failed" in err and "vocab_size" in err
+    demo = json.loads((run / "demo.json").read_text(encoding="utf-8"))
+    assert [s["status"] for s in demo["stages"]] == ["failed"]
