@@ -4,9 +4,10 @@
 
 Steps (each a labelled Beam transform):
 
-1. ``MatchFiles`` / ``ReadMatches`` the input globs (any Beam filesystem, ``gs://`` too), cut
-   each file into byte ranges (``PlanRanges``; gzip/bzip2 files are one range) and
-   ``ReadLines`` them as bytes, remembering file, range and line index.
+1. The input globs are matched when the command starts (any Beam filesystem, ``gs://`` too: an
+   empty glob fails before anything is written); ``MatchFiles`` / ``ReadMatches`` the files, cut
+   each into byte ranges (``PlanRanges``; gzip/bzip2 files are one range) and ``ReadLines`` them
+   as bytes, remembering file, range and line index.
 2. ``Clean``: decode (undecodable lines go to ``rejected-*.jsonl``), normalize, optionally
    split sentences, filter; optionally ``Dedup`` exact duplicates.
 3. ``Tokenize`` (tokenizer loaded in ``setup``): ``<s>`` + ids + ``</s>``.
@@ -66,8 +67,6 @@ from pipelines.common import (
     read_text,
     write_json,
 )
-
-log = logging.getLogger(__name__)
 
 NAMESPACE = "kogpt2.preprocess"
 INFO_FILE = "info.json"
@@ -667,7 +666,10 @@ def _write_tfrecord(path: str, examples: Iterable[bytes]) -> dict[str, Any]:
 
     tf = import_tf()
     local = FileSystems.get_scheme(path) in (None, "file")
-    target = path if local else tempfile.mkstemp(suffix=".tfrecord.gz")[1]
+    target = path
+    if not local:
+        fd, target = tempfile.mkstemp(suffix=".tfrecord.gz")
+        os.close(fd)
     if local:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     digest = hashlib.sha256()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import assert_that
 from conftest import REPO, make_sentences
 
@@ -211,12 +212,21 @@ def test_pipeline_filters_rejects_dedups_and_writes_shards(tmp_path: Path, tiny_
         assert c["filtered"] == {"empty": 2, "too_short": 1, "duplicate": 2}
         assert c["examples"]["train"] + c["examples"]["validation"] == 60
 
-    with test_pipeline as p:
-        assert_that(build_pipeline(p, config), check)
+    assert_that(build_pipeline(test_pipeline, config), check)
+    result = test_pipeline.run()
+    result.wait_until_finish()
 
     info = json.loads((out / "info.json").read_text())
     check_folder(out, info)
     check_accounting(info)
+    # Beam counters carry the same figures as info.json
+    query = result.metrics().query(MetricsFilter().with_namespace(preprocess.NAMESPACE))
+    counters = {m.key.metric.name: m.committed for m in query["counters"]}
+    c = info["counts"]
+    assert counters["lines_read"] == c["lines_read"] and counters["rejected"] == c["rejected"]
+    assert counters["kept"] == c["kept"] and counters["truncated"] == c["truncated"]
+    for reason, n in c["filtered"].items():
+        assert counters[f"filtered_{reason}"] == n
     train, val = read_split(out, info, "train"), read_split(out, info, "validation")
     assert as_counter(train + val) == expected_examples(tiny_tokenizer, sentences, 16)
     assert all(ids[0] == tiny_tokenizer.bos_id for ids, _ in train + val)
@@ -408,12 +418,18 @@ def test_window_overflow_keeps_every_token(tmp_path: Path, tiny_tokenizer, test_
     out = tmp_path / "out"
     out.mkdir()
     config = PreprocessConfig(
-        inputs=(str(src),), tokenizer=str(tiny_tokenizer.path), output=str(out), max_len=8, overflow="window"
+        inputs=(str(src),),
+        tokenizer=str(tiny_tokenizer.path),
+        output=str(out),
+        max_len=8,
+        overflow="window",
+        val_fraction=0.0,
     )
     with test_pipeline as p:
         build_pipeline(p, config)
     info = json.loads((out / "info.json").read_text())
-    examples = read_split(out, info, "train") + read_split(out, info, "validation")
+    assert info["shards"]["validation"] == [] and info["counts"]["examples"]["validation"] == 0
+    examples = read_split(out, info, "train")
     assert as_counter(examples) == expected_examples(tiny_tokenizer, sentences, 8, "window")
     assert info["counts"]["windowed"] == sum(len(tiny_tokenizer.encode(s)) + 2 > 8 for s in sentences) > 0
     assert info["counts"]["truncated"] == 0
