@@ -200,17 +200,34 @@ def _parse_batch(max_len: int) -> Any:
     return parse
 
 
-def _records(files: list[str], *, shuffle_files: bool, seed: Any, cycle_length: int = 8) -> Any:
+def _records(files: list[str], *, seed: Any = None, cycle_length: int = 8) -> Any:
+    """Serialized examples of ``files``, interleaved; file order permuted by ``seed`` ((2,) int64) if given."""
     tf = import_tf()
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle_files and len(files) > 1:
-        ds = ds.shuffle(len(files), seed=seed)
-    return ds.interleave(
+    names = tf.constant(files)
+    if seed is not None and len(files) > 1:
+        names = tf.random.experimental.stateless_shuffle(names, seed=seed)
+    return tf.data.Dataset.from_tensor_slices(names).interleave(
         lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP", buffer_size=1 << 20),
         cycle_length=max(1, min(cycle_length, len(files))),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
+
+
+def _window_shuffle(records: Any, window: int, seed: Any) -> Any:
+    """Shuffle within consecutive windows of ``window`` examples, statelessly from ``seed`` ((2,) int64).
+
+    Unlike ``Dataset.shuffle`` this takes a tensor seed without touching TensorFlow's global
+    seed, so each epoch's order is a pure function of ``(seed, epoch)``. A split smaller than
+    the window gets a uniform shuffle.
+    """
+    tf = import_tf()
+
+    def permute(index: Any, chunk: Any) -> Any:
+        window_seed = tf.stack([seed[0], seed[1] * 1_000_003 + index])  # (2,)
+        return tf.random.experimental.stateless_shuffle(chunk, seed=window_seed)
+
+    return records.batch(window).enumerate().map(permute).unbatch()
 
 
 def make_dataset(
@@ -229,8 +246,9 @@ def make_dataset(
     """A ``tf.data`` pipeline of ``(inputs, targets)`` batches over one split.
 
     Training datasets run epochs ``first_epoch .. epochs-1`` back to back; each epoch
-    shuffles its file order and its examples with a seed derived from ``(seed, epoch)``,
-    so a resumed run sees the same order as an uninterrupted one. Each epoch ends with
+    shuffles its file order and its examples (within windows of ``shuffle_buffer``)
+    statelessly from ``(seed, epoch)``, so a resumed run sees the same order as an
+    uninterrupted one, whatever TensorFlow's global seed. Each epoch ends with
     its own (possibly partial) batch: pass ``steps_per_epoch=shards.steps(...)`` to Keras.
 
     Args:
@@ -241,7 +259,7 @@ def make_dataset(
         seed: base shuffle seed.
         first_epoch: first epoch to produce (0-based), when resuming.
         epochs: epochs to produce up to (exclusive); ignored unless ``training``.
-        shuffle_buffer: examples in the shuffle buffer.
+        shuffle_buffer: examples per shuffle window.
         cache: keep raw records in memory after the first pass (default: when they are
             estimated under :data:`CACHE_LIMIT_BYTES`).
         drop_remainder: drop each epoch's last partial batch (static shapes, e.g. for XLA).
@@ -261,25 +279,20 @@ def make_dataset(
     if cache is None:
         cache = shards.num_examples(split) * (shards.max_len * 3 + 32) < CACHE_LIMIT_BYTES
     parse = _parse_batch(shards.max_len)
-    cached = _records(files, shuffle_files=False, seed=None).cache() if cache else None
+    cached = _records(files).cache() if cache else None
 
-    def one_epoch(epoch: int) -> Any:
-        epoch_seed = (seed * 1_000_003 + epoch) % (2**31 - 1) + 1  # per epoch, so a resumed run matches
-        if cached is not None:
-            records = cached
-        else:
-            records = _records(files, shuffle_files=training, seed=epoch_seed)
+    def one_epoch(epoch: Any) -> Any:
+        epoch_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])  # (2,): resumable order
+        records = cached if cached is not None else _records(files, seed=epoch_seed if training else None)
         if training:
-            records = records.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+            records = _window_shuffle(records, shuffle_buffer, epoch_seed)
         # Parse whole batches at once (vectorized), then shift.
         return records.batch(batch_size, drop_remainder=drop_remainder).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
 
     if training:
         if epochs <= first_epoch:
             raise ValueError(f"epochs={epochs}: must be greater than first_epoch={first_epoch}")
-        ds = one_epoch(first_epoch)
-        for epoch in range(first_epoch + 1, epochs):
-            ds = ds.concatenate(one_epoch(epoch))
+        ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
     else:
         ds = one_epoch(0)
     options = tf.data.Options()

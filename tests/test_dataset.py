@@ -20,6 +20,7 @@ from kogpt2.dataset import (
     shift_targets,
     synthetic_dataset,
 )
+from kogpt2.tf_setup import import_tf
 
 
 def _rows(ds) -> list[tuple[list[int], list[int]]]:
@@ -62,6 +63,9 @@ def test_training_order_is_seeded_per_epoch_and_resumable(tiny_shards: Path) -> 
     assert epochs[0] != epochs[1]  # reshuffled every epoch
     assert full == again and full != other
     assert resumed == epochs[2]  # a resumed run sees the order of an uninterrupted one
+    tf = import_tf()
+    tf.random.set_seed(0)  # TensorFlow's global seed plays no part in the order
+    assert _rows(make_dataset(shards, "train", 16, training=True, seed=3, epochs=3)) == full
 
 
 def test_uncached_pipeline_gives_the_same_examples(tiny_shards: Path) -> None:
