@@ -19,7 +19,7 @@ from conftest import REPO, make_sentences
 from kogpt2 import records
 from kogpt2.schemas import tf_feature_spec, validate_info
 from kogpt2.text import escape_bytes, normalize_text, split_sentences
-from pipelines import preprocess
+from pipelines import preprocess, sorted_shards, textio
 from pipelines.common import COMPLETED, is_completed
 from pipelines.preprocess import PreprocessConfig, build_pipeline, parse_args
 
@@ -76,7 +76,7 @@ def check_folder(out: Path, info: dict[str, Any]) -> None:
     names = {p.name for p in out.iterdir()}
     listed = set(info["shards"]["train"]) | set(info["shards"]["validation"])
     assert listed == {n for n in names if n.endswith(".tfrecord.gz")}
-    assert not [n for n in names if n.startswith(preprocess.SPILL_PREFIX)]
+    assert not [n for n in names if n.startswith(sorted_shards.SPILL_PREFIX)]
     assert is_completed(str(out))
     done = (out / COMPLETED).stat().st_mtime_ns
     assert all((out / n).stat().st_mtime_ns <= done for n in names)
@@ -146,9 +146,9 @@ def test_read_ranges_yield_every_line_once_in_order(tmp_path: Path) -> None:
     data = ("\r\n".join(lines[:100]) + "\r\n" + "\n".join(lines[100:])).encode()  # CRLF and LF, no final newline
     path = tmp_path / "lines.txt"
     path.write_bytes(data)
-    reader = preprocess.ReadLines(batch_size=17)
+    reader = textio.ReadLines(batch_size=17)
     reader.setup()
-    ranges = preprocess.plan_ranges(str(path), len(data), parts=13, min_bytes=100)
+    ranges = textio.plan_ranges(str(path), len(data), parts=13, min_bytes=100)
     assert len(ranges) == 13 and ranges[0][1] == 0 and ranges[-1][2] == len(data)
     got: list[tuple[int, int, bytes]] = []
     counts = {}
@@ -163,7 +163,7 @@ def test_read_ranges_yield_every_line_once_in_order(tmp_path: Path) -> None:
     assert sum(counts.values()) == len(lines)
     gz = tmp_path / "lines.txt.gz"
     gz.write_bytes(gzip.compress(data))
-    assert preprocess.plan_ranges(str(gz), gz.stat().st_size) == [(str(gz), 0, -1)]
+    assert textio.plan_ranges(str(gz), gz.stat().st_size) == [(str(gz), 0, -1)]
     whole = [o for o in reader.process((str(gz), 0, -1)) if isinstance(o, tuple)]
     assert [raw for *_, batch in whole for raw in batch] == [line.encode() for line in lines]
 
@@ -301,7 +301,7 @@ def test_reruns_and_two_workers_write_identical_shards(tmp_path: Path, tiny_toke
     assert shard_bytes(first) == reference
 
     # many tiny sorted runs merged in several rounds: same bytes
-    monkeypatch.setattr(preprocess, "MAX_FANIN", 2)
+    monkeypatch.setattr(sorted_shards, "MAX_FANIN", 2)
     assert (
         preprocess.main(argv(inputs, tiny_tokenizer, tiny_runs, *flags, "--spill-mb", "0.002", "--batch-size", "7"))
         == 0

@@ -1,0 +1,272 @@
+"""Deterministic shard writing through sorted runs: spill, merge, write.
+
+Each worker buffers run records per output file, sorts them by key and spills them as
+sorted runs to ``_spill-*`` files (:class:`SpillRuns`); one task per output file merges its
+runs, streaming, and writes the file (:class:`WriteShards`): a gzip TFRecord shard or the
+rejected-lines JSONL. The output is byte-identical whatever order the runner used, and
+memory stays flat because records never pass through an in-memory shuffle.
+
+A run record is a 20-byte sort key, a 4-byte big-endian payload length and the payload.
+Sorting the raw record bytes sorts by key (ties, equal keys, by length and payload: a total order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import os
+import shutil
+import tempfile
+import uuid
+from array import array
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows
+
+from kogpt2 import records
+from pipelines.common import join
+from pipelines.textio import REJECTED_FILE, write_rejected
+
+SPILL_PREFIX = "_spill-"
+#: A sorted run is merged with at most this many others at once (open files per task).
+MAX_FANIN = 64
+KEY_LEN = 20
+_RECORD_OVERHEAD = 48  # bytes of Python object per buffered record
+_CHUNK = 4096  # records joined per write
+
+#: A sorted run section: (run file path, offset, bytes, records).
+RunRef = tuple[str, int, int, int]
+
+
+# --- run records -----------------------------------------------------------------------
+
+
+def run_record(key: bytes, payload: bytes) -> bytes:
+    """One sorted-run record: ``key`` (KEY_LEN bytes) + payload length + payload."""
+    return key + len(payload).to_bytes(4, "big") + payload
+
+
+def record_payload(record: bytes) -> bytes:
+    """The payload of a :func:`run_record`."""
+    return record[KEY_LEN + 4 :]
+
+
+def ids_payload(ids: Sequence[int]) -> bytes:
+    """Token ids as a run record payload (native int32 bytes)."""
+    return array("i", ids).tobytes()
+
+
+def ids_from_payload(data: bytes) -> list[int]:
+    """The token ids of an :func:`ids_payload`."""
+    ids = array("i")
+    ids.frombytes(data)
+    return ids.tolist()
+
+
+def spill_prefix(output: str, run_id: str) -> str:
+    """Where a run's sorted-run files go: ``output/_spill-RUNID-``."""
+    return join(output, f"{SPILL_PREFIX}{run_id}-")
+
+
+def delete_spills(output: str) -> None:
+    """Remove every ``_spill-*`` file from ``output``."""
+    spills = [m.path for m in FileSystems.match([join(output, SPILL_PREFIX + "*")])[0].metadata_list]
+    if spills:
+        FileSystems.delete(spills)
+
+
+# --- sorted run files ------------------------------------------------------------------
+
+
+def _chunks(items: Iterable[bytes]) -> Iterator[list[bytes]]:
+    """``items`` in lists of up to _CHUNK."""
+    chunk: list[bytes] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == _CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _create_run(prefix: str) -> tuple[str, Any]:
+    """A new sorted-run file: its path and the open file."""
+    path = f"{prefix}{uuid.uuid4().hex}.runs"
+    return path, FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+def _write_records(f: Any, recs: Iterable[bytes]) -> tuple[int, int]:
+    """Write run records; return (bytes, records) written."""
+    nbytes = count = 0
+    for chunk in _chunks(recs):
+        data = b"".join(chunk)
+        f.write(data)
+        nbytes, count = nbytes + len(data), count + len(chunk)
+    return nbytes, count
+
+
+def _read_records(ref: RunRef, block: int = 1 << 20) -> Iterator[bytes]:
+    """Stream the records of one sorted run section ``(path, offset, bytes, records)``."""
+    path, offset, nbytes, _ = ref
+    head = KEY_LEN + 4
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.seek(offset)
+        left = nbytes
+        buf = b""
+        while left > 0:
+            chunk = f.read(min(left, block))
+            if not chunk:
+                raise OSError(f"{path}: sorted run ends {left} bytes early")
+            left -= len(chunk)
+            buf += chunk
+            pos, n = 0, len(buf)
+            while pos + head <= n:
+                end = pos + head + int.from_bytes(buf[pos + KEY_LEN : pos + head], "big")
+                if end > n:
+                    break
+                yield buf[pos:end]
+                pos = end
+            buf = buf[pos:]
+        if buf:
+            raise OSError(f"{path}: truncated record at the end of a sorted run")
+
+
+def _merge(refs: Sequence[RunRef]) -> Iterator[bytes]:
+    return heapq.merge(*(_read_records(r) for r in refs))
+
+
+def merge_runs(refs: Sequence[RunRef], prefix: str) -> Iterator[bytes]:
+    """The records of sorted runs, merged in order.
+
+    More than MAX_FANIN runs are first merged in groups into new runs under ``prefix``
+    (bounded open files).
+    """
+    refs = list(refs)
+    while len(refs) > MAX_FANIN:
+        merged = []
+        for i in range(0, len(refs), MAX_FANIN):
+            path, f = _create_run(prefix)
+            with f:
+                nbytes, count = _write_records(f, _merge(refs[i : i + MAX_FANIN]))
+            merged.append((path, 0, nbytes, count))
+        refs = merged
+    return _merge(refs)
+
+
+# --- DoFns -----------------------------------------------------------------------------
+
+
+class SpillRuns(beam.DoFn):
+    """Buffer run records per output file, sort them and write them as sorted runs.
+
+    Input: ``{output file name: [run records]}``. Output: ``(output file name, (run path, offset, bytes, records))`` per run section.
+    """
+
+    def __init__(self, prefix: str, buffer_bytes: int):
+        self.prefix = prefix
+        self.buffer_bytes = buffer_bytes
+
+    def start_bundle(self) -> None:
+        self.buffer: dict[str, list[bytes]] = defaultdict(list)
+        self.size = 0
+
+    def process(self, items: dict[str, list[bytes]]) -> Iterator[tuple[str, RunRef]]:
+        for name, recs in items.items():
+            self.buffer[name].extend(recs)
+            self.size += sum(map(len, recs)) + _RECORD_OVERHEAD * len(recs)
+        if self.size >= self.buffer_bytes:
+            yield from self._flush()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        for out in self._flush():
+            yield GlobalWindows.windowed_value(out)
+
+    def _flush(self) -> Iterator[tuple[str, RunRef]]:
+        if not self.buffer:
+            return
+        path, f = _create_run(self.prefix)
+        offset = 0
+        sections = []
+        with f:
+            for name in sorted(self.buffer):
+                recs = self.buffer[name]
+                recs.sort()
+                nbytes, count = _write_records(f, recs)
+                sections.append((name, (path, offset, nbytes, count)))
+                offset += nbytes
+        self.buffer = defaultdict(list)
+        self.size = 0
+        yield from sections
+
+
+class WriteShards(beam.DoFn):
+    """Merge the sorted runs of one output file and write it (TFRecord shard or rejected JSONL).
+
+    Shard records hold serialized examples, or with ``packing`` token ids (:func:`ids_payload`)
+    packed into ``max_len`` blocks here; the rejected file's hold :func:`~pipelines.textio.rejected_entry` payloads.
+
+    Input: ``(file name, [run refs, or None])``; side input: the line counts of every range.
+    Output: ``{"name", "split", "examples", "sha256"}``.
+    """
+
+    def __init__(self, output: str, prefix: str, *, packing: bool, max_len: int, pad_id: int):
+        self.output = output
+        self.prefix = prefix
+        self.packing = packing
+        self.max_len = max_len
+        self.pad_id = pad_id
+
+    def process(
+        self, element: tuple[str, Iterable[Any]], line_counts: list[tuple[str, int, int]]
+    ) -> Iterator[dict[str, Any]]:
+        name, refs = element
+        stream = merge_runs(sorted(r for r in refs if r is not None), self.prefix)
+        path = join(self.output, name)
+        if name == REJECTED_FILE:
+            yield {"name": name, "split": "rejected", **write_rejected(path, map(record_payload, stream), line_counts)}
+            return
+        if self.packing:
+            seqs = (ids_from_payload(record_payload(rec)) for rec in stream)
+            examples: Iterable[bytes] = (
+                records.serialize_example(ids, n) for ids, n in records.pack(seqs, self.max_len, self.pad_id)
+            )
+        else:
+            examples = map(record_payload, stream)
+        yield {"name": name, "split": name.split("-", 1)[0], **write_tfrecord(path, examples)}
+
+
+def write_tfrecord(path: str, examples: Iterable[bytes]) -> dict[str, Any]:
+    """Write serialized examples as a GZIP TFRecord file (through a local file for remote paths).
+
+    Returns:
+        ``{"examples": count, "sha256": of the serialized examples concatenated}``.
+    """
+    from kogpt2.tf_setup import import_tf
+
+    tf = import_tf()
+    local = FileSystems.get_scheme(path) in (None, "file")
+    target = path
+    if not local:
+        fd, target = tempfile.mkstemp(suffix=".tfrecord.gz")
+        os.close(fd)
+    if local:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    digest = hashlib.sha256()
+    count = 0
+    with tf.io.TFRecordWriter(target, options=tf.io.TFRecordOptions(compression_type="GZIP")) as writer:
+        for chunk in _chunks(examples):
+            for data in chunk:
+                writer.write(data)
+            digest.update(b"".join(chunk))  # serialized Examples are self-delimiting
+            count += len(chunk)
+    if not local:
+        with open(target, "rb") as src, FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.remove(target)
+    return {"examples": count, "sha256": digest.hexdigest()}
