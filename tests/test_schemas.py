@@ -109,3 +109,11 @@ def test_wheel_ships_schemas_corpus_and_console_script(tmp_path: Path) -> None:
     assert "pipelines/common.py" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "kogpt2 = kogpt2.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def test_readme_tables_match_the_schemas() -> None:
+    from kogpt2.schemas import markdown_table
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert markdown_table("tfrecord_example") in readme
+    assert markdown_table("generations") in readme
