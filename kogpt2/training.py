@@ -277,6 +277,11 @@ def _load_tokenizer_for(config: TrainConfig, shards: ShardSet) -> tuple[Tokenize
     if config.model in PRESETS and not Path(config.model).exists():
         return _preset_tokenizer(config, shards), None
     folder = Path(config.model)
+    if not folder.is_dir():
+        raise ValueError(
+            f"--model {config.model}: neither a model folder nor a preset ({', '.join(PRESETS)}); "
+            "download hub models to a folder first"
+        )
     vocab = None
     if (folder / "config.json").is_file():
         vocab = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("vocab_size")
@@ -516,7 +521,7 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: list[Any] | 
     backup = out / BACKUP_DIR
     previous_policy = _set_precision(config.mixed_precision)
     try:
-        keras.utils.set_random_seed(config.seed)  # the shuffle order depends on it: same on resume
+        keras.utils.set_random_seed(config.seed)  # preset weights, dropout (the shuffle order is stateless)
         strategy = make_strategy(config.strategy)
         steps_per_epoch = shards.steps("train", config.batch_size)
         with strategy.scope():

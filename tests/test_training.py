@@ -257,6 +257,8 @@ def test_refusals(tmp_path: Path, tiny_shards: Path, tiny_tokenizer, tiny_model_
         train(_config(tiny_shards, finished, tiny_tokenizer), progress=False)
     with pytest.raises(ValueError, match="--tokenizer"):
         train(_config(tiny_shards, tmp_path / "o3", tiny_tokenizer, tokenizer=None), progress=False)
+    with pytest.raises(ValueError, match="neither a model folder nor a preset"):
+        train(_config(tiny_shards, tmp_path / "o3", tiny_tokenizer, model=str(tmp_path / "nope")), progress=False)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
 
 
