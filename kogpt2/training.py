@@ -277,6 +277,8 @@ def _load_tokenizer_for(config: TrainConfig, shards: ShardSet) -> tuple[Tokenize
     if config.model in PRESETS and not Path(config.model).exists():
         return _preset_tokenizer(config, shards), None
     folder = Path(config.model)
+    if config.tokenizer:
+        log.warning("--tokenizer %s is ignored: %s brings its own tokenizer", config.tokenizer, config.model)
     if not folder.is_dir():
         raise ValueError(
             f"--model {config.model}: neither a model folder nor a preset ({', '.join(PRESETS)}); "

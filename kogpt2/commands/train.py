@@ -75,7 +75,12 @@ def config_from_args(args: argparse.Namespace) -> object:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     from kogpt2.training import train
+
+    if not getattr(args, "verbose", False):  # absl logs a line per checkpoint shard at INFO
+        logging.getLogger("absl").setLevel(logging.WARNING)
 
     config = config_from_args(args)
     result = train(config, progress=not args.quiet)  # type: ignore[arg-type]
