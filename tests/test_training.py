@@ -210,10 +210,12 @@ def test_killed_run_resumes_to_the_full_epoch_count(tmp_path: Path, tiny_shards:
     assert rc == 0 and "best epoch" in stdout
 
 
-def test_time_budget_on_packed_shards(tmp_path: Path, tiny_tokenizer) -> None:
+def test_time_budget_on_packed_shards_with_the_tokenizer_beside_them(tmp_path: Path, tiny_tokenizer) -> None:
     texts = make_sentences(40)
     shards = write_test_shards(tmp_path / "packed", tiny_tokenizer, texts[:32], texts[32:], max_len=24, packing=True)
-    result = train(_config(shards, tmp_path / "out", tiny_tokenizer, epochs=5, max_seconds=0.01), progress=False)
+    shutil.copy(tiny_tokenizer.path, shards / "tokenizer.spiece")  # a preset finds the tokenizer beside the shards
+    config = _config(shards, tmp_path / "out", tiny_tokenizer, epochs=5, max_seconds=0.01, tokenizer=None)
+    result = train(config, progress=False)
     assert result.history["stopped_by_time"] and result.history["epochs_run"] == 1
     assert "time budget" in result.summary()
     load_model(tmp_path / "out")
