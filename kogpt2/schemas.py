@@ -133,6 +133,8 @@ def markdown_table(name: str) -> str:
     Args:
         name: ``tfrecord_example`` (features) or ``generations`` (Parquet columns).
     """
+    rows: list[tuple[str, ...]]
+    header: tuple[str, ...]
     if name == "tfrecord_example":
         rows = [
             (f"`{f['name']}`", f["dtype"], "[" + ", ".join(map(str, f["shape"])) + "]", f["description"])

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
@@ -68,6 +69,14 @@ def read_text(path: str) -> str:
     """Read a UTF-8 text file through Beam filesystems."""
     with FileSystems.open(path) as f:
         return f.read().decode("utf-8")
+
+
+def copy_file(source: str, destination: str) -> None:
+    """Copy one file between any Beam filesystems (local, ``gs://``, ...)."""
+    with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as src:
+        data = src.read()
+    with FileSystems.create(destination, compression_type=CompressionTypes.UNCOMPRESSED) as dst:
+        dst.write(data)
 
 
 def write_json(path: str, data: Any) -> None:

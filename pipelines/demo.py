@@ -43,7 +43,7 @@ class DemoConfig:
     seeds: str = field(default_factory=lambda: bundled("seeds.txt"))
     preset: str = "small"
     vocab_size: int = 4000
-    max_len: int = 32
+    max_len: int = 64
     epochs: int = 10
     batch_size: int = 16
     learning_rate: float | None = None
@@ -140,6 +140,7 @@ class Demo:
                 "--val-fraction",
                 "0.1",
                 "--dedup",
+                "--packing",
                 "--overwrite",
             ]
         )
@@ -215,7 +216,6 @@ class Demo:
             warmup_steps=0 if self.config.model else 50,
             seed=self.config.seed,
             max_seconds=self.config.train_seconds,
-            tokenizer=None if self.config.model else self.tokenizer_path,
             overwrite=True,
         )
         result = train(cfg, progress=True)

@@ -50,6 +50,7 @@ from kogpt2 import text as textlib
 from kogpt2.schemas import validate_info
 from pipelines.common import (
     OutputConflictError,
+    copy_file,
     create_pipeline,
     is_completed,
     join,
@@ -154,6 +155,8 @@ class Plan:
     tokenizer: dict[str, Any]
     shard_names: dict[str, tuple[str, ...]]
     run_id: str
+    #: a local copy of the tokenizer file, and the name it gets beside the shards
+    tokenizer_file: tuple[str, str] = ("", "")
 
     @property
     def all_names(self) -> list[str]:
@@ -180,7 +183,9 @@ def make_plan(config: PreprocessConfig) -> Plan:
     total = sum(files.values())
     counts = shard_counts(config, total)
     names = {s: tuple(records.shard_name(s, i, n) for i in range(n)) for s, n in counts.items()}
-    return Plan(tuple(sorted(files)), total, tok.describe(), names, uuid.uuid4().hex[:12])
+    return Plan(
+        tuple(sorted(files)), total, tok.describe(), names, uuid.uuid4().hex[:12], (str(tok.path), tok.canonical_name)
+    )
 
 
 def signature(config: PreprocessConfig, plan: Plan) -> dict[str, Any]:
@@ -493,6 +498,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = create_pipeline(pipeline_options(beam_args))
     build_pipeline(p, config, plan)
     prepare_output(config.output, signature(config, plan), overwrite=config.overwrite)
+    # the shards' tokenizer travels with them: `kogpt2 train --model small` finds it there
+    copy_file(plan.tokenizer_file[0], join(config.output, plan.tokenizer_file[1]))
     p.run().wait_until_finish()
     if not is_completed(config.output):
         raise RuntimeError(f"the pipeline finished but {config.output} has no COMPLETED marker")

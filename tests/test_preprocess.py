@@ -269,6 +269,10 @@ def test_cp949_corpus_and_undecodable_line(tmp_path: Path, tiny_tokenizer) -> No
     assert {tiny_tokenizer.decode(ids[:n]) for ids, n in examples} == set(sentences)
     (rejected,) = [json.loads(x) for x in (out / preprocess.REJECTED_FILE).read_text().splitlines()]
     assert rejected["line"] == 11 and rejected["raw"] == "\\x80\\x80 broken"
+    # the shards' tokenizer is copied beside them, so training a preset needs no --tokenizer
+    from kogpt2.tokenizer import load_tokenizer
+
+    assert load_tokenizer(out).fingerprint == tiny_tokenizer.fingerprint == info["tokenizer"]["fingerprint"]
 
 
 def test_reruns_and_two_workers_write_identical_shards(tmp_path: Path, tiny_tokenizer, monkeypatch) -> None:
