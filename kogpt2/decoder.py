@@ -3,17 +3,22 @@
 transformers' own TF ``generate`` re-concatenates the cache every step and computes
 logits for the whole prompt; on a CPU its sampling path sorts 50,000 logits per row
 and step. This decoder reads the weights of a ``TFGPT2LMHeadModel`` and runs two
-graph functions (traced once each; every shape is dynamic, so no retracing):
+graph functions, traced once each (every shape is dynamic):
 
 - ``prefill(ids, starts, capacity)``: the left-padded prompts ``(B, T)`` in one pass;
   fills the cache slots ``0 .. T-1`` and returns the last position's logits ``(B, V)``.
 - ``step(tokens, starts, slot)``: one new token per row; writes its key/value into
-  cache slot ``slot`` in place (``scatter_nd_update``) and returns logits ``(B, V)``.
+  cache slot ``slot`` in place and returns logits ``(B, V)``.
 
 Row ``b`` holds its prompt in slots ``starts[b] .. T-1``; its position ids count from
-``starts[b]``, so left padding changes nothing but the slots attended. Graph mode
-(oneDNN kernels) is used rather than XLA: on this CPU it measured faster for the step,
-much faster in bfloat16, and it needs no recompiles when shapes change.
+``starts[b]``, so left padding changes nothing but the slots attended.
+
+Measured on a 2-core AVX-512 CPU (KoGPT2 shape, batch 64): the dense layers run fastest
+in graph mode (oneDNN kernels; XLA was no faster in float32 and 2x slower in bfloat16),
+the cached attention fastest as one small XLA function per layer call (it updates the
+cache variables in place; graph-mode ``scatter_nd_update`` switches a variable to
+copy-on-read, and the batched matmul over the cache was 4x slower). The XLA attention
+compiles once per (batch, cache length) shape: prompt length buckets bound that.
 """
 
 from __future__ import annotations
@@ -38,21 +43,16 @@ class Decoder:
 
     Args:
         model: a built ``TFGPT2LMHeadModel`` (GPT-2 architecture).
-        dtype: ``float32`` or ``bfloat16`` (weights and cache; layer norms, softmax
-            and logits stay float32).
+        dtype: ``float32`` or ``bfloat16`` weights and matrix products (layer norms,
+            softmax, the key/value cache and the logits stay float32).
 
     Raises:
         ValueError: unknown dtype or an unsupported model configuration.
     """
 
-    def __init__(self, model: Any, dtype: str = "float32", attention: str = "auto", jit_step: bool = False) -> None:
+    def __init__(self, model: Any, dtype: str = "float32") -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
-        if attention == "auto":
-            attention = "xla" if dtype == "float32" else "graph"
-        if attention not in ("xla", "graph"):
-            raise ValueError(f"attention={attention!r}: must be auto, xla or graph")
-        self.attention = attention
         tf = import_tf()
         cfg = model.config
         act = getattr(cfg, "activation_function", "gelu_new")
@@ -69,14 +69,17 @@ class Decoder:
         self._approx_gelu = act != "gelu"
         self._eps = float(cfg.layer_norm_epsilon)
         self._dt = tf.bfloat16 if dtype == "bfloat16" else tf.float32
+        # The cache stays float32 in bfloat16 mode too: XLA's bfloat16 dots are slow on CPU.
+        self._cache_dt = tf.float32
         self._w = self._collect_weights(model)
         shape = tf.TensorShape(None)
-        empty = tf.zeros([0, self.n_head, 0, self.head_dim], self._dt)
+        empty = tf.zeros([0, self.n_head, 0, self.head_dim], self._cache_dt)
         self._k = [tf.Variable(empty, shape=shape, trainable=False) for _ in range(self.n_layer)]
         self._v = [tf.Variable(empty, shape=shape, trainable=False) for _ in range(self.n_layer)]
         self.lock = threading.Lock()
-        self.traces = 0  # graph traces: at most 3 for the decoder's lifetime (every shape is dynamic)
-        self.xla_compiles = 0  # XLA attention compiles: one per (batch, cache length) shape
+        self.traces = 0  # graph traces: prefill, step, row selection; once each (shapes are dynamic)
+        self._shapes: set[tuple[int, int]] = set()  # (batch, cache length) shapes stepped so far
+        self._capacity = 0
         i32 = tf.int32
         self._prefill = tf.function(
             self._prefill_fn,
@@ -90,7 +93,6 @@ class Decoder:
         self._select = tf.function(self._select_fn, input_signature=[tf.TensorSpec([None], i32)])
         self._step = tf.function(
             self._step_fn,
-            jit_compile=jit_step,
             input_signature=[
                 tf.TensorSpec([None], i32),  # tokens (B,)
                 tf.TensorSpec([None], i32),  # starts (B,)
@@ -159,13 +161,13 @@ class Decoder:
         # key j visible to query i: j <= i and j is a real token of the row
         visible = (slots[None, :] <= slots[:, None])[None] & (slots[None, None, :] >= starts[:, None, None])
         bias = tf.where(visible, 0.0, _NEG)[:, None]  # (B, 1, T, T)
-        pad = tf.zeros([batch, heads, capacity - length, hd], self._dt)
+        pad = tf.zeros([batch, heads, capacity - length, hd], self._cache_dt)
         for layer, k_var, v_var in zip(self._w["layers"], self._k, self._v, strict=True):
             qkv = self._dense(tf.reshape(self._ln(x, layer["ln1"]), [-1, emb]), layer["attn"])  # (B*T, 3E)
             qkv = tf.transpose(tf.reshape(qkv, [batch, length, 3, heads, hd]), [2, 0, 3, 1, 4])  # (3, B, H, T, D)
             q, k, v = qkv[0], qkv[1], qkv[2]
-            k_var.assign(tf.concat([k, pad], axis=2))  # (B, H, S, D)
-            v_var.assign(tf.concat([v, pad], axis=2))
+            k_var.assign(tf.concat([tf.cast(k, self._cache_dt), pad], axis=2))  # (B, H, S, D)
+            v_var.assign(tf.concat([tf.cast(v, self._cache_dt), pad], axis=2))
             scores = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) / math.sqrt(hd) + bias  # (B, H, T, T)
             att = tf.matmul(tf.cast(tf.nn.softmax(scores, axis=-1), self._dt), v)  # (B, H, T, D)
             att = tf.reshape(tf.transpose(att, [0, 2, 1, 3]), [-1, emb])  # (B*T, E)
@@ -189,34 +191,31 @@ class Decoder:
     def _make_attention(self) -> Any:
         """Cached attention of one layer for one new token per row: write its key/value, attend.
 
-        In ``xla`` mode one XLA function serves every layer (the cache variables are
-        arguments), compiled once per (batch, cache length) shape.
+        One XLA function serves every layer (the cache variables are arguments), compiled
+        once per (batch, cache length) shape. Every slot is read, masked as needed: reading
+        only the filled slots measured slower (the slice gets copied).
         """
         tf = import_tf()
         heads, hd = self.n_head, self.head_dim
 
         def attend(k_var: Any, v_var: Any, q: Any, k: Any, v: Any, starts: Any, slot: Any) -> Any:
             # q, k, v: (B, H, D); the cache variables: (B, H, S, D)
-            if self.attention == "xla":
-                self.xla_compiles += 1  # runs only when traced: one XLA compile per new shape
             batch = tf.shape(q)[0]
+            q, k, v = (tf.cast(t, self._cache_dt) for t in (q, k, v))
             bh = tf.stack(tf.meshgrid(tf.range(batch), tf.range(heads), indexing="ij"), axis=-1)  # (B, H, 2)
             where = tf.concat([bh, tf.fill([batch, heads, 1], slot)], axis=-1)  # (B, H, 3)
-            if self.attention == "xla":  # XLA aliases the variable buffers: updated in place
-                k_var.assign(tf.tensor_scatter_nd_update(k_var.read_value(), where, k))
-                v_var.assign(tf.tensor_scatter_nd_update(v_var.read_value(), where, v))
-            else:
-                k_var.scatter_nd_update(where, k)
-                v_var.scatter_nd_update(where, v)
-            keys, values = k_var.read_value(), v_var.read_value()
+            # XLA aliases the variable buffers: the cache is updated in place
+            k_var.assign(tf.tensor_scatter_nd_update(k_var.read_value(), where, k))
+            v_var.assign(tf.tensor_scatter_nd_update(v_var.read_value(), where, v))
+            keys, values = k_var.read_value(), v_var.read_value()  # (B, H, S, D)
             cols = tf.range(tf.shape(keys)[2])
             visible = (cols[None, :] >= starts[:, None]) & (cols[None, :] <= slot)  # (B, S)
             bias = tf.where(visible, 0.0, _NEG)[:, None, None, :]  # (B, 1, 1, S)
             scores = tf.cast(tf.matmul(q[:, :, None, :], keys, transpose_b=True), tf.float32) / math.sqrt(hd)
-            att = tf.matmul(tf.cast(tf.nn.softmax(scores + bias, axis=-1), self._dt), values)  # (B, H, 1, D)
-            return att[:, :, 0]
+            att = tf.matmul(tf.cast(tf.nn.softmax(scores + bias, axis=-1), self._cache_dt), values)  # (B, H, 1, D)
+            return tf.cast(att[:, :, 0], self._dt)
 
-        return tf.function(attend, jit_compile=True) if self.attention == "xla" else attend
+        return tf.function(attend, jit_compile=True)
 
     # -- public -------------------------------------------------------------------
     def prefill(self, ids: np.ndarray, starts: np.ndarray, capacity: int) -> np.ndarray:
@@ -234,13 +233,22 @@ class Decoder:
         if capacity > self.n_positions or capacity < ids.shape[1]:
             raise ValueError(f"capacity={capacity}: must be in [{ids.shape[1]}, n_positions={self.n_positions}]")
         out = self._prefill(tf.constant(ids, tf.int32), tf.constant(starts, tf.int32), tf.constant(capacity, tf.int32))
+        self._capacity = capacity
         return np.array(out)
 
     def step(self, tokens: np.ndarray, starts: np.ndarray, slot: int) -> np.ndarray:
         """Feed one token per row at cache slot ``slot``; return ``(B, V)`` float32 next-token logits."""
         tf = import_tf()
+        if not 0 <= slot < self._capacity:
+            raise ValueError(f"slot={slot}: must be in [0, {self._capacity}) (the cache filled by prefill)")
+        self._shapes.add((len(tokens), self._capacity))
         out = self._step(tf.constant(tokens, tf.int32), tf.constant(starts, tf.int32), tf.constant(slot, tf.int32))
         return np.array(out)
+
+    @property
+    def xla_compiles(self) -> int:
+        """XLA compiles of the attention so far: one per (batch, cache length) shape stepped."""
+        return len(self._shapes)
 
     def select_rows(self, rows: np.ndarray) -> None:
         """Keep only these batch rows of the cache (in this order), e.g. once others finished."""
@@ -257,6 +265,6 @@ class Decoder:
     def release(self) -> None:
         """Free the cache memory (the variables keep their graphs)."""
         tf = import_tf()
-        empty = tf.zeros([0, self.n_head, 0, self.head_dim], self._dt)
+        empty = tf.zeros([0, self.n_head, 0, self.head_dim], self._cache_dt)
         for var in self._k + self._v:
             var.assign(empty)

@@ -119,6 +119,28 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GenerateJob, list[str
     return job, beam_args
 
 
+_LOCAL_COPIES: dict[str, str] = {}
+
+
+def local_model_dir(path: str) -> str:
+    """A local folder holding the model folder ``path`` (copied once per process from ``gs://`` etc.)."""
+    if "://" not in path:
+        return path
+    if path not in _LOCAL_COPIES:
+        import tempfile
+
+        target = tempfile.mkdtemp(prefix="kogpt2-model-")
+        matches = FileSystems.match([join(path, "*")])[0].metadata_list
+        for m in matches:
+            name = m.path.rstrip("/").rsplit("/", 1)[-1]
+            with FileSystems.open(m.path) as src, open(os.path.join(target, name), "wb") as dst:
+                while chunk := src.read(1 << 24):
+                    dst.write(chunk)
+        log.info("copied model folder %s to %s (%d files)", path, target, len(matches))
+        _LOCAL_COPIES[path] = target
+    return _LOCAL_COPIES[path]
+
+
 # -- reading and validating seeds ---------------------------------------------------------
 
 
@@ -173,7 +195,7 @@ class ValidateSeeds(beam.DoFn):
     def setup(self) -> None:
         from kogpt2.tokenizer import load_tokenizer
 
-        self._tokenizer = load_tokenizer(self._model_dir)
+        self._tokenizer = load_tokenizer(local_model_dir(self._model_dir))
 
     def _reject(self, path: str, raw: Any, reason: str) -> beam.pvalue.TaggedOutput:
         self._rejected.inc()
@@ -269,7 +291,8 @@ class GeneratorHandler(ModelHandler):
         from kogpt2.generation import Generator
 
         started = time.perf_counter()
-        gen = Generator.from_folder(self._model_dir, dtype=self._dtype, batch_size=self._batch_size)
+        folder = local_model_dir(self._model_dir)
+        gen = Generator.from_folder(folder, dtype=self._dtype, batch_size=self._batch_size)
         log.info("loaded %s (%s) in %.1f s", self._model_dir, self._dtype, time.perf_counter() - started)
         return gen
 
@@ -392,8 +415,8 @@ def build_pipeline(p: beam.Pipeline, job: GenerateJob) -> dict[str, beam.PCollec
     n_positions = int(json.loads(read_text(join(job.model, "config.json")))["n_positions"])
     limit = max_prompt_tokens(n_positions, config.max_new_tokens)
     max_tokens = min(job.max_seed_tokens, limit) if job.max_seed_tokens else limit
-    model_fp = model_fingerprint(job.model)
-    tokenizer_fp = load_tokenizer(job.model).fingerprint
+    model_fp = model_fingerprint(local_model_dir(job.model))
+    tokenizer_fp = load_tokenizer(local_model_dir(job.model)).fingerprint
     handler = GeneratorHandler(
         job.model, config, batch_size=job.batch_size, dtype=job.dtype, share=job.share_model_across_processes
     )
@@ -443,7 +466,7 @@ def signature(job: GenerateJob) -> dict[str, Any]:
     return {
         "pipeline": "generate",
         "model": job.model,
-        "model_fingerprint": model_fingerprint(job.model),
+        "model_fingerprint": model_fingerprint(local_model_dir(job.model)),
         "seeds": list(job.seeds),
         "seed_column": job.seed_column,
         "config": job.config.describe(),
@@ -452,6 +475,17 @@ def signature(job: GenerateJob) -> dict[str, Any]:
         "num_shards": job.num_shards,
         "max_seed_tokens": job.max_seed_tokens,
     }
+
+
+def _show_progress() -> None:
+    """Make this module's INFO progress lines visible when nobody configured logging for them."""
+    if log.getEffectiveLevel() > logging.INFO and not any(getattr(h, "_kogpt2_progress", False) for h in log.handlers):
+        log.setLevel(logging.INFO)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._kogpt2_progress = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+        log.propagate = False
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -465,6 +499,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     import kogpt2
     from kogpt2.model import library_versions
 
+    _show_progress()
     job, beam_args = parse_args(argv)
     sig = signature(job)
     prepare_output(job.output, sig, overwrite=job.overwrite)
@@ -522,10 +557,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         f"({info['tokens_per_second']} tokens/s); output {job.output}"
     )
     log.info(summary)
-    print(summary, flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.exit(run())

@@ -134,3 +134,13 @@ def test_bad_flags_fail_before_running(tiny_model_dir, seeds_dir, tmp_path):
         run(argv(tiny_model_dir, seeds_dir, tmp_path / "x", "--greedy", "--top-k", "5"))
     with pytest.raises(FileNotFoundError, match="matches no file"):
         run(["--model", str(tiny_model_dir), "--seeds", str(tmp_path / "none*.txt"), "--output", str(tmp_path / "y")])
+
+
+def test_handler_options_reach_runinference():
+    from kogpt2.generation import GenerationConfig
+    from pipelines.generate import GeneratorHandler
+
+    handler = GeneratorHandler("m", GenerationConfig(), batch_size=16, dtype="float32", share=True)
+    assert handler.share_model_across_processes() is True
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 16, "max_batch_size": 16}
+    assert not GeneratorHandler("m", GenerationConfig(), batch_size=4, dtype="float32").share_model_across_processes()

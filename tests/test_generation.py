@@ -317,3 +317,16 @@ def test_cli_rejects_greedy_with_sampling_flags(tiny_model_dir, capsys):
     assert "--greedy cannot be combined with --top-p" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_model_dir), "이때", "--top-p", "2"]) == 2
     assert "top_p=2.0" in capsys.readouterr().err
+
+
+def test_compiles_are_bounded_by_length_buckets(tiny):
+    from kogpt2.generation import Generator
+
+    model, tok = tiny
+    gen = Generator(model, tok, batch_size=4)
+    cfg = GenerationConfig(strategy="greedy", max_new_tokens=5)
+    gen.generate(["이때", "그날"], cfg)
+    first = gen.compiles
+    gen.generate(["마침내 그는", "노인은"], cfg)  # other prompts, same length bucket and batch shape
+    gen.generate(["그날", "이때"], cfg)
+    assert gen.compiles == first == 3  # prefill + step traces, one XLA attention shape
