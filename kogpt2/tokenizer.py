@@ -14,6 +14,7 @@ import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 SPIECE_SUFFIXES = (".spiece", ".model")
 SPECIAL_PIECES = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
@@ -151,6 +152,19 @@ class Tokenizer(ABC):
         self.__dict__.update(other.__dict__)
 
 
+def _is_symbol(sp: Any, token_id: int) -> bool:
+    """A user-defined special piece such as ``<usr>``, ``<sys>``, ``<unused0>`` (not bytes, not ``<unk>``)."""
+    piece = sp.id_to_piece(token_id)
+    return (
+        len(piece) > 2
+        and piece[0] == "<"
+        and piece[-1] == ">"
+        and not sp.IsByte(token_id)
+        and token_id != sp.unk_id()
+        and piece[1:-1].replace("_", "").isalnum()
+    )
+
+
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model file (KoGPT2 v1's ``gpt2_kor_tokenizer.spiece``)."""
 
@@ -171,7 +185,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else sp.piece_to_id("</s>")
         self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.piece_to_id("<pad>")
         self.unk_id = sp.unk_id()
-        self._control = frozenset(i for i in range(sp.vocab_size()) if sp.is_control(i))
+        self._control = frozenset(i for i in range(sp.vocab_size()) if sp.is_control(i) or _is_symbol(sp, i))
 
     @property
     def vocab_size(self) -> int:

@@ -79,3 +79,24 @@ def test_demo_stops_at_the_failing_stage(tmp_path: Path, capsys: pytest.CaptureF
     assert "stage 1/6 'tokenizer' failed" in err and "vocab_size" in err
     demo = json.loads((run / "demo.json").read_text(encoding="utf-8"))
     assert [s["status"] for s in demo["stages"]] == ["failed"]
+
+
+@pytest.mark.slow
+def test_demo_fine_tunes_a_model_folder_like_the_notebook(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from pipelines.demo import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(make_sentences(120)) + "\n", encoding="utf-8")
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("그날 밤\n", encoding="utf-8")
+    run = tmp_path / "run"
+    argv = ["--run", str(run), "--model", str(tiny_model_dir), "--corpus", str(corpus), "--seeds", str(seeds)]
+    argv += ["--epochs", "2", "--max-new-tokens", "5", "--num-samples", "1"]
+    assert main(argv) == 0
+    demo = json.loads((run / "demo.json").read_text(encoding="utf-8"))
+    assert demo["stages"][0]["detail"].startswith("using ")  # the model's own tokenizer, nothing trained
+    assert not (run / "tokenizer").exists() and not (run / "init-model").exists()
+    history = json.loads((run / "model" / "history.json").read_text(encoding="utf-8"))
+    assert history["config"]["learning_rate"] == 1e-4 and history["config"]["batch_size"] == 16
+    assert demo["evaluation"]["before"]["model"] == str(tiny_model_dir)
+    assert demo["evaluation"]["after"]["loss"] < demo["evaluation"]["before"]["loss"]

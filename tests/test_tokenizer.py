@@ -34,6 +34,8 @@ def test_v1_tokenizer_facts(v1_tokenizer_path: Path) -> None:
     assert tok.vocab_size == 50000
     # specials are dropped and ㅋㅋ survives NFKC + decode
     assert tok.decode([tok.bos_id, *tok.encode("ㅋㅋ 웃겼다"), tok.eos_id, tok.pad_id]) == "ㅋㅋ 웃겼다"
+    # user-defined specials (<usr>=2, <sys>=4, <unused0>=6) are dropped too
+    assert tok.decode([2, *ids, 4, 6]) == "이때문에 일부 전문가들은"
 
 
 @pytest.mark.shared_data
@@ -67,6 +69,7 @@ def test_trained_tokenizer_has_kogpt2_special_ids(tiny_tokenizer, tiny_corpus: P
     tok = tiny_tokenizer
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id) == (0, 1, 3, 5)
     assert [tok.id_to_piece(i) for i in range(6)] == ["<s>", "</s>", "<usr>", "<pad>", "<sys>", "<unk>"]
+    assert tok.decode([2, *tok.encode("그날 밤"), 4]) == "그날 밤"
     line = tiny_corpus.read_text(encoding="utf-8").splitlines()[7]
     assert tok.decode(tok.encode(line)) == line
 
