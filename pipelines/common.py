@@ -79,6 +79,36 @@ def copy_file(source: str, destination: str) -> None:
         dst.write(data)
 
 
+_LOCAL_COPIES: dict[str, str] = {}
+
+
+def local_copy(path: str) -> str:
+    """A local path holding ``path``: itself when local, else a copy made once per process.
+
+    Remote files (``gs://.../tokenizer.spiece``) and folders (``gs://.../model``: the files
+    directly in it) are copied into a temporary folder, because tokenizers and TensorFlow
+    models are read from local files.
+    """
+    if FileSystems.get_scheme(path) in (None, "file"):
+        return path
+    if path not in _LOCAL_COPIES:
+        import os
+        import tempfile
+
+        target = tempfile.mkdtemp(prefix="kogpt2-")
+        inside = [p for p in list_folder(path.rstrip("/")) if not p.endswith("/")]
+        if inside:  # a folder
+            for remote in inside:
+                copy_file(remote, os.path.join(target, remote.rstrip("/").rsplit("/", 1)[-1]))
+            _LOCAL_COPIES[path] = target
+        else:
+            local = os.path.join(target, path.rstrip("/").rsplit("/", 1)[-1])
+            copy_file(path, local)
+            _LOCAL_COPIES[path] = local
+        log.info("copied %s to %s", path, _LOCAL_COPIES[path])
+    return _LOCAL_COPIES[path]
+
+
 def write_json(path: str, data: Any) -> None:
     """Write pretty, key-sorted UTF-8 JSON through Beam filesystems."""
     write_text(path, json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True) + "\n")

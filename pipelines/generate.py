@@ -35,6 +35,7 @@ from pipelines.common import (
     create_pipeline,
     expand_globs,
     join,
+    local_copy,
     mark_completed,
     pipeline_options,
     prepare_output,
@@ -119,28 +120,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GenerateJob, list[str
     return job, beam_args
 
 
-_LOCAL_COPIES: dict[str, str] = {}
-
-
-def local_model_dir(path: str) -> str:
-    """A local folder holding the model folder ``path`` (copied once per process from ``gs://`` etc.)."""
-    if "://" not in path:
-        return path
-    if path not in _LOCAL_COPIES:
-        import tempfile
-
-        target = tempfile.mkdtemp(prefix="kogpt2-model-")
-        matches = FileSystems.match([join(path, "*")])[0].metadata_list
-        for m in matches:
-            name = m.path.rstrip("/").rsplit("/", 1)[-1]
-            with FileSystems.open(m.path) as src, open(os.path.join(target, name), "wb") as dst:
-                while chunk := src.read(1 << 24):
-                    dst.write(chunk)
-        log.info("copied model folder %s to %s (%d files)", path, target, len(matches))
-        _LOCAL_COPIES[path] = target
-    return _LOCAL_COPIES[path]
-
-
 # -- reading and validating seeds ---------------------------------------------------------
 
 
@@ -195,7 +174,7 @@ class ValidateSeeds(beam.DoFn):
     def setup(self) -> None:
         from kogpt2.tokenizer import load_tokenizer
 
-        self._tokenizer = load_tokenizer(local_model_dir(self._model_dir))
+        self._tokenizer = load_tokenizer(local_copy(self._model_dir))
 
     def _reject(self, path: str, raw: Any, reason: str) -> beam.pvalue.TaggedOutput:
         self._rejected.inc()
@@ -291,7 +270,7 @@ class GeneratorHandler(ModelHandler):
         from kogpt2.generation import Generator
 
         started = time.perf_counter()
-        folder = local_model_dir(self._model_dir)
+        folder = local_copy(self._model_dir)
         gen = Generator.from_folder(folder, dtype=self._dtype, batch_size=self._batch_size)
         log.info("loaded %s (%s) in %.1f s", self._model_dir, self._dtype, time.perf_counter() - started)
         return gen
@@ -415,8 +394,8 @@ def build_pipeline(p: beam.Pipeline, job: GenerateJob) -> dict[str, beam.PCollec
     n_positions = int(json.loads(read_text(join(job.model, "config.json")))["n_positions"])
     limit = max_prompt_tokens(n_positions, config.max_new_tokens)
     max_tokens = min(job.max_seed_tokens, limit) if job.max_seed_tokens else limit
-    model_fp = model_fingerprint(local_model_dir(job.model))
-    tokenizer_fp = load_tokenizer(local_model_dir(job.model)).fingerprint
+    model_fp = model_fingerprint(local_copy(job.model))
+    tokenizer_fp = load_tokenizer(local_copy(job.model)).fingerprint
     handler = GeneratorHandler(
         job.model, config, batch_size=job.batch_size, dtype=job.dtype, share=job.share_model_across_processes
     )
@@ -466,7 +445,7 @@ def signature(job: GenerateJob) -> dict[str, Any]:
     return {
         "pipeline": "generate",
         "model": job.model,
-        "model_fingerprint": model_fingerprint(local_model_dir(job.model)),
+        "model_fingerprint": model_fingerprint(local_copy(job.model)),
         "seeds": list(job.seeds),
         "seed_column": job.seed_column,
         "config": job.config.describe(),

@@ -6,20 +6,16 @@ pure functions of :mod:`kogpt2.text` and :mod:`kogpt2.records`.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 
 from kogpt2 import records
 from kogpt2 import text as textlib
 from kogpt2.tokenizer import Tokenizer, load_tokenizer
+from pipelines.common import local_copy
 from pipelines.counters import Counters
 from pipelines.sorted_shards import ids_payload, run_record
 from pipelines.textio import REJECTED_FILE, rejected_entry
@@ -29,13 +25,8 @@ if TYPE_CHECKING:
 
 
 def open_tokenizer(path: str) -> Tokenizer:
-    """Load a tokenizer from a local path, or copy a remote file (``gs://...``) locally first."""
-    if FileSystems.get_scheme(path) in (None, "file"):
-        return load_tokenizer(path)
-    local = os.path.join(tempfile.mkdtemp(prefix="kogpt2-tok-"), path.rstrip("/").rsplit("/", 1)[-1])
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as src, open(local, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    return load_tokenizer(local)
+    """Load a tokenizer from a local path, or from a local copy of a remote file (``gs://...``)."""
+    return load_tokenizer(local_copy(path))
 
 
 # --- cleaning --------------------------------------------------------------------------
