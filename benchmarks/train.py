@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import kogpt2  # noqa: E402,F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from kogpt2 import records  # noqa: E402
 from kogpt2.tf_setup import import_keras, import_tf  # noqa: E402
 
 tf = import_tf()
@@ -73,17 +74,11 @@ def write_shards(
 ) -> Path:
     """A shard folder in the preprocessing format (all lines in ``train``, 1 line in ``validation``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    seqs = [[tokenizer.bos_id, *ids, tokenizer.eos_id] for ids in tokenizer.encode_batch(lines)]
-    rows: list[tuple[list[int], int]] = []
+    seqs = [records.frame(ids, tokenizer.bos_id, tokenizer.eos_id) for ids in tokenizer.encode_batch(lines)]
     if packing:
-        flat = [t for s in seqs for t in s]
-        for i in range(0, len(flat), max_len):
-            block = flat[i : i + max_len]
-            rows.append((block + [tokenizer.pad_id] * (max_len - len(block)), len(block)))
+        rows = list(records.pack(seqs, max_len, tokenizer.pad_id))
     else:
-        for s in seqs:
-            s = s[:max_len]
-            rows.append((s + [tokenizer.pad_id] * (max_len - len(s)), len(s)))
+        rows = [records.pad(records.truncate(s, max_len), max_len, tokenizer.pad_id) for s in seqs]
     splits = {"train": rows, "validation": rows[:1]}
     names: dict[str, list[str]] = {}
     for split, split_rows in splits.items():

@@ -124,19 +124,13 @@ def write_test_shards(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
+    from kogpt2 import records
+
     def examples(texts: list[str]) -> list[tuple[list[int], int]]:
-        seqs = [[tokenizer.bos_id, *tokenizer.encode(t), tokenizer.eos_id] for t in texts]
-        rows = []
+        seqs = [records.frame(tokenizer.encode(t), tokenizer.bos_id, tokenizer.eos_id) for t in texts]
         if packing:
-            flat = [i for s in seqs for i in s]
-            for start in range(0, len(flat), max_len):
-                block = flat[start : start + max_len]
-                rows.append((block + [tokenizer.pad_id] * (max_len - len(block)), len(block)))
-        else:
-            for s in seqs:
-                s = s[:max_len]
-                rows.append((s + [tokenizer.pad_id] * (max_len - len(s)), len(s)))
-        return rows
+            return list(records.pack(seqs, max_len, tokenizer.pad_id))
+        return [records.pad(records.truncate(s, max_len), max_len, tokenizer.pad_id) for s in seqs]
 
     digest = hashlib.sha256()
     shards: dict[str, list[str]] = {}
