@@ -1,7 +1,10 @@
 """Tokenizers: one interface over SentencePiece files and HF ``tokenizer.json``.
 
 Encoding is deterministic (never subword sampling) and NFKC-normalizes first, as
-the KoGPT2 SentencePiece normalizer does. Decoding joins pieces, drops special
+the KoGPT2 SentencePiece normalizer does. Text never encodes to a special id: a
+special-piece string typed in a corpus or a seed (``<usr>``, ``</s>``, ``<pad>``,
+``<unused0>``) is encoded as the plain characters it is made of; special ids come
+only from the code that frames examples (``<s>`` + ids + ``</s>``). Decoding joins pieces, drops special
 pieces and turns the conjoining jamo that NFKC produced (``ᄏ``) back into the
 compatibility jamo people type (``ㅋ``).
 """
@@ -12,7 +15,7 @@ import hashlib
 import shutil
 import unicodedata
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +155,75 @@ class Tokenizer(ABC):
         self.__dict__.update(other.__dict__)
 
 
+# --- SentencePiece model protos, edited on the wire (the generated protobuf module may not import) ---
+
+_UNUSED = 5  # ModelProto.SentencePiece.Type.UNUSED: never produced by encoding
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, value = value & 0x7F, value >> 7
+        out.append(b | 0x80 if value else b)
+        if not value:
+            return bytes(out)
+
+
+def _proto_fields(data: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
+    """Top-level protobuf fields: ``(number, wire type, raw field bytes, payload of a length-delimited field)``."""
+    pos = 0
+    while pos < len(data):
+        start = pos
+        key, pos = _read_varint(data, pos)
+        wire = key & 7
+        payload = b""
+        if wire == 0:
+            _, pos = _read_varint(data, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            n, pos = _read_varint(data, pos)
+            payload = data[pos : pos + n]
+            pos += n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire} at byte {start}")
+        if pos > len(data):
+            raise ValueError("truncated protobuf message")
+        yield key >> 3, wire, data[start:pos], payload
+
+
+def mark_pieces_unused(model_proto: bytes, ids: frozenset[int]) -> bytes:
+    """A copy of a SentencePiece ``ModelProto`` whose pieces ``ids`` have type UNUSED.
+
+    SentencePiece matches user-defined pieces (``<usr>``, ``<unused0>``) in raw text; an
+    UNUSED piece is never produced, so the text is segmented into ordinary pieces (or byte
+    fallback). Ids and every other piece are unchanged.
+    """
+    out = bytearray()
+    index = 0
+    for number, wire, raw, payload in _proto_fields(model_proto):
+        if number == 1 and wire == 2:  # repeated SentencePiece pieces = 1
+            if index in ids:
+                body = b"".join(r for n, _, r, _ in _proto_fields(payload) if n != 3) + bytes([3 << 3, _UNUSED])
+                raw = bytes([1 << 3 | 2]) + _varint(len(body)) + body
+            index += 1
+        out += raw
+    return bytes(out)
+
+
 def _is_symbol(sp: Any, token_id: int) -> bool:
     """A user-defined special piece such as ``<usr>``, ``<sys>``, ``<unused0>`` (not bytes, not ``<unk>``)."""
     piece = sp.id_to_piece(token_id)
@@ -186,6 +258,10 @@ class SentencePieceTokenizer(Tokenizer):
         self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.piece_to_id("<pad>")
         self.unk_id = sp.unk_id()
         self._control = frozenset(i for i in range(sp.vocab_size()) if sp.is_control(i) or _is_symbol(sp, i))
+        # Encoding runs on a copy where the special pieces text could match are UNUSED (control
+        # pieces never match text; <unk> stays: it is how unknown characters are spelled).
+        matchable = frozenset(i for i in self.special_ids if not sp.is_control(i) and i != self.unk_id)
+        self._encoder = spm.SentencePieceProcessor(model_proto=mark_pieces_unused(data, matchable)) if matchable else sp
 
     @property
     def vocab_size(self) -> int:
@@ -196,11 +272,11 @@ class SentencePieceTokenizer(Tokenizer):
         return self._control | {self.bos_id, self.eos_id, self.pad_id}
 
     def _encode_normalized(self, text: str) -> list[int]:
-        return list(self._sp.encode(text, enable_sampling=False))
+        return list(self._encoder.encode(text, enable_sampling=False))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         normalized = [normalize(t) for t in texts]
-        return [list(x) for x in self._sp.encode(normalized, enable_sampling=False)]
+        return [list(x) for x in self._encoder.encode(normalized, enable_sampling=False)]
 
     def _decode_ids(self, ids: list[int]) -> str:
         return str(self._sp.decode(ids))
@@ -244,13 +320,26 @@ class HFJsonTokenizer(Tokenizer):
             ids[role] = token_id
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = (ids["bos"], ids["eos"], ids["pad"], ids["unk"])
         self._vocab = self._tok.get_vocab_size(with_added_tokens=True)
+        added = self._tok.get_added_tokens_decoder()
+        # every added special token but <unk>, which is how unknown characters are spelled
+        specials = {int(i) for i, t in added.items() if t.special} | {self.bos_id, self.eos_id, self.pad_id}
+        self._special = frozenset(specials - {self.unk_id})
+        # typed "</s>" / "<pad>" are not matched as added tokens but go through the model as text
+        self._tok.encode_special_tokens = True
 
     @property
     def vocab_size(self) -> int:
         return int(self._vocab)
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return self._special
+
     def _encode_normalized(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+        ids = list(self._tok.encode(text, add_special_tokens=False).ids)
+        special = self._special
+        # A model vocabulary may itself hold a piece such as "</s>": never let text reach it.
+        return [self.unk_id if i in special else i for i in ids] if special.intersection(ids) else ids
 
     def _decode_ids(self, ids: list[int]) -> str:
         text = self._tok.decode(ids, skip_special_tokens=True)

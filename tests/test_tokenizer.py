@@ -143,3 +143,55 @@ def test_cli_train_tokenizer(tmp_path: Path, tiny_corpus: Path) -> None:
     tok = load_tokenizer(tmp_path / "tokenizer.spiece")
     assert tok.pad_id == 3
     assert main(["train-tokenizer", "--input", str(tmp_path / "none*.txt"), "--output", str(tmp_path)]) == 2
+
+
+# --- text never produces special ids (issue 10, item 2) --------------------------------
+
+#: Special-piece strings as they appear typed in corpora (strike-through markup, chat logs, templates).
+TYPED_SPECIALS = [
+    "<usr> 안녕 <sys>",
+    "<unused0>",
+    "a </s> b <pad> a",
+    "취소선 <s>가격</s> 할인",
+    "<unk> 와 <mask> 그리고 <s><s></s>",
+    "그는<usr>시장에서<sys>웃었다",
+]
+
+
+def _assert_plain(tok, text: str) -> None:
+    ids = tok.encode(text)
+    assert ids, text
+    assert not set(ids) & tok.special_ids, (text, ids, [tok.id_to_piece(i) for i in ids])
+    assert tok.decode(ids) == text  # the typed markup comes back as the text it was
+
+
+@pytest.mark.parametrize("text", TYPED_SPECIALS)
+def test_typed_special_pieces_encode_as_plain_text_trained(tiny_tokenizer, text: str) -> None:
+    assert {0, 1, 2, 3, 4} <= tiny_tokenizer.special_ids  # <usr>, <sys> count as special
+    _assert_plain(tiny_tokenizer, text)
+    assert tiny_tokenizer.encode_batch([text, "그날 밤"]) == [
+        tiny_tokenizer.encode(text),
+        tiny_tokenizer.encode("그날 밤"),
+    ]
+    # ordinary text encodes as before: the guard changes nothing else
+    assert tiny_tokenizer.decode(tiny_tokenizer.encode("그날 밤 시장에서")) == "그날 밤 시장에서"
+
+
+@pytest.mark.shared_data
+def test_typed_special_pieces_encode_as_plain_text_v1(v1_tokenizer_path: Path) -> None:
+    tok = load_tokenizer(v1_tokenizer_path)
+    assert 2 not in tok.encode("<usr> 안녕 <sys>") and 4 not in tok.encode("<usr> 안녕 <sys>")
+    assert 6 not in tok.encode("<unused0>")
+    for text in TYPED_SPECIALS:
+        _assert_plain(tok, text)
+    assert tok.encode("이때문에 일부 전문가들은") == [4499, 2592, 847, 4558]  # unchanged for plain text
+
+
+def test_typed_special_pieces_encode_as_plain_text_hf(tmp_path: Path, tiny_corpus: Path) -> None:
+    tok = load_tokenizer(_hf_tokenizer_folder(tmp_path, tiny_corpus))
+    assert {1, 2, 3, 4, 6} <= tok.special_ids  # every added special token, <usr>/<sys>/<mask> too
+    ids = tok.encode("a </s> b <pad> a")
+    assert 1 not in ids and 3 not in ids
+    for text in TYPED_SPECIALS:
+        assert not set(tok.encode(text)) & tok.special_ids, text
+    assert tok.decode(tok.encode("그는 시장에서 웃었다")) == "그는 시장에서 웃었다"
