@@ -25,6 +25,10 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 MAX_ATTEMPTS = 16
+#: Below this temperature, sampling is greedy: dividing float32 logits by a smaller one
+#: overflows to inf (and inf - inf is NaN), while the limit of softmax(x / T) as T -> 0
+#: is the argmax anyway.
+MIN_TEMPERATURE = 1e-4
 _BLOCK = 256
 _INT63 = (1 << 63) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -268,7 +272,8 @@ def select_tokens(
     Args:
         logits: ``(B, V)`` float32 logits.
         greedy: take the best token (ties: the lowest id).
-        temperature: divides the logits before sampling.
+        temperature: divides the logits before sampling; below :data:`MIN_TEMPERATURE`
+            the best token is taken (the limit of sampling as the temperature goes to 0).
         top_k: 0 = no cut.
         top_p: 1.0 = no cut.
         row_seeds: ``(B,)`` per-row seeds.
@@ -277,7 +282,7 @@ def select_tokens(
     Returns:
         ``(B,)`` int64 token ids.
     """
-    if greedy:
+    if greedy or temperature < MIN_TEMPERATURE:
         return np.argmax(logits, axis=1).astype(np.int64)
     x = logits / np.float32(temperature) if temperature != 1.0 else logits
     if 0 < top_k < x.shape[1]:

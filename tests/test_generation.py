@@ -120,6 +120,18 @@ def test_greedy_ties_and_tiny_cuts_pick_the_best_token():
         np.testing.assert_array_equal(got, best)
 
 
+def test_temperatures_too_small_for_float32_take_the_best_token():
+    # logits / 1e-39 overflows float32 to inf (and inf - inf to NaN): such a temperature means greedy
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(16, 300)) * 5).astype(np.float32)
+    seeds = np.arange(16, dtype=np.uint64)
+    best = np.argmax(logits, axis=1)
+    for t in (1e-39, 1e-20, 5e-5):
+        for kw in ({"top_k": 0, "top_p": 1.0}, {"top_k": 0, "top_p": 0.9}, {"top_k": 20, "top_p": 1.0}):
+            got = select_tokens(logits, greedy=False, temperature=t, row_seeds=seeds, step=3, **kw)
+            np.testing.assert_array_equal(got, best)
+
+
 # -- the decoder matches the transformers model ---------------------------------------------
 
 
