@@ -19,7 +19,7 @@ import math
 import time
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,7 +32,6 @@ from kogpt2.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("greedy", "sample")
-FINISH_REASONS = ("eos", "length")
 #: Padded prompt lengths; a batch is padded to the bucket of its longest prompt.
 PROMPT_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 DEFAULT_BATCH_SIZE = 64
@@ -117,6 +116,10 @@ class GenerationConfig:
         return asdict(self)
 
 
+class BatchFailedError(RuntimeError):
+    """Decoding a batch raised (see :meth:`Generator.stream_rows` to go on past failures)."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """One generated output.
@@ -144,6 +147,25 @@ class Sample:
     prompt_tokens: int
     truncated: bool
     new_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """One decoded batch of :meth:`Generator.stream_rows`.
+
+    Attributes:
+        rows: the ``(prompt, sample_index)`` rows this batch answers.
+        samples: one :class:`Sample` per row (empty when the batch failed).
+        new_tokens: tokens decoded (each decoded sequence counted once).
+        seconds: wall time of the batch.
+        error: ``"ExceptionType: message"`` when decoding raised, else None.
+    """
+
+    rows: list[tuple[str, int]]
+    samples: list[Sample]
+    new_tokens: int
+    seconds: float
+    error: str | None
 
 
 def prompt_bucket(length: int, limit: int) -> int:
@@ -191,7 +213,6 @@ class Generator:
         self.dtype = dtype
         self.batch_size = int(batch_size)
         self.n_positions = int(model.config.n_positions)
-        self.stats = {"rows": 0, "new_tokens": 0, "truncated": 0, "seconds": 0.0}
 
     @classmethod
     def from_folder(cls, path: str, *, dtype: str = "float32", batch_size: int = DEFAULT_BATCH_SIZE) -> Generator:
@@ -223,6 +244,29 @@ class Generator:
 
         Raises:
             ValueError: a prompt is not a string, or ``max_new_tokens`` does not fit the model.
+            BatchFailedError: decoding a batch raised (the first such error).
+        """
+        by_row: dict[tuple[str, int], Sample] = {}
+        for outcome in self.stream_rows(rows, config):
+            if outcome.error is not None:
+                raise BatchFailedError(f"a batch of {len(outcome.rows)} rows failed: {outcome.error}")
+            by_row.update(((s.prompt, s.sample_index), s) for s in outcome.samples)
+        return [by_row[(p, i)] for p, i in rows]
+
+    def run_rows(self, rows: Sequence[tuple[str, int]], config: GenerationConfig) -> list[BatchOutcome]:
+        """:meth:`stream_rows` as a list (what crosses a process boundary, for shared models)."""
+        return list(self.stream_rows(rows, config))
+
+    def stream_rows(self, rows: Sequence[tuple[str, int]], config: GenerationConfig) -> Iterator[BatchOutcome]:
+        """Decode ``rows`` in full, length-bucketed batches; yield each batch's outcome as it finishes.
+
+        Rows are sorted by prompt length, so every batch but the last of each length bucket
+        holds ``batch_size`` rows. A batch whose decoding raises yields its rows with the
+        error message (``samples`` empty) and the next batch goes on: callers decide what a
+        failure means. Duplicate rows are decoded once; greedy rows of one prompt too.
+
+        Raises:
+            ValueError: a prompt is not a string, or ``max_new_tokens`` does not fit the model.
         """
         limit = max_prompt_tokens(self.n_positions, config.max_new_tokens)
         tok = self.tokenizer
@@ -243,33 +287,36 @@ class Generator:
             warnings.warn(msg, stacklevel=2)
             log.warning(msg)
         # Greedy outputs do not depend on the sample index: decode each prompt once.
-        keys = [(p, 0 if config.greedy else i) for p, i in rows]
-        unique = sorted(set(keys), key=lambda k: (len(encoded[k[0]][0]), k))
-        seeds = {k: config.row_seed(*k) for k in unique}
-        results: dict[tuple[str, int], tuple[list[int], str]] = {}
-        started = time.perf_counter()
-        with self.decoder.lock:
-            for batch in self._batches(unique, encoded, limit):
-                batch_ids = [encoded[k[0]][0] for k in batch]
-                outs = _decode_batch(
-                    self.decoder, tok, batch_ids, np.array([seeds[k] for k in batch], np.uint64), config, limit
-                )
-                results.update(zip(batch, outs, strict=True))
-        elapsed = time.perf_counter() - started
-        samples = []
-        for (prompt, index), key in zip(rows, keys, strict=True):
-            prompt_ids, cut = encoded[prompt]
-            new, reason = results[key]
-            samples.append(
-                _make_sample(tok, prompt, index, prompt_ids, new, reason, config.row_seed(prompt, index), cut)
-            )
-        new_tokens = sum(len(results[k][0]) for k in unique)
-        self.stats["rows"] += len(rows)
-        self.stats["new_tokens"] += new_tokens
-        self.stats["truncated"] += n_cut
-        self.stats["seconds"] += elapsed
-        log.debug("generated %d rows, %d new tokens in %.2f s", len(unique), new_tokens, elapsed)
-        return samples
+        members: dict[tuple[str, int], list[tuple[str, int]]] = {}
+        for p, i in dict.fromkeys(rows):
+            members.setdefault((p, 0 if config.greedy else i), []).append((p, i))
+        unique = sorted(members, key=lambda k: (len(encoded[k[0]][0]), k))
+        for batch in self._batches(unique, encoded, limit):
+            started = time.perf_counter()
+            batch_rows = [r for k in batch for r in members[k]]
+            try:
+                with self.decoder.lock:
+                    outs = _decode_batch(
+                        self.decoder,
+                        tok,
+                        [encoded[k[0]][0] for k in batch],
+                        np.array([config.row_seed(*k) for k in batch], np.uint64),
+                        config,
+                        limit,
+                    )
+            except Exception as exc:  # noqa: BLE001 - reported per batch; the caller dead-letters the rows
+                log.warning("a batch of %d rows failed: %s: %s", len(batch_rows), type(exc).__name__, exc)
+                yield BatchOutcome(batch_rows, [], 0, time.perf_counter() - started, f"{type(exc).__name__}: {exc}")
+                continue
+            samples = []
+            for key, (new, reason) in zip(batch, outs, strict=True):
+                prompt_ids, cut = encoded[key[0]]
+                for prompt, index in members[key]:
+                    samples.append(
+                        _make_sample(tok, prompt, index, prompt_ids, new, reason, config.row_seed(prompt, index), cut)
+                    )
+            new_tokens = sum(len(new) for new, _ in outs)
+            yield BatchOutcome(batch_rows, samples, new_tokens, time.perf_counter() - started, None)
 
     def _batches(
         self, keys: list[tuple[str, int]], encoded: dict[str, tuple[list[int], bool]], limit: int

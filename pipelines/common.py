@@ -59,10 +59,43 @@ def join(folder: str, name: str) -> str:
     return FileSystems.join(folder, name)
 
 
+TEMP_PREFIX = ".tmp-"
+
+
+def temp_path(path: str) -> str:
+    """A unique temporary name beside ``path`` (``.tmp-<name>.<random>``), never matched by output globs."""
+    import uuid
+
+    folder, name = path.rsplit("/", 1) if "/" in path else ("", path)
+    return f"{folder}/{TEMP_PREFIX}{name}.{uuid.uuid4().hex[:12]}" if folder else f"{TEMP_PREFIX}{name}"
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, then rename it into place.
+
+    A reader (or a rerun) sees the old file or the whole new one, never a part.
+    """
+    tmp = temp_path(path)
+    with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(data)
+    commit_temp(tmp, path)
+
+
+def commit_temp(tmp: str, path: str) -> None:
+    """Rename a finished temporary file into place (replacing ``path`` if it exists)."""
+    if FileSystems.get_scheme(path) in (None, "file"):
+        import os
+
+        os.replace(tmp, path)  # atomic on POSIX, replaces
+        return
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+
+
 def write_text(path: str, text: str) -> None:
-    """Write a UTF-8 text file through Beam filesystems."""
-    with FileSystems.create(path) as f:
-        f.write(text.encode("utf-8"))
+    """Write a UTF-8 text file through Beam filesystems, atomically."""
+    write_atomic(path, text.encode("utf-8"))
 
 
 def read_text(path: str) -> str:
@@ -124,24 +157,34 @@ def list_folder(folder: str) -> list[str]:
     return sorted(m.path for m in result.metadata_list)
 
 
-def prepare_output(folder: str, signature: dict[str, Any], *, overwrite: bool = False) -> None:
+def prepare_output(folder: str, signature: dict[str, Any], *, overwrite: bool = False, resume: bool = False) -> str:
     """Make ``folder`` ready for a run with ``signature``; never mix two runs' files.
 
     - empty or missing: created; ``run.json`` records the signature.
-    - holding a run with the same signature (complete or not): its files are removed,
-      so the rerun rewrites them (reruns reproduce).
+    - holding a run with the same signature: with ``resume``, its committed files are
+      kept (the run skips them) and only leftover temporary files are removed; without,
+      its files are removed, so the rerun rewrites them (reruns reproduce).
     - holding anything else: :class:`OutputConflictError`, unless ``overwrite``.
+
+    A lock file (``.lock``) is never counted as the folder's content.
 
     Args:
         folder: output folder (any Beam filesystem).
         signature: JSON-able description of inputs and flags that define the run.
         overwrite: remove whatever the folder holds.
+        resume: keep a same-signature run's files.
+
+    Returns:
+        ``"new"``, ``"resume"`` (a same-signature run's files kept) or ``"replace"``.
 
     Raises:
         OutputConflictError: the folder holds a different run's files.
     """
-    existing = list_folder(folder)
-    if existing and not overwrite:
+    from kogpt2.paths import LOCK_FILE
+
+    existing = [p for p in list_folder(folder) if p.rstrip("/").rsplit("/", 1)[-1] != LOCK_FILE]
+    same = False
+    if existing:
         run_path = join(folder, RUN_FILE)
         previous = None
         if run_path in existing or FileSystems.exists(run_path):
@@ -149,18 +192,56 @@ def prepare_output(folder: str, signature: dict[str, Any], *, overwrite: bool = 
                 previous = json.loads(read_text(run_path))
             except (OSError, ValueError):
                 previous = None
-        if previous != json.loads(json.dumps(signature)):
+        same = previous == json.loads(json.dumps(signature))
+        if not same and not overwrite:
             what = "a different run" if previous is not None else "files not written by this pipeline"
+            differ = ""
+            if isinstance(previous, dict):
+                keys = sorted(k for k in set(previous) | set(signature) if previous.get(k) != signature.get(k))
+                differ = f"; it differs in {', '.join(keys)}"
             raise OutputConflictError(
-                f"output folder {folder} already holds {what} ({len(existing)} files). "
+                f"output folder {folder} already holds {what} ({len(existing)} files{differ}). "
                 "Choose another --output, or pass --overwrite to replace its contents."
             )
+    if existing and same and resume:
+        leftovers = [p for p in existing if p.rstrip("/").rsplit("/", 1)[-1].startswith(TEMP_PREFIX)]
+        if leftovers:
+            FileSystems.delete(leftovers)
+        return "resume"
     if existing:
         log.info("clearing %d files of the previous run in %s", len(existing), folder)
         FileSystems.delete(existing)
     if not FileSystems.exists(folder):
         FileSystems.mkdirs(folder)
     write_json(join(folder, RUN_FILE), signature)
+    return "replace" if existing else "new"
+
+
+def file_sizes(paths: Sequence[str]) -> dict[str, list[int]]:
+    """``path -> [size in bytes, last modified (s)]`` per file: what changes when a file is edited."""
+    out: dict[str, list[int]] = {}
+    for m in FileSystems.match(list(paths)):
+        for meta in m.metadata_list:
+            out[meta.path] = [int(meta.size_in_bytes), int(getattr(meta, "last_updated_in_seconds", 0) or 0)]
+    return out
+
+
+def check_beam_args(beam_args: Sequence[str], ours: Sequence[str]) -> None:
+    """Refuse leftover arguments that Beam does not know either (Beam would drop them with a warning).
+
+    Args:
+        beam_args: what our parser did not consume.
+        ours: our option strings, for "did you mean".
+
+    Raises:
+        ValueError: naming each unknown option (and the closest of ours).
+    """
+    from kogpt2.flags import refuse_lookalikes
+
+    options = PipelineOptions(list(beam_args))
+    unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+    flagged = [a for a in beam_args if a.startswith("--") and a.split("=", 1)[0][2:].replace("-", "_") in unknown]
+    refuse_lookalikes(flagged, ours)
 
 
 def mark_completed(folder: str) -> None:
@@ -173,17 +254,17 @@ def is_completed(folder: str) -> bool:
     return bool(FileSystems.exists(join(folder, COMPLETED)))
 
 
-def expand_globs(patterns: Sequence[str]) -> list[str]:
+def expand_globs(patterns: Sequence[str], *, flag: str = "--input") -> list[str]:
     """Expand file globs through Beam filesystems, sorted and de-duplicated.
 
     Raises:
-        FileNotFoundError: a pattern matches no file (names the pattern).
+        FileNotFoundError: a pattern matches no file (names the flag and the pattern).
     """
     found: set[str] = set()
     for pattern in patterns:
         matches = FileSystems.match([pattern])[0].metadata_list
         files = [m.path for m in matches if not m.path.endswith("/")]
         if not files:
-            raise FileNotFoundError(f"--input {pattern!r} matches no file")
+            raise FileNotFoundError(f"{flag} {pattern!r} matches no file")
         found.update(files)
     return sorted(found)

@@ -1,14 +1,29 @@
-"""Bulk generation with Beam: seed words in, Parquet generations out.
+"""Bulk generation with Beam: seed words in, Parquet generations out, resumable.
 
     python -m pipelines.generate --model DIR --seeds PATH_OR_GLOB --output DIR \\
         [--greedy | --top-k K --top-p P --temperature T] [--num-samples N] [any Beam option]
 
-Steps: read seeds (``.txt`` one per line, ``.csv`` / ``.jsonl`` / ``.parquet`` with
-``--seed-column``) -> validate each seed (empty, undecodable or over-long seeds go to
-``rejected-*.jsonl`` with their reason, before any batching) -> one row per (seed,
-sample index) -> RunInference with :class:`GeneratorHandler` (the model is loaded once
-per worker) -> rows sorted by (seed, sample_index) into Parquet shards chosen by a hash,
-so a rerun with the same flags writes identical Parquet -> ``info.json`` -> ``COMPLETED``.
+The job's skeleton (the same as preprocessing's):
+
+1. **parse and validate** every flag and input (seed globs, the model folder, the
+   generation budget against the model's positions) before the output is touched;
+2. **plan**: hash the weights and the tokenizer once, record the seed files' sizes;
+3. **prepare the output**: refuse a folder that holds another run or overlaps an input;
+   keep the committed units of an interrupted run with the same flags (a resume);
+4. **build the pipeline**: read seeds (``.txt`` one per line, ``.csv`` / ``.jsonl`` /
+   ``.parquet`` with ``--seed-column``) -> validate each (empty, undecodable or over-long
+   seeds become dead letters with their reason) -> key every seed and dead letter by a
+   stable hash into a **work unit** -> per unit, in one fused step: skip it if its file
+   is committed, else generate its rows in full length-bucketed batches, write its Parquet
+   file under a temporary name and rename it (the commit) -> one last step counts every
+   unit, checks that no row is missing and writes ``info.json`` and ``COMPLETED``;
+5. **report**: the launcher waits and prints the summary; it writes nothing the run needs,
+   so a detached or templated Dataflow run leaves a finished folder too.
+
+A unit is one output file: ``generations-UUUUU-of-NNNNN.parquet`` (rows sorted by seed,
+sample index), beside ``rejected-UUUUU-of-NNNNN.jsonl`` when some of its seeds were
+rejected, and ``failed-UUUUU-of-NNNNN.jsonl`` when a batch of its rows raised (the unit is
+then not committed: the command exits 1 and a rerun redoes just those units).
 """
 
 from __future__ import annotations
@@ -19,38 +34,58 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import sys
 import time
+import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from pipelines.common import (
+    COMPLETED,
+    RUN_FILE,
+    TEMP_PREFIX,
+    OutputConflictError,
+    check_beam_args,
+    commit_temp,
     create_pipeline,
     expand_globs,
+    file_sizes,
+    is_completed,
     join,
+    list_folder,
     local_copy,
-    mark_completed,
     pipeline_options,
     prepare_output,
     read_text,
+    temp_path,
     write_json,
+    write_text,
 )
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "kogpt2_generate"
 FORMATS = {".txt": "text", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
-STATS_FILE = "_stats.json"
 INFO_FILE = "info.json"
-PARQUET_PATTERN = "generations-{shard:05d}-of-{num_shards:05d}.parquet"
-REJECTED_PATTERN = "rejected-{shard:05d}-of-{num_shards:05d}.jsonl"
+PARQUET_PATTERN = "generations-{unit:05d}-of-{units:05d}.parquet"
+REJECTED_PATTERN = "rejected-{unit:05d}-of-{units:05d}.jsonl"
+FAILED_PATTERN = "failed-{unit:05d}-of-{units:05d}.jsonl"
+#: Parquet footer key holding a unit's counts, so a resumed run counts committed units without reading rows.
+UNIT_STATS_KEY = b"kogpt2.unit_stats"
+#: Default target of rows per output file (and per work unit: the resume granularity).
+DEFAULT_ROWS_PER_FILE = 5000
+ROW_GROUP_ROWS = 2048
+
+
+# -- 1. parse and validate -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -64,63 +99,185 @@ class GenerateJob:
     seed_column: str = "seed"
     batch_size: int = 64
     dtype: str = "float32"
-    num_shards: int = 1
+    num_shards: int = 0  # 0: from --rows-per-file
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE
     max_seed_tokens: int = 0  # 0: the model's positions minus max_new_tokens
     share_model_across_processes: bool = False
+    progress_seconds: float = 30.0
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "num_shards"):
+        for name in ("batch_size", "rows_per_file"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)}: must be >= 1")
+        if self.num_shards < 0:
+            raise ValueError(f"--num-shards={self.num_shards}: must be >= 0 (0 = from --rows-per-file)")
         if self.max_seed_tokens < 0:
             raise ValueError(f"--max-seed-tokens={self.max_seed_tokens}: must be >= 0 (0 = the model's limit)")
+        if not self.progress_seconds > 0:
+            raise ValueError(f"--progress-seconds={self.progress_seconds}: must be > 0")
         for path in self.seeds:
             if os.path.splitext(path)[1].lower() not in FORMATS:
                 raise ValueError(f"--seeds file {path}: unknown format; use one of {sorted(FORMATS)}")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """Our flags; every ``--a-b`` also answers to ``--a_b``."""
+    from kogpt2.commands.generate import add_sampling_arguments
+    from kogpt2.flags import add_underscore_spellings
+
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.generate", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="model folder (local or gs://)")
+    p.add_argument("--seeds", action="append", required=True, metavar="GLOB", help="seed files (repeatable)")
+    p.add_argument("--output", required=True, metavar="DIR", help="output folder (local or gs://)")
+    p.add_argument("--seed-column", default="seed", help="column / key of .csv, .jsonl, .parquet seeds")
+    p.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=DEFAULT_ROWS_PER_FILE,
+        metavar="N",
+        help=f"target rows per Parquet file, one work unit each (default {DEFAULT_ROWS_PER_FILE})",
+    )
+    p.add_argument("--num-shards", type=int, default=0, metavar="N", help="exact number of files (overrides)")
+    p.add_argument("--max-seed-tokens", type=int, default=0, help="reject longer seeds (0 = model limit)")
+    p.add_argument("--progress-seconds", type=float, default=30.0, metavar="S", help="log progress every S s")
+    p.add_argument(
+        "--share-model-across-processes",
+        action="store_true",
+        help="one model per machine shared by all worker processes (big models)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a different run's files in --output")
+    add_sampling_arguments(p)
+    add_underscore_spellings(p)
+    return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[GenerateJob, list[str]]:
     """Split our flags from Beam's (``parse_known_args``) and validate them.
 
     Raises:
-        ValueError: an invalid flag value.
+        ValueError: an invalid flag value, or an option neither ours nor Beam's.
         FileNotFoundError: a ``--seeds`` pattern matches no file.
     """
-    from kogpt2.commands.generate import add_sampling_arguments, config_from_args
+    from kogpt2.commands.generate import config_from_args
+    from kogpt2.flags import our_flags
 
-    parser = argparse.ArgumentParser(prog="python -m pipelines.generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, metavar="DIR", help="model folder")
-    parser.add_argument("--seeds", action="append", required=True, metavar="GLOB", help="seed files (repeatable)")
-    parser.add_argument("--output", required=True, metavar="DIR", help="output folder (local or gs://)")
-    parser.add_argument("--seed-column", default="seed", help="column / key of .csv, .jsonl, .parquet seeds")
-    parser.add_argument("--num-shards", type=int, default=1, help="Parquet files to write (default 1)")
-    parser.add_argument("--max-seed-tokens", type=int, default=0, help="reject longer seeds (0 = model limit)")
-    parser.add_argument(
-        "--share-model-across-processes",
-        action="store_true",
-        help="one model per machine shared by all worker processes (big models)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a different run's files in --output")
-    add_sampling_arguments(parser)
+    parser = make_parser()
     args, beam_args = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    check_beam_args(beam_args, our_flags(parser))
     job = GenerateJob(
         model=args.model,
-        seeds=tuple(expand_globs(args.seeds)),
+        seeds=tuple(expand_globs(args.seeds, flag="--seeds")),
         output=args.output,
         config=config_from_args(args),
         seed_column=args.seed_column,
         batch_size=args.batch_size,
         dtype=args.dtype,
         num_shards=args.num_shards,
+        rows_per_file=args.rows_per_file,
         max_seed_tokens=args.max_seed_tokens,
         share_model_across_processes=args.share_model_across_processes,
+        progress_seconds=args.progress_seconds,
         overwrite=args.overwrite,
     )
     return job, beam_args
 
 
-# -- reading and validating seeds ---------------------------------------------------------
+# -- 2. plan ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GeneratePlan:
+    """What the job resolved from its inputs before anything runs.
+
+    Attributes:
+        n_positions: the model's context size.
+        max_seed_tokens: the longest seed accepted (``<s>`` included).
+        model_fingerprint: sha256 of the weights file (hashed once).
+        tokenizer_fingerprint: sha256 of the tokenizer file.
+        seed_files: ``path -> [bytes, mtime]`` of every seed file (a changed file is a different run).
+        started: launch time (seconds since the epoch), for ``wall_seconds``.
+    """
+
+    n_positions: int
+    max_seed_tokens: int
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    seed_files: dict[str, list[int]] = field(default_factory=dict)
+    started: float = 0.0
+
+
+def make_plan(job: GenerateJob) -> GeneratePlan:
+    """Resolve the model's limits and fingerprints; nothing is written.
+
+    Raises:
+        ValueError: the model folder is unusable, or ``max_new_tokens`` does not fit it.
+    """
+    from kogpt2.generation import max_prompt_tokens
+    from kogpt2.model import model_fingerprint
+    from kogpt2.tokenizer import load_tokenizer
+
+    try:
+        config_text = read_text(join(job.model, "config.json"))
+    except OSError as exc:
+        raise ValueError(f"--model {job.model}: no readable config.json ({exc})") from None
+    try:
+        model_config = json.loads(config_text)
+        n_positions = int(model_config.get("n_positions") or model_config["max_position_embeddings"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(
+            f"--model {job.model}: config.json has no n_positions (the model's context size); is it a GPT-2 folder?"
+        ) from None
+    limit = max_prompt_tokens(n_positions, job.config.max_new_tokens)
+    folder = local_copy(job.model)
+    try:
+        model_fp = model_fingerprint(folder)
+        tokenizer = load_tokenizer(folder)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model {job.model}: {exc}") from None
+    return GeneratePlan(
+        n_positions=n_positions,
+        max_seed_tokens=min(job.max_seed_tokens, limit) if job.max_seed_tokens else limit,
+        model_fingerprint=model_fp,
+        tokenizer_fingerprint=tokenizer.fingerprint,
+        seed_files=file_sizes(job.seeds),
+        started=time.time(),
+    )
+
+
+def signature(job: GenerateJob, plan: GeneratePlan) -> dict[str, Any]:
+    """What defines a run's output: a rerun with the same signature resumes into the folder."""
+    return {
+        "pipeline": "generate",
+        "model": job.model,
+        "model_fingerprint": plan.model_fingerprint,
+        "seeds": list(job.seeds),
+        "seed_files": plan.seed_files,
+        "seed_column": job.seed_column,
+        "config": job.config.describe(),
+        "dtype": job.dtype,
+        "num_shards": job.num_shards,
+        "rows_per_file": job.rows_per_file,
+        "max_seed_tokens": plan.max_seed_tokens,
+    }
+
+
+def num_units(valid_seeds: int, job: GenerateJob) -> int:
+    """Work units (= output files): ``--num-shards``, else one per ``--rows-per-file`` rows."""
+    if job.num_shards:
+        return job.num_shards
+    return max(1, math.ceil(valid_seeds * job.config.num_samples / job.rows_per_file))
+
+
+def unit_of(key: str, units: int) -> int:
+    """The work unit of a seed (or dead letter): a stable hash of its text, never the runner's order."""
+    digest = hashlib.sha256(b"kogpt2-unit\x1f" + key.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") % units
+
+
+# -- 4a. reading and validating seeds --------------------------------------------------------
 
 
 class ParseCsv(beam.DoFn):
@@ -157,8 +314,28 @@ def _decode(raw: Any) -> tuple[str | None, str]:
     return raw.lstrip("\ufeff").rstrip("\r\n"), ""
 
 
+def is_blank(text: str) -> bool:
+    """True when ``text`` has nothing to continue: only whitespace, control, format (zero-width) characters."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp") for ch in text)
+
+
+class Rejected(NamedTuple):
+    """A seed that cannot be generated from: a dead letter."""
+
+    source: str
+    seed: str | None
+    reason: str
+    detail: str
+
+    def key(self) -> str:
+        return f"{self.source}\x1f{self.seed}\x1f{self.detail}"
+
+    def to_json(self) -> str:
+        return json.dumps(self._asdict(), ensure_ascii=False, sort_keys=True)
+
+
 class ValidateSeeds(beam.DoFn):
-    """``(kind, path, raw)`` -> a valid seed string, or a ``rejected`` record with its reason."""
+    """``(kind, path, raw)`` -> a valid seed string, or a :class:`Rejected` record (tagged output)."""
 
     REJECTED = "rejected"
 
@@ -185,8 +362,7 @@ class ValidateSeeds(beam.DoFn):
             shown = raw.encode("utf-8", errors="backslashreplace").decode("utf-8")
         else:
             shown = None if raw is None else repr(raw)
-        record = {"source": path, "seed": shown, "reason": reason.split(":")[0], "detail": reason}
-        return beam.pvalue.TaggedOutput(self.REJECTED, record)
+        return beam.pvalue.TaggedOutput(self.REJECTED, Rejected(path, shown, reason.split(":")[0], reason))
 
     def process(self, element: tuple[str, str, Any]) -> Iterable[Any]:
         kind, path, raw = element
@@ -196,7 +372,7 @@ class ValidateSeeds(beam.DoFn):
             if text is None:
                 yield self._reject(path, raw, reason)
                 return
-            if not text.strip():
+            if is_blank(text):
                 yield self._reject(path, raw, "empty")
                 return
             try:
@@ -211,7 +387,7 @@ class ValidateSeeds(beam.DoFn):
         seed, reason = _decode(raw)
         if seed is None:
             yield self._reject(path, raw, reason)
-        elif not seed.strip():
+        elif is_blank(seed):
             yield self._reject(path, raw, "empty")
         else:
             n = 1 + len(self._tokenizer.encode(seed))  # <s> + the seed
@@ -248,81 +424,47 @@ def read_seeds(p: beam.Pipeline, job: GenerateJob) -> beam.PCollection:
     return parts | "AllSeeds" >> beam.Flatten()
 
 
-# -- inference -----------------------------------------------------------------------------
+# -- 4b. work units --------------------------------------------------------------------------
 
 
-class GeneratorHandler(ModelHandler):
-    """RunInference handler: examples ``(seed, sample_index)`` -> :class:`~kogpt2.generation.Sample`.
+class UnitItem(NamedTuple):
+    """What a work unit receives: a valid seed, a dead letter, or the marker that makes every unit exist."""
 
-    The model folder is loaded once per worker (or once per machine with
-    ``share_model_across_processes``); RunInference batches ``batch_size`` rows.
-    """
-
-    def __init__(self, model_dir: str, config: Any, *, batch_size: int, dtype: str, share: bool = False) -> None:
-        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
-        self._model_dir = model_dir
-        self._config = config
-        self._batch_size = batch_size
-        self._dtype = dtype
-        self._share = share
-
-    def load_model(self) -> Any:
-        from kogpt2.generation import Generator
-
-        started = time.perf_counter()
-        folder = local_copy(self._model_dir)
-        gen = Generator.from_folder(folder, dtype=self._dtype, batch_size=self._batch_size)
-        log.info("loaded %s (%s) in %.1f s", self._model_dir, self._dtype, time.perf_counter() - started)
-        return gen
-
-    def run_inference(
-        self, batch: Sequence[tuple[str, int]], model: Any, inference_args: dict[str, Any] | None = None
-    ) -> Iterable[PredictionResult]:
-        started = time.perf_counter()
-        samples = model.generate_rows(list(batch), self._config)
-        seconds = time.perf_counter() - started
-        tokens = sum(s.new_tokens for s in samples)
-        Metrics.counter(NAMESPACE, "rows_generated").inc(len(samples))
-        Metrics.counter(NAMESPACE, "new_tokens").inc(tokens)
-        Metrics.counter(NAMESPACE, "generate_ms").inc(int(seconds * 1000))
-        log.info(
-            "generated %d rows, %d tokens in %.1f s (%.0f tokens/s)",
-            len(samples),
-            tokens,
-            seconds,
-            tokens / max(seconds, 1e-9),
-        )
-        return [PredictionResult(example, sample) for example, sample in zip(batch, samples, strict=True)]
-
-    def get_num_bytes(self, batch: Sequence[tuple[str, int]]) -> int:
-        return sum(len(seed.encode("utf-8")) for seed, _ in batch)
-
-    def get_metrics_namespace(self) -> str:
-        return NAMESPACE
-
-    def share_model_across_processes(self) -> bool:
-        return self._share
+    seed: str | None = None
+    rejected: Rejected | None = None
 
 
-# -- writing -------------------------------------------------------------------------------
+class UnitStats(NamedTuple):
+    """A unit's counts (also stored in its Parquet footer, so a resumed run reads them back)."""
+
+    unit: int
+    seeds: int
+    rows: int
+    rejected: dict[str, int]
+    failed: int
+    new_tokens: int
+    eos: int
+    seconds: float
+    resumed: bool
+    error: str | None = None
+
+    def to_footer(self) -> bytes:
+        return json.dumps(self._asdict(), sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_footer(cls, data: bytes) -> UnitStats:
+        return cls(**{**json.loads(data), "resumed": True})
 
 
-def shard_of(seed: str, sample_index: int, num_shards: int) -> int:
-    """The output shard of a row: a stable hash of its ids (never the runner's order)."""
-    digest = hashlib.sha256(f"{seed}\x1f{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % num_shards
-
-
-def to_record(result: PredictionResult, config: Any, model_fp: str, tokenizer_fp: str) -> dict[str, Any]:
+def to_record(sample: Any, config: Any, model_fp: str, tokenizer_fp: str) -> dict[str, Any]:
     """A Parquet row (the columns of ``schemas/generations.json``)."""
-    s = result.inference
     return {
-        "seed": s.prompt,
-        "sample_index": s.sample_index,
-        "text": s.text,
-        "continuation": s.continuation,
-        "new_tokens": s.new_tokens,
-        "finish_reason": s.finish_reason,
+        "seed": sample.prompt,
+        "sample_index": sample.sample_index,
+        "text": sample.text,
+        "continuation": sample.continuation,
+        "new_tokens": sample.new_tokens,
+        "finish_reason": sample.finish_reason,
         "strategy": config.strategy,
         "temperature": float(config.temperature),
         "top_k": config.top_k,
@@ -330,130 +472,373 @@ def to_record(result: PredictionResult, config: Any, model_fp: str, tokenizer_fp
         "repetition_penalty": float(config.repetition_penalty),
         "no_repeat_ngram_size": config.no_repeat_ngram_size,
         "max_new_tokens": config.max_new_tokens,
-        "row_seed": s.row_seed,
+        "row_seed": sample.row_seed,
         "model_fingerprint": model_fp,
         "tokenizer_fingerprint": tokenizer_fp,
     }
 
 
-class WriteShard(beam.DoFn):
-    """``(shard, records)`` -> one file, records sorted; yields its stats. Writes empty shards too."""
+def write_parquet_atomic(path: str, records: list[dict[str, Any]], stats: UnitStats) -> None:
+    """Write ``records`` (already ordered) to ``path`` through a temporary name; the rename commits."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    def __init__(self, output: str, pattern: str, num_shards: int, fmt: str) -> None:
-        self._output, self._pattern, self._num_shards, self._fmt = output, pattern, num_shards, fmt
+    from kogpt2.schemas import arrow_schema
 
-    def process(self, element: tuple[int, Iterable[Any]]) -> Iterable[dict[str, Any]]:
-        shard, items = element
-        records = [r for r in items if r is not None]  # None: the marker that makes empty shards exist
-        path = join(self._output, self._pattern.format(shard=shard, num_shards=self._num_shards))
-        if self._fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            from kogpt2.schemas import arrow_schema
-
-            records.sort(key=lambda r: (r["seed"], r["sample_index"]))
-            table = pa.Table.from_pylist(records, schema=arrow_schema())
-            with FileSystems.create(path) as f:
-                pq.write_table(table, f)
-            yield {
-                "kind": "parquet",
-                "file": path,
-                "rows": len(records),
-                "new_tokens": sum(r["new_tokens"] for r in records),
-                "eos": sum(r["finish_reason"] == "eos" for r in records),
-            }
-        else:
-            lines = sorted(json.dumps(r, ensure_ascii=False, sort_keys=True) for r in records)
-            with FileSystems.create(path) as f:
-                f.write("".join(line + "\n" for line in lines).encode("utf-8"))
-            yield {"kind": "rejected", "file": path, "rows": len(records)}
+    schema = arrow_schema().with_metadata({UNIT_STATS_KEY: stats.to_footer()})
+    tmp = temp_path(path)
+    with FileSystems.create(tmp) as f:
+        with pq.ParquetWriter(f, schema) as writer:
+            for start in range(0, max(len(records), 1), ROW_GROUP_ROWS):
+                writer.write_table(pa.Table.from_pylist(records[start : start + ROW_GROUP_ROWS], schema=schema))
+    commit_temp(tmp, path)
 
 
-def write_sharded(
-    pcoll: beam.PCollection, label: str, shard_fn: Any, job: GenerateJob, pattern: str, num_shards: int, fmt: str
-) -> beam.PCollection:
-    """Group records into ``num_shards`` files (every shard written, even empty)."""
-    markers = pcoll.pipeline | f"{label}Shards" >> beam.Create([(i, None) for i in range(num_shards)])
-    keyed = pcoll | f"{label}Key" >> beam.Map(lambda r: (shard_fn(r), r))
-    grouped = (keyed, markers) | f"{label}Merge" >> beam.Flatten() | f"{label}Group" >> beam.GroupByKey()
-    return grouped | f"{label}Write" >> beam.ParDo(WriteShard(job.output, pattern, num_shards, fmt))
+def read_unit_stats(path: str) -> UnitStats:
+    """A committed unit's counts, from its Parquet footer."""
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(path) as f:
+        metadata = pq.read_metadata(f).metadata or {}
+    if UNIT_STATS_KEY not in metadata:
+        raise ValueError(f"{path}: no {UNIT_STATS_KEY.decode()} in its footer; not written by this pipeline")
+    return UnitStats.from_footer(metadata[UNIT_STATS_KEY])
 
 
-def build_pipeline(p: beam.Pipeline, job: GenerateJob) -> dict[str, beam.PCollection]:
-    """Add the generation steps to ``p``.
+class Progress:
+    """Rows done out of the job's total, tokens/s and an ETA, logged every ``every`` seconds.
 
-    Returns:
-        ``records`` (Parquet rows), ``rejected`` (dead letters) and ``stats`` (one dict).
+    Job-wide rows come from the units committed in the output folder (by any worker, or a
+    previous run) plus this worker's rows not yet committed; the rate is measured over
+    this worker's lifetime on that job-wide figure.
     """
-    from kogpt2.generation import max_prompt_tokens
-    from kogpt2.model import model_fingerprint
-    from kogpt2.tokenizer import load_tokenizer
 
-    config = job.config
-    n_positions = int(json.loads(read_text(join(job.model, "config.json")))["n_positions"])
-    limit = max_prompt_tokens(n_positions, config.max_new_tokens)
-    max_tokens = min(job.max_seed_tokens, limit) if job.max_seed_tokens else limit
-    model_fp = model_fingerprint(local_copy(job.model))
-    tokenizer_fp = load_tokenizer(local_copy(job.model)).fingerprint
-    handler = GeneratorHandler(
-        job.model, config, batch_size=job.batch_size, dtype=job.dtype, share=job.share_model_across_processes
-    )
+    def __init__(self, output: str, units: int, unit_rows: dict[int, int], every: float) -> None:
+        self.output, self.units, self.unit_rows, self.every = output, units, unit_rows, every
+        self.total = sum(unit_rows.values())
+        self.pending = 0  # this worker's rows generated but not committed
+        self.tokens = 0
+        self.gen_seconds = 0.0
+        self.first: tuple[float, int] | None = None
+        self.last_log = time.monotonic()
 
-    raw = read_seeds(p, job)
-    checked = raw | "Validate" >> beam.ParDo(ValidateSeeds(job.model, job.seed_column, max_tokens)).with_outputs(
-        ValidateSeeds.REJECTED, main="valid"
-    )
-    rows = (
-        checked.valid
-        | "Samples" >> beam.FlatMap(lambda seed, n=config.num_samples: [(seed, i) for i in range(n)])
-        | "Spread" >> beam.Reshuffle()
-    )
-    records = (
-        rows | "Generate" >> RunInference(handler) | "ToRecord" >> beam.Map(to_record, config, model_fp, tokenizer_fp)
-    )
-    n = job.num_shards
-    written = write_sharded(
-        records, "Parquet", lambda r: shard_of(r["seed"], r["sample_index"], n), job, PARQUET_PATTERN, n, "parquet"
-    )
-    dead = write_sharded(checked.rejected, "Rejected", lambda r: 0, job, REJECTED_PATTERN, 1, "jsonl")
+    def committed_rows(self) -> int:
+        prefix = PARQUET_PATTERN.split("{", 1)[0]
+        done = 0
+        for path in list_folder(self.output):
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith(prefix) and name.endswith(f"-of-{self.units:05d}.parquet"):
+                done += self.unit_rows.get(int(name[len(prefix) : len(prefix) + 5]), 0)
+        return done
 
-    counts = (
-        (
-            raw | "CountRead" >> beam.Map(lambda _: ("seeds_in", 1)),
-            checked.rejected | "CountRejected" >> beam.Map(lambda r: (f"rejected.{r['reason']}", 1)),
-            (written, dead) | "Files" >> beam.Flatten() | "CountFiles" >> beam.FlatMap(_file_counts),
+    def add(self, rows: int, tokens: int, seconds: float) -> None:
+        self.pending += rows
+        self.tokens += tokens
+        self.gen_seconds += seconds
+        now = time.monotonic()
+        if now - self.last_log >= self.every:
+            self.last_log = now
+            self.log(now)
+
+    def log(self, now: float) -> None:
+        done = min(self.committed_rows() + self.pending, self.total)
+        if self.first is None:
+            self.first = (now, done)
+        t0, d0 = self.first
+        rate = (done - d0) / (now - t0) if now > t0 else 0.0
+        eta = f"{(self.total - done) / rate:.0f} s" if rate > 0 else "unknown"
+        log.info(
+            "progress: %d of %d rows (%.1f%%), this worker %.0f tokens/s, ETA %s",
+            done,
+            self.total,
+            100.0 * done / max(self.total, 1),
+            self.tokens / max(self.gen_seconds, 1e-9),
+            eta,
         )
-        | "AllCounts" >> beam.Flatten()
-        | "Sum" >> beam.CombinePerKey(sum)
-        | "ToDict" >> beam.combiners.ToDict()
-    )
-    counts | "WriteStats" >> beam.Map(lambda d: write_json(join(job.output, STATS_FILE), d))
-    return {"records": records, "rejected": checked.rejected, "stats": counts}
+
+    def committed(self, rows: int) -> None:
+        self.pending = max(0, self.pending - rows)
 
 
-def _file_counts(stats: dict[str, Any]) -> list[tuple[str, int]]:
-    if stats["kind"] == "rejected":
-        return [("files.rejected", 1)]
-    return [("rows", stats["rows"]), ("new_tokens", stats["new_tokens"]), ("eos", stats["eos"]), ("files.parquet", 1)]
+class GenerateUnits(beam.DoFn):
+    """``(unit, items)`` -> its files, committed atomically; yields its :class:`UnitStats`.
+
+    A unit whose Parquet file exists was committed by an earlier run (or attempt): its
+    counts are read from the footer and nothing is generated. The model is loaded on the
+    first unit that needs it, once per process (``apache_beam.utils.shared``, as
+    RunInference does) or once per machine (``--share-model-across-processes``).
+    """
+
+    def __init__(self, job: GenerateJob, plan: GeneratePlan) -> None:
+        from apache_beam.utils import shared
+
+        self._job, self._plan = job, plan
+        self._shared = shared.Shared()
+        self._model: Any = None
+        self._progress: Progress | None = None
+        self._rows = Metrics.counter(NAMESPACE, "rows_generated")
+        self._tokens = Metrics.counter(NAMESPACE, "new_tokens")
+        self._failed = Metrics.counter(NAMESPACE, "rows_failed")
+        self._units = Metrics.counter(NAMESPACE, "units_committed")
+        self._resumed = Metrics.counter(NAMESPACE, "units_resumed")
+
+    def _generator(self) -> Any:
+        if self._model is None:
+            job = self._job
+
+            def load() -> Any:
+                from kogpt2.generation import Generator
+
+                started = time.perf_counter()
+                gen = Generator.from_folder(local_copy(job.model), dtype=job.dtype, batch_size=job.batch_size)
+                log.info("loaded %s (%s) in %.1f s", job.model, job.dtype, time.perf_counter() - started)
+                return gen
+
+            tag = f"kogpt2-generator:{job.model}:{self._plan.model_fingerprint}:{job.dtype}:{job.batch_size}"
+            if job.share_model_across_processes:
+                from apache_beam.utils.multi_process_shared import MultiProcessShared
+
+                self._model = MultiProcessShared(load, tag=tag, always_proxy=True).acquire()
+            else:
+                self._model = self._shared.acquire(load, tag=tag)
+        return self._model
+
+    def _outcomes(self, rows: list[tuple[str, int]]) -> Iterable[Any]:
+        gen = self._generator()
+        if self._job.share_model_across_processes:  # a proxy: lists cross processes, generators do not
+            return gen.run_rows(rows, self._job.config)
+        return gen.stream_rows(rows, self._job.config)
+
+    def process(self, element: tuple[int, Iterable[UnitItem]], units: int, unit_rows: dict[int, int]):  # type: ignore[no-untyped-def]
+        unit, items = element
+        job, plan = self._job, self._plan
+        final = join(job.output, PARQUET_PATTERN.format(unit=unit, units=units))
+        if FileSystems.exists(final):
+            self._resumed.inc()
+            yield read_unit_stats(final)
+            return
+        if self._progress is None:
+            self._progress = Progress(job.output, units, unit_rows, job.progress_seconds)
+        seeds: list[str] = []
+        dead: list[Rejected] = []
+        for item in items:
+            if item.seed is not None:
+                seeds.append(item.seed)
+            elif item.rejected is not None:
+                dead.append(item.rejected)
+        seeds.sort()
+        n = job.config.num_samples
+        rows = [(s, i) for s in seeds for i in range(n)]
+        started = time.perf_counter()
+        samples: dict[tuple[str, int], Any] = {}
+        failures: list[dict[str, Any]] = []
+        new_tokens = 0
+        if rows:
+            try:
+                for outcome in self._outcomes(rows):
+                    if outcome.error is not None:
+                        failures += [
+                            {"seed": s, "sample_index": i, "reason": "inference_error", "detail": outcome.error}
+                            for s, i in outcome.rows
+                        ]
+                        continue
+                    samples.update(((s.prompt, s.sample_index), s) for s in outcome.samples)
+                    new_tokens += outcome.new_tokens
+                    self._progress.add(len(outcome.rows), outcome.new_tokens, outcome.seconds)
+            except Exception as exc:  # noqa: BLE001 - the unit cannot be planned: every row is a dead letter
+                log.warning("unit %d failed: %s: %s", unit, type(exc).__name__, exc)
+                failed_keys = {(f["seed"], f["sample_index"]) for f in failures}
+                failures += [
+                    {
+                        "seed": s,
+                        "sample_index": i,
+                        "reason": "inference_error",
+                        "detail": f"{type(exc).__name__}: {exc}",
+                    }
+                    for s, i in dict.fromkeys(rows)
+                    if (s, i) not in samples and (s, i) not in failed_keys
+                ]
+        seconds = time.perf_counter() - started
+        rejected_by = dict(Counter(r.reason for r in dead))
+        if dead:
+            lines = sorted(r.to_json() for r in dead)
+            path = join(job.output, REJECTED_PATTERN.format(unit=unit, units=units))
+            write_text(path, "".join(line + "\n" for line in lines))
+        failed_path = join(job.output, FAILED_PATTERN.format(unit=unit, units=units))
+        if failures:
+            # The unit is not committed, so none of its rows is written: the failing batches' rows
+            # carry their error, the others say why they were held back. A rerun redoes the unit.
+            failed_keys = {(f["seed"], f["sample_index"]) for f in failures}
+            held = [
+                {
+                    "seed": s,
+                    "sample_index": i,
+                    "reason": "unit_not_committed",
+                    "detail": "another batch of this unit failed; a rerun of the same command redoes the unit",
+                }
+                for s, i in dict.fromkeys(rows)
+                if (s, i) not in failed_keys
+            ]
+            lines = sorted(json.dumps(f, ensure_ascii=False, sort_keys=True) for f in failures + held)
+            write_text(failed_path, "".join(line + "\n" for line in lines))
+            self._failed.inc(len(rows))
+            self._progress.committed(len(rows))
+            yield UnitStats(unit, len(seeds), 0, rejected_by, len(rows), 0, 0, seconds, False, failures[0]["detail"])
+            return
+        if FileSystems.exists(failed_path):
+            FileSystems.delete([failed_path])
+        records = [to_record(samples[r], job.config, plan.model_fingerprint, plan.tokenizer_fingerprint) for r in rows]
+        eos = sum(r["finish_reason"] == "eos" for r in records)
+        tokens = sum(r["new_tokens"] for r in records)
+        stats = UnitStats(unit, len(seeds), len(records), rejected_by, 0, tokens, eos, seconds, False)
+        write_parquet_atomic(final, records, stats)
+        self._rows.inc(len(records))
+        self._tokens.inc(new_tokens)
+        self._units.inc()
+        self._progress.committed(len(records))
+        yield stats
+
+    def teardown(self) -> None:
+        if self._progress is not None and self._progress.pending == 0 and self._progress.tokens:
+            self._progress.log(time.monotonic())
 
 
-def signature(job: GenerateJob) -> dict[str, Any]:
-    """What defines a run's output: a rerun with the same signature rewrites the folder."""
-    from kogpt2.model import model_fingerprint
+# -- 4c. finalize (inside the pipeline) ------------------------------------------------------
 
-    return {
-        "pipeline": "generate",
+
+def finalize(stats: list[UnitStats], seeds_in: int, units: int, job: GenerateJob, plan: GeneratePlan) -> dict[str, Any]:
+    """Count every unit, check that no row is missing, write ``info.json`` then ``COMPLETED``.
+
+    With failed rows, ``info.json`` says so (``status: failed``) and ``COMPLETED`` is not
+    written: a rerun redoes the failed units.
+
+    Raises:
+        RuntimeError: a unit is missing, or rows do not add up (a bug: nothing may vanish).
+    """
+    import kogpt2
+    from kogpt2.model import library_versions
+
+    seen = sorted(s.unit for s in stats)
+    if seen != list(range(units)):
+        raise RuntimeError(f"expected units 0..{units - 1}, got {len(seen)} ({seen[:10]}...)")
+    n = job.config.num_samples
+    rejected_by: Counter[str] = Counter()
+    for s in stats:
+        rejected_by.update(s.rejected)
+    rejected = sum(rejected_by.values())
+    rows = sum(s.rows for s in stats)
+    failed = sum(s.failed for s in stats)
+    if seeds_in * n != rows + rejected * n + failed:
+        raise RuntimeError(
+            f"rows went missing: {seeds_in} seeds x {n} samples != {rows} rows + {rejected} rejected x {n} "
+            f"+ {failed} failed"
+        )
+    tokens = sum(s.new_tokens for s in stats)
+    eos = sum(s.eos for s in stats)
+    fresh = [s for s in stats if not s.resumed]
+    gen_seconds = sum(s.seconds for s in fresh)
+    fresh_tokens = sum(s.new_tokens for s in fresh)
+    wall = time.time() - plan.started
+    status = "failed" if failed else "completed"
+    names = {p.rsplit("/", 1)[-1] for p in list_folder(job.output)}
+    info = {
+        "created_by": f"kogpt2-pipeline {kogpt2.__version__}",
+        "status": status,
         "model": job.model,
-        "model_fingerprint": model_fingerprint(local_copy(job.model)),
+        "model_fingerprint": plan.model_fingerprint,
+        "tokenizer_fingerprint": plan.tokenizer_fingerprint,
         "seeds": list(job.seeds),
-        "seed_column": job.seed_column,
         "config": job.config.describe(),
         "batch_size": job.batch_size,
         "dtype": job.dtype,
-        "num_shards": job.num_shards,
-        "max_seed_tokens": job.max_seed_tokens,
+        "counts": {
+            "seeds_in": seeds_in,
+            "seeds_valid": seeds_in - rejected,
+            "rejected": rejected,
+            "rejected_by_reason": dict(sorted(rejected_by.items())),
+            "rows": rows,
+            "failed_rows": failed,
+            "finish_eos": eos,
+            "finish_length": rows - eos,
+        },
+        "units": {
+            "total": units,
+            "generated": sum(1 for s in fresh if not s.failed),
+            "resumed": sum(1 for s in stats if s.resumed),
+            "failed": sum(1 for s in stats if s.failed),
+            "rows_per_file": job.rows_per_file if not job.num_shards else None,
+        },
+        "errors": sorted({s.error for s in stats if s.error})[:20],
+        "new_tokens": tokens,
+        "wall_seconds": round(wall, 3),
+        "generate_seconds": round(gen_seconds, 3),
+        "tokens_per_second": round(fresh_tokens / wall, 2) if wall > 0 and fresh_tokens else None,
+        "files": {
+            "parquet": [PARQUET_PATTERN.format(unit=s.unit, units=units) for s in sorted(stats) if not s.failed],
+            "rejected": sorted(n for n in names if n.startswith("rejected-")),
+            "failed": sorted(n for n in names if n.startswith("failed-")),
+        },
+        "versions": library_versions(),
     }
+    leftovers = [join(job.output, n) for n in names if n.startswith(TEMP_PREFIX)]
+    if leftovers:
+        FileSystems.delete(leftovers)
+    write_json(join(job.output, RUN_FILE), signature(job, plan))
+    write_json(join(job.output, INFO_FILE), info)
+    if not failed:
+        write_text(join(job.output, COMPLETED), "")
+    return info
+
+
+# -- 4. the pipeline -------------------------------------------------------------------------
+
+
+def build_pipeline(p: beam.Pipeline, job: GenerateJob, plan: GeneratePlan) -> dict[str, beam.PCollection]:
+    """Add the generation steps to ``p``.
+
+    Returns:
+        ``valid`` (seed strings), ``rejected`` (:class:`Rejected`), ``units`` (:class:`UnitStats`)
+        and ``info`` (the ``info.json`` document, one element).
+    """
+    from apache_beam.pvalue import AsDict, AsList, AsSingleton
+
+    raw = read_seeds(p, job)
+    checked = raw | "Validate" >> beam.ParDo(
+        ValidateSeeds(job.model, job.seed_column, plan.max_seed_tokens)
+    ).with_outputs(ValidateSeeds.REJECTED, main="valid")
+    valid, rejected = checked.valid, checked[ValidateSeeds.REJECTED]
+
+    units = valid | "CountValid" >> beam.combiners.Count.Globally() | "Units" >> beam.Map(num_units, job)
+    n_units = AsSingleton(units)
+    keyed_seeds = valid | "KeySeeds" >> beam.Map(lambda s, u: (unit_of(s, u), UnitItem(seed=s)), u=n_units)
+    keyed_dead = rejected | "KeyDead" >> beam.Map(lambda r, u: (unit_of(r.key(), u), UnitItem(rejected=r)), u=n_units)
+    markers = units | "EveryUnit" >> beam.FlatMap(lambda u: [(i, UnitItem()) for i in range(u)])
+    samples = job.config.num_samples
+    unit_rows = (
+        keyed_seeds | "RowsPerUnit" >> beam.MapTuple(lambda u, _: (u, samples)) | "SumRows" >> beam.CombinePerKey(sum)
+    )
+    stats = (
+        (keyed_seeds, keyed_dead, markers)
+        | "AllItems" >> beam.Flatten()
+        | "ByUnit" >> beam.GroupByKey()
+        | "GenerateUnits" >> beam.ParDo(GenerateUnits(job, plan), units=n_units, unit_rows=AsDict(unit_rows))
+    )
+    seeds_in = raw | "CountIn" >> beam.combiners.Count.Globally()
+    info = (
+        p
+        | "Finish" >> beam.Create([None])
+        | "Finalize"
+        >> beam.Map(
+            lambda _, st, si, u: finalize(st, si, u, job, plan),
+            st=AsList(stats),
+            si=AsSingleton(seeds_in),
+            u=n_units,
+        )
+    )
+    return {"valid": valid, "rejected": rejected, "units": stats, "info": info}
+
+
+# -- 3 and 5. prepare the output, run, report ------------------------------------------------
 
 
 def _show_progress() -> None:
@@ -467,77 +852,89 @@ def _show_progress() -> None:
         log.propagate = False
 
 
+def summary_line(info: dict[str, Any], output: str) -> str:
+    """One line a user reads at the end of a run."""
+    c, u = info["counts"], info["units"]
+    line = (
+        f"{c['seeds_in']} seeds -> {c['rows']} rows ({c['rejected']} seeds rejected"
+        f"{', ' + str(c['failed_rows']) + ' rows failed' if c['failed_rows'] else ''}), "
+        f"{info['new_tokens']} tokens; {u['total']} files ({u['generated']} written now, {u['resumed']} kept "
+        f"from an earlier run) in {info['wall_seconds']:.1f} s"
+    )
+    if info.get("tokens_per_second"):
+        line += f" ({info['tokens_per_second']} tokens/s)"
+    return line + f"; output {output}"
+
+
 def run(argv: Sequence[str] | None = None) -> int:
-    """Run the pipeline and write ``info.json`` and ``COMPLETED``; return 0.
+    """Validate, plan, prepare the output, run the pipeline and print its summary.
+
+    Returns:
+        0 when every row was written (``COMPLETED``), 1 when some rows failed (a rerun
+        with the same flags redoes just their units).
 
     Raises:
-        ValueError / FileNotFoundError: bad flags or inputs.
+        ValueError / FileNotFoundError: bad flags or inputs (nothing was written).
         OutputConflictError: ``--output`` holds another run (use ``--overwrite``).
+        OutputLockedError: another live run writes into ``--output``.
         RuntimeError: the pipeline failed, or rows went missing (the accounting check).
     """
-    import kogpt2
-    from kogpt2.model import library_versions
+    from kogpt2.paths import FolderLock, refuse_output_over_inputs
 
     _show_progress()
     job, beam_args = parse_args(argv)
-    sig = signature(job)
-    prepare_output(job.output, sig, overwrite=job.overwrite)
-    log.info("generating from %d seed files into %s (%s)", len(job.seeds), job.output, job.config)
-    started = time.time()
-    p = create_pipeline(pipeline_options(beam_args))
-    build_pipeline(p, job)
-    result = p.run()
-    state = result.wait_until_finish()
-    wall = time.time() - started
-    if str(state).split(".")[-1] not in ("DONE", "None"):
-        raise RuntimeError(f"pipeline ended in state {state}")
-    stats_path = join(job.output, STATS_FILE)
-    counts = json.loads(read_text(stats_path))
-    rejected_by = {k.split(".", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("rejected.")}
-    seeds_in, rows = counts.get("seeds_in", 0), counts.get("rows", 0)
-    rejected = sum(rejected_by.values())
-    n = job.config.num_samples
-    if seeds_in * n != rows + rejected * n:
-        raise RuntimeError(
-            f"rows went missing: {seeds_in} seeds x {n} samples != {rows} rows + {rejected} rejected x {n}"
+    refuse_output_over_inputs(job.output, [job.model, *job.seeds])
+    plan = make_plan(job)
+    sig = signature(job, plan)
+    options = pipeline_options(beam_args)
+    local = FileSystems.get_scheme(job.output) in (None, "file")
+    lock = FolderLock(job.output, job="pipelines.generate") if local else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        state = prepare_output(job.output, sig, overwrite=job.overwrite, resume=True)
+        if state == "resume" and is_completed(job.output):
+            info = json.loads(read_text(join(job.output, INFO_FILE)))
+            log.info("already complete (same model, seeds and flags): %s", summary_line(info, job.output))
+            return 0
+        if state == "resume":
+            log.info("resuming into %s: committed files are kept, the rest is generated", job.output)
+        log.info("generating from %d seed files into %s (%s)", len(job.seeds), job.output, job.config)
+        p = create_pipeline(options)
+        build_pipeline(p, job, plan)
+        result = p.run()
+        pipeline_state = result.wait_until_finish()
+    finally:
+        if lock is not None:
+            lock.release()
+    if str(pipeline_state).split(".")[-1] not in ("DONE", "None"):
+        raise RuntimeError(f"pipeline ended in state {pipeline_state}")
+    info = json.loads(read_text(join(job.output, INFO_FILE)))
+    log.info(summary_line(info, job.output))
+    if info["status"] != "completed":
+        log.error(
+            "%d rows failed (see %s/failed-*.jsonl; first error: %s); rerun the same command to redo their units",
+            info["counts"]["failed_rows"],
+            job.output,
+            (info["errors"] or ["?"])[0],
         )
-    tokens = counts.get("new_tokens", 0)
-    info = {
-        "created_by": f"kogpt2-pipeline {kogpt2.__version__}",
-        "model": sig["model"],
-        "model_fingerprint": sig["model_fingerprint"],
-        "seeds": list(job.seeds),
-        "config": job.config.describe(),
-        "batch_size": job.batch_size,
-        "dtype": job.dtype,
-        "counts": {
-            "seeds_in": seeds_in,
-            "seeds_valid": seeds_in - rejected,
-            "rejected": rejected,
-            "rejected_by_reason": rejected_by,
-            "rows": rows,
-            "finish_eos": counts.get("eos", 0),
-            "finish_length": rows - counts.get("eos", 0),
-        },
-        "new_tokens": tokens,
-        "wall_seconds": round(wall, 3),
-        "tokens_per_second": round(tokens / wall, 2) if wall > 0 else None,
-        "files": {
-            "parquet": [PARQUET_PATTERN.format(shard=i, num_shards=job.num_shards) for i in range(job.num_shards)],
-            "rejected": [REJECTED_PATTERN.format(shard=0, num_shards=1)],
-        },
-        "versions": library_versions(),
-    }
-    write_json(join(job.output, INFO_FILE), info)
-    FileSystems.delete([stats_path])
-    mark_completed(job.output)
-    summary = (
-        f"{seeds_in} seeds -> {rows} rows ({rejected} seeds rejected), {tokens} tokens in {wall:.1f} s "
-        f"({info['tokens_per_second']} tokens/s); output {job.output}"
-    )
-    log.info(summary)
+        return 1
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: bad flags and inputs print one line and exit with status 2."""
+    from kogpt2.paths import OutputLockedError
+
+    try:
+        return run(argv)
+    except (ValueError, FileNotFoundError, OutputConflictError, OutputLockedError) as exc:
+        print(f"pipelines.generate: error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(run())
+    # Run the imported module, not __main__: Beam then pickles the DoFns by reference.
+    from pipelines.generate import main as _main
+
+    sys.exit(_main())

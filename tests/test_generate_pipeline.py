@@ -1,12 +1,18 @@
-"""Bulk generation pipeline: seeds in four formats -> Parquet, dead letters, info.json, reruns."""
+"""Bulk generation pipeline: seeds in four formats -> Parquet work units, dead letters, resume, faults."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 GOOD_TXT = ["이때", "그날 밤", "마침내 그는"]
 
 
@@ -19,6 +25,7 @@ def seeds_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("seeds")
     lines = [GOOD_TXT[0].encode(), b"", GOOD_TXT[1].encode(), b"\xff\xfe\xbf bad bytes", GOOD_TXT[2].encode()]
     lines.append(("아주 " * 400).encode())  # over-long for 256 positions
+    lines.append("\u200b\u200d\t\x07".encode())  # zero-width and control characters only: nothing to continue
     (d / "a.txt").write_bytes(b"\n".join(lines) + b"\n")
     (d / "b.jsonl").write_text('{"seed": "노인은"}\n{"other": 1}\n', encoding="utf-8")
     (d / "c.csv").write_text("id,seed\n1,우리는\n2,\n", encoding="utf-8")
@@ -27,12 +34,12 @@ def seeds_dir(tmp_path_factory) -> Path:
 
 
 GOOD = {"이때", "그날 밤", "마침내 그는", "노인은", "우리는", "사람들은"}
-REJECTED = {"empty": 3, "undecodable": 1, "too_long": 1, "bad_record": 1}
+REJECTED = {"empty": 4, "undecodable": 1, "too_long": 1, "bad_record": 1}
 
 
-def argv(model_dir, seeds_dir, out, *extra):
+def argv(model_dir, seeds, out, *extra):
     return [
-        "--model", str(model_dir), "--seeds", str(seeds_dir / "*"), "--output", str(out),
+        "--model", str(model_dir), "--seeds", str(seeds), "--output", str(out),
         "--num-samples", "2", "--max-new-tokens", "6", "--num-shards", "2", "--top-p", "0.9", *extra,
     ]  # fmt: skip
 
@@ -42,7 +49,7 @@ def first_run(tiny_model_dir, seeds_dir, tmp_path_factory):
     from pipelines.generate import run
 
     out = tmp_path_factory.mktemp("gen") / "out"
-    assert run(argv(tiny_model_dir, seeds_dir, out)) == 0
+    assert run(argv(tiny_model_dir, seeds_dir / "*", out)) == 0
     return out
 
 
@@ -51,6 +58,13 @@ def read_rows(out: Path):
 
     files = sorted(out.glob("generations-*.parquet"))
     return files, [pq.read_table(f) for f in files]
+
+
+def all_rows(out: Path) -> dict[tuple[str, int], dict]:
+    rows = [r for t in read_rows(out)[1] for r in t.to_pylist()]
+    keyed = {(r["seed"], r["sample_index"]): r for r in rows}
+    assert len(keyed) == len(rows), "duplicate (seed, sample_index) rows"
+    return keyed
 
 
 def test_pipeline_writes_parquet_matching_the_schema(first_run):
@@ -70,13 +84,16 @@ def test_pipeline_writes_parquet_matching_the_schema(first_run):
         assert r["strategy"] == "sample" and r["top_p"] == 0.9 and r["max_new_tokens"] == 6
         assert r["finish_reason"] in ("eos", "length") and 1 <= r["new_tokens"] <= 6
         assert len(r["model_fingerprint"]) == 64 and len(r["tokenizer_fingerprint"]) == 64
-    for t in tables:  # each shard sorted by (seed, sample_index)
+    for t in tables:  # each file sorted by (seed, sample_index)
         keys = list(zip(t["seed"].to_pylist(), t["sample_index"].to_pylist(), strict=True))
         assert keys == sorted(keys)
+    assert not list(first_run.glob(".tmp-*")) and not (first_run / ".lock").exists()
 
 
 def test_bad_seeds_are_dead_lettered_with_reasons_and_counted(first_run):
-    rejected = [json.loads(line) for line in (first_run / "rejected-00000-of-00001.jsonl").read_text().splitlines()]
+    rejected = [
+        json.loads(line) for f in sorted(first_run.glob("rejected-*.jsonl")) for line in f.read_text().splitlines()
+    ]
     reasons: dict[str, int] = {}
     for r in rejected:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
@@ -86,31 +103,49 @@ def test_bad_seeds_are_dead_lettered_with_reasons_and_counted(first_run):
     )
     info = json.loads((first_run / "info.json").read_text())
     counts = info["counts"]
-    assert counts["seeds_in"] == 12 and counts["rejected"] == 6 and counts["rows"] == 12
-    assert counts["rejected_by_reason"] == REJECTED
+    assert info["status"] == "completed"
+    assert counts["seeds_in"] == 13 and counts["rejected"] == 7 and counts["rows"] == 12
+    assert counts["rejected_by_reason"] == REJECTED and counts["failed_rows"] == 0
     assert counts["seeds_in"] * 2 == counts["rows"] + counts["rejected"] * 2  # nothing silently missing
     assert info["new_tokens"] > 0 and info["tokens_per_second"] > 0 and info["wall_seconds"] > 0
-    assert (first_run / "COMPLETED").exists()
-    assert not (first_run / "_stats.json").exists()
+    assert info["units"] == {"total": 2, "generated": 2, "resumed": 0, "failed": 0, "rows_per_file": None}
+    assert info["files"]["parquet"] == [f.name for f in read_rows(first_run)[0]]
+    assert (first_run / "COMPLETED").exists() and (first_run / "run.json").exists()
 
 
-def test_rerun_with_the_same_flags_rewrites_identical_parquet(first_run, tiny_model_dir, seeds_dir):
+def test_rerun_of_a_finished_folder_changes_nothing_and_another_run_is_refused(first_run, tiny_model_dir, seeds_dir):
     from pipelines.common import OutputConflictError
     from pipelines.generate import run
 
-    _, before = read_rows(first_run)
-    assert run(argv(tiny_model_dir, seeds_dir, first_run)) == 0
-    _, after = read_rows(first_run)
-    assert all(a.equals(b) for a, b in zip(before, after, strict=True))
-    with pytest.raises(OutputConflictError):
-        run(argv(tiny_model_dir, seeds_dir, first_run, "--seed", "5"))
+    before = {p.name: p.stat().st_mtime_ns for p in first_run.iterdir()}
+    assert run(argv(tiny_model_dir, seeds_dir / "*", first_run)) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in first_run.iterdir()} == before  # untouched, still complete
+    with pytest.raises(OutputConflictError, match="differs in config"):
+        run(argv(tiny_model_dir, seeds_dir / "*", first_run, "--seed", "5"))
+    assert {p.name: p.stat().st_mtime_ns for p in first_run.iterdir()} == before
+
+
+def test_files_follow_the_job_size_and_rows_do_not_depend_on_them(first_run, tiny_model_dir, seeds_dir, tmp_path):
+    from pipelines.generate import run
+
+    out = tmp_path / "auto"
+    args = argv(tiny_model_dir, seeds_dir / "*", out)
+    i = args.index("--num-shards")
+    assert run([*args[:i], *args[i + 2 :], "--rows-per-file", "5"]) == 0
+    files, _ = read_rows(out)
+    assert len(files) == 3  # 12 rows, 5 per file
+    info = json.loads((out / "info.json").read_text())
+    assert info["units"]["total"] == 3 and info["units"]["rows_per_file"] == 5
+    ours, reference = all_rows(out), all_rows(first_run)
+    assert ours.keys() == reference.keys()
+    assert all(ours[k]["text"] == reference[k]["text"] for k in ours)  # a row's text does not depend on its file
 
 
 def test_build_pipeline_on_a_test_pipeline(tiny_model_dir, seeds_dir, tmp_path, test_pipeline):
     import apache_beam as beam
     from apache_beam.testing.util import assert_that, equal_to
 
-    from pipelines.generate import build_pipeline, parse_args
+    from pipelines.generate import build_pipeline, make_plan, parse_args
 
     job, beam_args = parse_args(
         ["--model", str(tiny_model_dir), "--seeds", str(seeds_dir / "b.jsonl"), "--output", str(tmp_path),
@@ -118,29 +153,178 @@ def test_build_pipeline_on_a_test_pipeline(tiny_model_dir, seeds_dir, tmp_path, 
     )  # fmt: skip
     assert beam_args == ["--direct_num_workers", "1"]
     with test_pipeline as p:
-        out = build_pipeline(p, job)
-        keys = out["records"] | "Keys" >> beam.Map(lambda r: (r["seed"], r["sample_index"], r["strategy"]))
-        assert_that(keys, equal_to([("노인은", i, "greedy") for i in range(3)]), label="Rows")
-        reasons = out["rejected"] | "Reasons" >> beam.Map(lambda r: r["reason"])
+        out = build_pipeline(p, job, make_plan(job))
+        assert_that(out["valid"], equal_to(["노인은"]), label="Valid")
+        reasons = out["rejected"] | "Reasons" >> beam.Map(lambda r: r.reason)
         assert_that(reasons, equal_to(["bad_record"]), label="Dead")
+        units = out["units"] | "UnitRows" >> beam.Map(lambda s: (s.unit, s.rows, s.failed))
+        assert_that(units, equal_to([(0, 3, 0)]), label="Units")
+        status = out["info"] | "Status" >> beam.Map(lambda i: (i["status"], i["counts"]["rows"]))
+        assert_that(status, equal_to([("completed", 3)]), label="Info")
     texts = {r["text"] for r in read_rows(tmp_path)[1][0].to_pylist()}
     assert len(texts) == 1  # greedy: every sample the same
+    assert (tmp_path / "COMPLETED").exists()  # written by the pipeline itself, not by a launcher
 
 
-def test_bad_flags_fail_before_running(tiny_model_dir, seeds_dir, tmp_path):
+def test_flags_in_either_spelling_and_unknown_ones_refused(tiny_model_dir, seeds_dir, tmp_path):
+    from pipelines.generate import parse_args
+
+    base = ["--model", str(tiny_model_dir), "--seeds", str(seeds_dir / "a.txt"), "--output", str(tmp_path / "o")]
+    job, beam_args = parse_args([*base, "--top_p", "0.5", "--max_new_tokens", "5", "--num_samples", "3"])
+    assert (job.config.top_p, job.config.max_new_tokens, job.config.num_samples) == (0.5, 5, 3)
+    assert beam_args == []
+    job, beam_args = parse_args([*base, "--top-p", "0.5", "--temp_location", "/tmp/x", "--direct_num_workers=2"])
+    assert beam_args == ["--temp_location", "/tmp/x", "--direct_num_workers=2"]  # Beam's own, handed on
+    with pytest.raises(ValueError, match=r"unknown option --top_pp; did you mean --top-p\?"):
+        parse_args([*base, "--top_pp", "0.5"])
+    with pytest.raises(ValueError, match="unknown option --max-tokens"):
+        parse_args([*base, "--max-tokens", "5"])
+
+
+def test_bad_inputs_exit_2_with_one_line_before_the_folder_is_touched(tiny_model_dir, seeds_dir, tmp_path, capsys):
+    from pipelines.generate import main
+
+    cases = [
+        (argv(tiny_model_dir, seeds_dir / "*", tmp_path / "a", "--greedy", "--top-k", "5"), "--greedy cannot be"),
+        (argv(tiny_model_dir, tmp_path / "none*.txt", tmp_path / "b"), "--seeds '"),
+        (argv(tiny_model_dir, seeds_dir / "*", tmp_path / "c", "--max-new-tokens", "300"), "max_new_tokens=300"),
+        (argv(tiny_model_dir, seeds_dir / "*", tiny_model_dir / "out", "--overwrite"), "lies inside an input"),
+        (argv(tiny_model_dir, seeds_dir / "a.txt", seeds_dir, "--overwrite"), "contains an input"),
+    ]
+    for args, message in cases:
+        before = sorted(os.listdir(tiny_model_dir)), sorted(os.listdir(seeds_dir))
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("pipelines.generate: error:") and message in err[0], err
+        assert (sorted(os.listdir(tiny_model_dir)), sorted(os.listdir(seeds_dir))) == before
+    assert not any((tmp_path / n).exists() for n in "abc")
+    no_positions = tmp_path / "model"
+    no_positions.mkdir()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    del config["n_positions"]
+    (no_positions / "config.json").write_text(json.dumps(config))
+    assert main(argv(no_positions, seeds_dir / "*", tmp_path / "d")) == 2
+    assert "config.json has no n_positions" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_second_run_into_a_locked_folder_is_refused(tiny_model_dir, seeds_dir, tmp_path):
+    from kogpt2.paths import FolderLock, OutputLockedError
     from pipelines.generate import run
 
-    with pytest.raises(ValueError, match="--greedy cannot be combined with --top-k"):
-        run(argv(tiny_model_dir, seeds_dir, tmp_path / "x", "--greedy", "--top-k", "5"))
-    with pytest.raises(FileNotFoundError, match="matches no file"):
-        run(["--model", str(tiny_model_dir), "--seeds", str(tmp_path / "none*.txt"), "--output", str(tmp_path / "y")])
+    out = tmp_path / "locked"
+    with FolderLock(str(out), job="another run"):
+        with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
+            run(argv(tiny_model_dir, seeds_dir / "b.jsonl", out))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename, "job": "killed"}))
+    assert run(argv(tiny_model_dir, seeds_dir / "b.jsonl", out)) == 0  # a dead holder's lock is taken over
+    assert not (out / ".lock").exists()
 
 
-def test_handler_options_reach_runinference():
-    from kogpt2.generation import GenerationConfig
-    from pipelines.generate import GeneratorHandler
+def _marked_failure(tokenizer, marked: str):
+    """A ``_decode_batch`` that raises on batches holding ``marked`` (as a broken model or OOM would)."""
+    import kogpt2.generation as generation
 
-    handler = GeneratorHandler("m", GenerationConfig(), batch_size=16, dtype="float32", share=True)
-    assert handler.share_model_across_processes() is True
-    assert handler.batch_elements_kwargs() == {"min_batch_size": 16, "max_batch_size": 16}
-    assert not GeneratorHandler("m", GenerationConfig(), batch_size=4, dtype="float32").share_model_across_processes()
+    real = generation._decode_batch
+    marked_ids = [tokenizer.bos_id, *tokenizer.encode(marked)]
+
+    def decode(decoder, tok, prompts, *args, **kwargs):
+        if marked_ids in prompts:
+            raise RuntimeError("simulated device failure")
+        return real(decoder, tok, prompts, *args, **kwargs)
+
+    return decode
+
+
+def test_a_failing_batch_dead_letters_its_rows_and_a_rerun_redoes_its_unit(
+    tiny_model_dir, tiny_tokenizer, seeds_dir, tmp_path, monkeypatch, caplog
+):
+    import kogpt2.generation as generation
+    from pipelines.generate import run
+
+    seeds = tmp_path / "seeds.txt"
+    words = ["이때", "그날 밤", "마침내 그는", "노인은", "우리는", "사람들은", "아이들은", "어머니는"]
+    seeds.write_text("\n".join(words) + "\n", encoding="utf-8")
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    args = ["--num-shards", "4", "--batch-size", "1", "--progress-seconds", "0.01"]
+    assert run(argv(tiny_model_dir, seeds, reference, *args)) == 0
+
+    monkeypatch.setattr(generation, "_decode_batch", _marked_failure(tiny_tokenizer, "노인은"))
+    with caplog.at_level("INFO", logger="pipelines.generate"):
+        assert run(argv(tiny_model_dir, seeds, out, *args)) == 1
+    assert any("progress:" in r.message and "of 16 rows" in r.message for r in caplog.records)
+    info = json.loads((out / "info.json").read_text())
+    assert info["status"] == "failed" and not (out / "COMPLETED").exists()
+    assert info["units"]["failed"] == 1 and info["units"]["generated"] == 3
+    assert "simulated device failure" in info["errors"][0]
+    failed = [json.loads(line) for f in out.glob("failed-*.jsonl") for line in f.read_text().splitlines()]
+    errors = {(f["seed"], f["sample_index"]) for f in failed if f["reason"] == "inference_error"}
+    assert errors == {("노인은", 0), ("노인은", 1)}
+    held = [f for f in failed if f["reason"] != "inference_error"]  # the failed unit's other rows, held back
+    assert all(f["reason"] == "unit_not_committed" for f in held)
+    assert info["counts"]["failed_rows"] == len(failed) and info["counts"]["rows"] == 16 - len(failed)
+    committed = {p.name: p.stat().st_mtime_ns for p in out.glob("generations-*.parquet")}
+    assert len(committed) == 3  # the other units finished and committed
+
+    monkeypatch.undo()  # the device is back: the rerun redoes just the failed unit
+    assert run(argv(tiny_model_dir, seeds, out, *args)) == 0
+    info = json.loads((out / "info.json").read_text())
+    assert info["units"]["resumed"] == 3 and info["units"]["generated"] == 1 and info["status"] == "completed"
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("generations-*.parquet") if p.name in committed} == committed
+    assert not list(out.glob("failed-*.jsonl")) and (out / "COMPLETED").exists()
+    ours, ref = all_rows(out), all_rows(reference)
+    assert ours.keys() == ref.keys() and all(ours[k]["text"] == ref[k]["text"] for k in ours)
+
+
+SLOW_MAIN = """
+import sys, time
+import kogpt2.generation as generation
+real = generation._decode_batch
+def slow(*args, **kwargs):
+    time.sleep(0.25)
+    return real(*args, **kwargs)
+generation._decode_batch = slow
+from pipelines.generate import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_job_resumes_to_exactly_the_rows_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    from conftest import make_sentences
+
+    from pipelines.generate import run
+
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("\n".join(s.split(" 번째")[0][:12] for s in make_sentences(48)) + "\n", encoding="utf-8")
+    args = ["--num-shards", "8", "--batch-size", "2", "--num-samples", "2", "--max-new-tokens", "5"]
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert run(argv(tiny_model_dir, seeds, reference, *args)) == 0
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_MAIN, *argv(tiny_model_dir, seeds, out, *args)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(list(out.glob("generations-*.parquet"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("generations-*.parquet")}
+    assert 2 <= len(kept) < 8, f"the kill should land mid-job: {len(kept)} of 8 units committed"
+    assert not (out / "COMPLETED").exists()
+
+    assert run(argv(tiny_model_dir, seeds, out, *args)) == 0  # the stale lock of the killed run is taken over
+    info = json.loads((out / "info.json").read_text())
+    assert info["units"]["resumed"] == len(kept) and info["units"]["generated"] == 8 - len(kept)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("generations-*.parquet") if p.name in kept} == kept
+    ours, ref = all_rows(out), all_rows(reference)
+    assert ours.keys() == ref.keys()  # no duplicates, no gaps
+    assert all(ours[k]["text"] == ref[k]["text"] for k in ours)
+    assert info["counts"] == json.loads((reference / "info.json").read_text())["counts"]
+    assert not list(out.glob(".tmp-*"))
