@@ -53,6 +53,16 @@ _QUOTATIVES = (
 _ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "vs", "etc", "e.g", "i.e", "no", "vol", "p", "pp"})
 
 
+#: Stateful encodings (canonical codec names or prefixes): a shift sequence changes the meaning of
+#: the bytes after it, possibly lines later, so their lines cannot be decoded one by one.
+STATEFUL_ENCODINGS = ("iso2022", "hz", "utf-7")
+
+
+def is_stateful_encoding(codec_name: str) -> bool:
+    """Whether a canonical codec name (``codecs.lookup(name).name``) is a stateful encoding."""
+    return codec_name.replace("-", "_").startswith(tuple(e.replace("-", "_") for e in STATEFUL_ENCODINGS))
+
+
 def check_encoding(name: str) -> str:
     """Return the canonical codec name of a text encoding that can be read line by line.
 
@@ -63,8 +73,10 @@ def check_encoding(name: str) -> str:
         The codec's canonical name (``utf-8``, ``cp949``, ``euc_kr``).
 
     Raises:
-        ValueError: unknown name, not a text encoding, or one where ``\\n`` is not the byte
-            ``0x0a`` (UTF-16/32: lines cannot be split on bytes).
+        ValueError: unknown name, not a text encoding, one where ``\\n`` is not the byte
+            ``0x0a`` (UTF-16/32: lines cannot be split on bytes), or a stateful encoding
+            (ISO-2022-*, HZ, UTF-7: a line's bytes mean something else without the shift
+            sequences of the lines before it).
     """
     try:
         info = codecs.lookup(name)
@@ -72,6 +84,12 @@ def check_encoding(name: str) -> str:
         raise ValueError(f"encoding={name!r}: unknown encoding (try utf-8, cp949 or euc-kr)") from None
     if not getattr(info, "_is_text_encoding", True):
         raise ValueError(f"encoding={name!r}: not a text encoding")
+    if is_stateful_encoding(info.name):
+        raise ValueError(
+            f"encoding={name!r}: {info.name} is a stateful encoding (shift sequences carry over between "
+            "lines), so lines cannot be decoded one by one; re-encode the corpus as UTF-8 (or use a "
+            "stateless encoding such as cp949, euc-kr)"
+        )
     if "\n".encode(info.name) != b"\n" or "a".encode(info.name) != b"a":
         raise ValueError(
             f"encoding={name!r}: not ASCII-compatible, lines cannot be split on b'\\n' (re-encode as UTF-8)"

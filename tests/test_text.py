@@ -33,6 +33,21 @@ def test_check_encoding_refuses_with_the_name(name: str, why: str) -> None:
     assert name in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "name", ["iso2022_kr", "ISO-2022-KR", "csiso2022kr", "iso2022_jp_2", "utf-7", "UTF7", "hz", "hz-gb-2312"]
+)
+def test_check_encoding_refuses_stateful_encodings(name: str) -> None:
+    with pytest.raises(ValueError, match="stateful encoding") as err:
+        check_encoding(name)
+    assert name in str(err.value) and "UTF-8" in str(err.value)
+
+
+def test_iso2022_kr_lines_do_not_decode_one_by_one() -> None:
+    # why it is refused: the shift-in declaration comes once per file, so a later line read alone is garbage
+    second = "첫 줄\n둘째 줄\n".encode("iso2022_kr").split(b"\n")[1]
+    assert second.decode("iso2022_kr", "replace") != "둘째 줄"
+
+
 def test_decode_line_drops_a_bom_only_at_file_start() -> None:
     raw = codecs.BOM_UTF8 + "그는 웃었다.".encode()
     assert decode_line(raw, "utf-8", file_start=True) == "그는 웃었다."
