@@ -65,7 +65,7 @@ from pipelines.counters import Counters
 from pipelines.preprocess_steps import CleanLines, Dedup, MakeExamples, Tokenize, open_tokenizer
 from pipelines.sorted_shards import SPILL_PREFIX as SPILL_PREFIX  # re-exported
 from pipelines.sorted_shards import SpillRuns, WriteShards, delete_spills, spill_prefix
-from pipelines.textio import REJECTED_FILE, ReadLines, match_files, plan_ranges
+from pipelines.textio import MAX_LINE_BYTES, REJECT_REASONS, REJECTED_FILE, ReadLines, match_files, plan_ranges
 
 INFO_FILE = "info.json"
 #: Auto sharding: one train shard per this many input bytes (at most MAX_AUTO_SHARDS).
@@ -100,6 +100,9 @@ class PreprocessConfig:
         dedup: drop exact duplicates of normalized texts (sentences with ``split_sentences``).
         num_shards: train shards; 0 chooses one per 128 MiB of input.
         overwrite: replace whatever the output folder holds.
+        max_line_bytes: longest line read, in bytes (terminator excluded); longer lines are
+            dead letters (``too_long``).
+        allow_empty: finish (``COMPLETED``) even when a split training needs has no example.
         batch_size: lines per element between steps (tuning).
         spill_mb: memory a worker sorts in before it spills a run to disk (tuning).
     """
@@ -117,6 +120,8 @@ class PreprocessConfig:
     dedup: bool = False
     num_shards: int = 0
     overwrite: bool = False
+    max_line_bytes: int = MAX_LINE_BYTES
+    allow_empty: bool = False
     batch_size: int = 512
     spill_mb: float = 32.0
 
@@ -136,6 +141,7 @@ class PreprocessConfig:
         object.__setattr__(self, "encoding", textlib.check_encoding(self.encoding))
         _check_int("min_chars", self.min_chars, 0, "a non-negative number of characters")
         _check_int("num_shards", self.num_shards, 0, "0 (auto) or a positive number of shards")
+        _check_int("max_line_bytes", self.max_line_bytes, 1, "a positive number of bytes (default 1 MiB)")
         _check_int("batch_size", self.batch_size, 1, "a positive number of lines")
         if isinstance(self.spill_mb, bool) or not isinstance(self.spill_mb, (int, float)) or not self.spill_mb > 0:
             raise ValueError(f"spill_mb={self.spill_mb!r}: must be a positive number of MiB")
@@ -191,7 +197,7 @@ def make_plan(config: PreprocessConfig) -> Plan:
 def signature(config: PreprocessConfig, plan: Plan) -> dict[str, Any]:
     """What makes two runs the same run (``run.json``): inputs, tokenizer and every output-shaping flag."""
     flags = dataclasses.asdict(config)
-    for key in ("output", "overwrite", "batch_size", "spill_mb"):
+    for key in ("output", "overwrite", "batch_size", "spill_mb", "allow_empty"):
         flags.pop(key)
     flags["inputs"] = list(config.inputs)
     return {"pipeline": "kogpt2.preprocess", "flags": flags, "files": list(plan.files), "tokenizer": plan.tokenizer}
@@ -234,9 +240,11 @@ class CollectRun(beam.CombineFn):
 def summarize_counts(config: PreprocessConfig, stats: dict[str, int], shards: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``counts`` block of ``info.json`` from the summed step counts and the written shards.
 
-    Every input line has one fate: ``rejected`` (undecodable), ``filtered`` by reason
-    (``empty``, ``too_short``, ``duplicate``: with sentence splitting, a line is filtered when
-    none of its sentences is kept) or ``kept``.
+    Every input line has one fate: ``rejected`` (by reason: ``undecodable``, ``too_long``),
+    ``filtered`` by reason (``empty``, ``too_short``, ``duplicate``: with sentence splitting, a
+    line is filtered when none of its sentences is kept) or ``kept``. A corrupt compressed file
+    is not a line: its lines read before the damage have their own fates, and the file is listed
+    in ``corrupt_inputs`` (one file-level dead letter each, ``line`` null).
 
     Raises:
         RuntimeError: the accounting does not add up (a bug, never a data problem).
@@ -258,6 +266,8 @@ def summarize_counts(config: PreprocessConfig, stats: dict[str, int], shards: li
         "kept": kept,
         "filtered": filtered,
         "rejected": s["rejected"],
+        "rejected_by_reason": {r: s[f"rejected.{r}"] for r in REJECT_REASONS if r != "corrupt_input"},
+        "corrupt_inputs": sorted(k.split(":", 1)[1] for k in s if k.startswith("corrupt_input:")),
         "truncated": s["truncated"],
         "windowed": s["windowed"],
         "examples": examples,
@@ -317,8 +327,35 @@ def build_info(
     return info
 
 
+class EmptyOutputError(RuntimeError):
+    """A run ended with no example in a split training needs (and ``--allow-empty`` was not given)."""
+
+
+def empty_splits(config: PreprocessConfig, counts: dict[str, Any]) -> list[str]:
+    """The splits training needs that hold no example: ``train``, and ``validation`` when ``val_fraction > 0``."""
+    needed = ["train", "validation"] if float(config.val_fraction) > 0 else ["train"]
+    return [split for split in needed if not counts["examples"][split]]
+
+
+def empty_output_message(config: PreprocessConfig, info: dict[str, Any]) -> str:
+    """Why a run without ``COMPLETED`` is refused, with the counts that explain it."""
+    c = info["counts"]
+    splits = " and ".join(empty_splits(config, c))
+    return (
+        f"no {splits} examples: of {c['lines_read']} lines read, {c['kept']} kept, filtered {c['filtered']}, "
+        f"rejected {c['rejected']} {c.get('rejected_by_reason', {})}"
+        + (f", corrupt input files {c['corrupt_inputs']}" if c.get("corrupt_inputs") else "")
+        + f"; see {join(config.output, REJECTED_FILE)} (wrong --encoding? UTF-16 input?). "
+        f"{config.output} is not marked COMPLETED; pass --allow-empty to accept an empty split"
+    )
+
+
 class WriteInfo(beam.DoFn):
-    """Write ``info.json``, remove the spill files, then write ``COMPLETED``."""
+    """Write ``info.json``, remove the spill files, then write ``COMPLETED``.
+
+    A split training needs without examples (:func:`empty_splits`) leaves the folder without
+    ``COMPLETED`` unless ``allow_empty``; :func:`run` then raises :class:`EmptyOutputError`.
+    """
 
     def __init__(self, config: PreprocessConfig, plan: Plan):
         self.config = config
@@ -333,7 +370,8 @@ class WriteInfo(beam.DoFn):
         output = self.config.output
         write_json(join(output, INFO_FILE), info)
         delete_spills(output)
-        mark_completed(output)
+        if self.config.allow_empty or not empty_splits(self.config, counts):
+            mark_completed(output)
         yield info
 
 
@@ -362,13 +400,14 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, plan: Plan | None
         | "PlanRanges" >> beam.FlatMapTuple(plan_ranges)
         | "SpreadRanges" >> beam.Reshuffle()
     )
-    lines = ranges | "ReadLines" >> beam.ParDo(ReadLines(config.batch_size)).with_outputs(
-        ReadLines.LINE_COUNTS, main="lines"
+    reader = ReadLines(config.batch_size, plan.files, config.max_line_bytes)
+    lines = ranges | "ReadLines" >> beam.ParDo(reader).with_outputs(
+        ReadLines.LINE_COUNTS, ReadLines.REJECTED, ReadLines.STATS, main="lines"
     )
     cleaned = lines.lines | "Clean" >> beam.ParDo(CleanLines(config, plan.files)).with_outputs(
         CleanLines.REJECTED, CleanLines.STATS, main="texts"
     )
-    stats = [lines.line_counts | "LinesRead" >> beam.Map(lambda c: {"lines_read": c[2]}), cleaned.stats]
+    stats = [lines.line_counts | "LinesRead" >> beam.Map(lambda c: {"lines_read": c[2]}), lines.stats, cleaned.stats]
     texts = cleaned.texts
     if config.dedup:
         texts, dedup_stats = texts | "Dedup" >> Dedup(config.batch_size, config.split_sentences)
@@ -384,11 +423,12 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, plan: Plan | None
     spill_bytes = int(config.spill_mb * (1 << 20))
     example_runs = examples.items | "SpillSortedRuns" >> beam.ParDo(SpillRuns(prefix, spill_bytes))
     rejected_runs = cleaned.rejected | "SpillRejected" >> beam.ParDo(SpillRuns(prefix, spill_bytes))
+    unread_runs = lines.rejected | "SpillUnread" >> beam.ParDo(SpillRuns(prefix, spill_bytes))
     pad_id = int(plan.tokenizer["pad_id"])
     writer = WriteShards(config.output, prefix, packing=config.packing, max_len=config.max_len, pad_id=pad_id)
     every_file = p | "OutputFiles" >> beam.Create([(name, None) for name in plan.all_names], reshuffle=False)
     written = (
-        (example_runs, rejected_runs, every_file)
+        (example_runs, rejected_runs, unread_runs, every_file)
         | "WithEveryFile" >> beam.Flatten()
         | "GroupRuns" >> beam.GroupByKey()
         | "WriteShards" >> beam.ParDo(writer, beam.pvalue.AsList(lines.line_counts))
@@ -401,6 +441,24 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, plan: Plan | None
         | "CollectRun" >> beam.CombineGlobally(CollectRun()).without_defaults()
         | "WriteInfo" >> beam.ParDo(WriteInfo(config, plan))
     )
+
+
+def finished_info(config: PreprocessConfig) -> dict[str, Any]:
+    """The ``info.json`` of a finished run.
+
+    Raises:
+        EmptyOutputError: a split training needs has no example (no ``COMPLETED``).
+        RuntimeError: no ``COMPLETED`` for another reason.
+    """
+    if not is_completed(config.output):
+        try:
+            info = json.loads(read_text(join(config.output, INFO_FILE)))
+        except Exception:
+            info = None
+        if info is not None and empty_splits(config, info["counts"]):
+            raise EmptyOutputError(empty_output_message(config, info))
+        raise RuntimeError(f"the pipeline finished but {config.output} has no COMPLETED marker")
+    return dict(json.loads(read_text(join(config.output, INFO_FILE))))
 
 
 # --- command line ----------------------------------------------------------------------
@@ -440,6 +498,17 @@ def make_parser() -> argparse.ArgumentParser:
     add("--dedup", action="store_true", help="drop exact duplicates of normalized texts")
     add("--num-shards", type=int, default=0, help="train shards; 0 = one per 128 MiB of input (default 0)")
     add("--overwrite", action="store_true", help="replace what the output folder holds")
+    add(
+        "--max-line-bytes",
+        type=int,
+        default=d["max_line_bytes"].default,
+        help="longest line in bytes; longer lines are rejected as too_long (default 1048576 = 1 MiB)",
+    )
+    add(
+        "--allow-empty",
+        action="store_true",
+        help="mark the run COMPLETED even when train (or validation, with --val-fraction > 0) has no example",
+    )
     add("--batch-size", type=int, default=d["batch_size"].default, help=argparse.SUPPRESS)
     add("--spill-mb", type=float, default=d["spill_mb"].default, help=argparse.SUPPRESS)
     return p
@@ -491,6 +560,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ValueError: bad flag values or unknown options; an unreadable tokenizer.
         FileNotFoundError: a glob matches no file.
         pipelines.common.OutputConflictError: the output folder holds another run.
+        EmptyOutputError: a split training needs has no example and ``--allow-empty`` was not given.
         RuntimeError: the pipeline finished without writing ``COMPLETED``.
     """
     config, beam_args = parse_args(argv)
@@ -501,9 +571,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # the shards' tokenizer travels with them: `kogpt2 train --model small` finds it there
     copy_file(plan.tokenizer_file[0], join(config.output, plan.tokenizer_file[1]))
     p.run().wait_until_finish()
-    if not is_completed(config.output):
-        raise RuntimeError(f"the pipeline finished but {config.output} has no COMPLETED marker")
-    return dict(json.loads(read_text(join(config.output, INFO_FILE))))
+    return finished_info(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -514,13 +582,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OutputConflictError) as exc:
         print(f"preprocess: error: {exc}", file=sys.stderr)
         return 2
+    except EmptyOutputError as exc:
+        print(f"preprocess: error: {exc}", file=sys.stderr)
+        return 1
+    print(summary_line(info))
+    return 0
+
+
+def summary_line(info: dict[str, Any]) -> str:
+    """The one-line summary ``main`` prints; names corrupt input files when there are any."""
     c = info["counts"]
-    print(
-        f"lines read {c['lines_read']}: kept {c['kept']}, filtered {c['filtered']}, rejected {c['rejected']}; "
+    line = (
+        f"lines read {c['lines_read']}: kept {c['kept']}, filtered {c['filtered']}, rejected {c['rejected']}"
+        f"{' ' + str(c['rejected_by_reason']) if c.get('rejected') else ''}; "
         f"examples train {c['examples']['train']}, validation {c['examples']['validation']}; "
         f"truncated {c['truncated']}; data {info['data_fingerprint'][:12]}"
     )
-    return 0
+    corrupt = c.get("corrupt_inputs") or []
+    if corrupt:
+        line += (
+            f"\nWARNING: {len(corrupt)} corrupt or truncated input file(s), read only up to the damage: "
+            f"{', '.join(corrupt)} (see {info.get('rejected_file', REJECTED_FILE)})"
+        )
+    return line
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ class CleanLines(beam.DoFn):
                 out.extend(good)
         stats = {
             "rejected": len(rejected),
+            "rejected.undecodable": len(rejected),
             "filtered.empty": empty,
             "filtered.too_short": too_short,
             # with dedup, a line is kept only if one of its sentences survives Dedup

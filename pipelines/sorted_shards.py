@@ -209,7 +209,7 @@ class WriteShards(beam.DoFn):
     """Merge the sorted runs of one output file and write it (TFRecord shard or rejected JSONL).
 
     Shard records hold serialized examples, or with ``packing`` token ids (:func:`ids_payload`)
-    packed into ``max_len`` blocks here; the rejected file's hold :func:`~pipelines.textio.rejected_entry` payloads.
+    packed into ``max_len`` blocks here; the rejected file's hold dead-letter payloads (:mod:`pipelines.textio`).
 
     Input: ``(file name, [run refs, or None])``; side input: the line counts of every range.
     Output: ``{"name", "split", "examples", "sha256"}``.

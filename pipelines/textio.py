@@ -1,20 +1,31 @@
-"""Reading raw text files as lines of bytes, and the record of lines that do not decode.
+"""Reading raw text files as lines of bytes, and the dead letters of lines and files.
 
 Files are matched when a run starts (:func:`match_files`), cut into byte ranges
 (:func:`plan_ranges`) and read in parallel by :class:`ReadLines`, which remembers file, range
-and line index. A line that does not decode becomes a rejected-line entry
-(:func:`rejected_entry`), written to ``rejected-*.jsonl`` with its line number resolved
-(:func:`write_rejected`).
+and line index. Lines end at ``\n``, ``\r\n`` or a lone ``\r`` (:func:`iter_lines`), and a
+line longer than ``--max-line-bytes`` is never held whole: it becomes a ``too_long`` dead letter
+keeping only a short prefix. A compressed file that is truncated or corrupt (:func:`open_input`
+reads ``.gz``, ``.bz2``, ``.xz``/``.lzma`` with Python's own decompressors, which notice a missing
+end-of-stream marker) keeps the lines read before the damage and becomes one ``corrupt_input``
+dead letter for the file. A line that does not decode becomes an ``undecodable`` dead letter
+(:func:`rejected_entry`). All are written to ``rejected-*.jsonl`` with their line numbers
+resolved (:func:`write_rejected`).
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import io
 import json
+import lzma
+import re
 import struct
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import IO, Any
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -24,6 +35,23 @@ from kogpt2 import text as textlib
 from pipelines.counters import Counters
 
 REJECTED_FILE = "rejected-00000-of-00001.jsonl"
+#: Default byte limit of one line, terminator excluded (``--max-line-bytes``).
+MAX_LINE_BYTES = 1 << 20
+#: Bytes of a too-long line kept in its dead letter.
+PREFIX_BYTES = 64
+#: Dead-letter reasons of preprocessing.
+REJECT_REASONS = ("undecodable", "too_long", "corrupt_input")
+#: The line index of a file-level dead letter: it sorts after every line of its file.
+FILE_LEVEL = (1 << 64) - 1
+_READ_CHUNK = 1 << 16
+_EOL = re.compile(rb"[\r\n]")
+#: Compressed inputs read with Python's decompressors, which raise on a truncated or corrupt stream.
+_CHECKED = {
+    CompressionTypes.GZIP: lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
+    CompressionTypes.BZIP2: lambda raw: bz2.BZ2File(raw, mode="rb"),
+    CompressionTypes.LZMA: lambda raw: lzma.LZMAFile(raw, mode="rb"),
+}
+_CORRUPT_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
 def match_files(patterns: Sequence[str]) -> dict[str, int]:
@@ -55,64 +83,228 @@ def plan_ranges(
     return [(path, start, min(start + step, size)) for start in range(0, size, step)]
 
 
+def iter_lines(f: IO[bytes], max_bytes: int, chunk: int = _READ_CHUNK) -> Iterator[tuple[int, bytes, int]]:
+    """Split a binary stream into lines ending at ``\n``, ``\r\n`` or a lone ``\r``.
+
+    Memory stays within ``max_bytes`` plus one chunk whatever the line lengths.
+
+    Args:
+        f: the stream, positioned where the first line starts.
+        max_bytes: longest line (terminator excluded) returned whole.
+        chunk: bytes per read.
+
+    Yields:
+        ``(consumed, line, length)``: bytes consumed including the terminator, the line without
+        it, and its length. When ``length > max_bytes`` the line holds only its first
+        :data:`PREFIX_BYTES` bytes. A last line without a terminator is yielded too.
+    """
+    parts: list[bytes] = []
+    kept = length = 0
+    cap = max(max_bytes + 1, PREFIX_BYTES)  # bytes of a line ever held
+    # read1: one underlying read at a time, so a decompression error loses only its own block
+    read = getattr(f, "read1", f.read)
+    while True:
+        buf = read(chunk)
+        if not buf:
+            break
+        while buf.endswith(b"\r"):  # a \r\n pair may straddle two reads
+            more = f.read(1)
+            if not more:
+                break
+            buf += more
+        pos, n = 0, len(buf)
+        while pos < n:
+            m = _EOL.search(buf, pos)
+            stop = n if m is None else m.start()
+            if stop > pos:
+                length += stop - pos
+                if kept < cap:
+                    parts.append(buf[pos : min(stop, pos + cap - kept)])
+                    kept += len(parts[-1])
+            if m is None:
+                break
+            term = 2 if buf[stop : stop + 2] == b"\r\n" else 1
+            line = b"".join(parts)
+            yield length + term, line if length <= max_bytes else line[:PREFIX_BYTES], length
+            parts, kept, length = [], 0, 0
+            pos = stop + term
+    if parts:
+        line = b"".join(parts)
+        yield length, line if length <= max_bytes else line[:PREFIX_BYTES], length
+
+
+def skip_to_line_start(f: IO[bytes], start: int) -> int:
+    """Position a seekable stream at the first line that starts at or after byte ``start``.
+
+    The line running into ``start`` belongs to the range before; a ``\r\n`` split by ``start``
+    ends that line. Returns the position of the first line start.
+    """
+    if start == 0:
+        f.seek(0)
+        return 0
+    f.seek(start - 1)
+    before = f.read(2)
+    if before[:1] == b"\n" or (before[:1] == b"\r" and before[1:2] != b"\n"):
+        f.seek(start)
+        return start
+    if before == b"\r\n":
+        f.seek(start + 1)
+        return start + 1
+    f.seek(start)
+    pos = start
+    for consumed, _, _ in iter_lines(f, 0):  # the partial line, held as a prefix at most
+        pos += consumed
+        break
+    f.seek(pos)
+    return pos
+
+
+class _SourceWatch(io.RawIOBase):
+    """A raw stream that remembers whether reading the underlying file failed (I/O, not data)."""
+
+    def __init__(self, raw: Any):
+        self.raw = raw
+        self.failed = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        try:
+            data = self.raw.read(len(b))
+        except Exception:
+            self.failed = True
+            raise
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def open_input(path: str, whole: bool) -> tuple[IO[bytes], _SourceWatch | None]:
+    """Open an input file as bytes: a byte range of a plain file, or a whole (decompressed) file.
+
+    Returns:
+        ``(stream, watch)``: ``watch`` is set for files decompressed by Python's gzip, bz2 or
+        lzma, whose errors (truncated stream, bad data) mean a corrupt input unless
+        ``watch.failed`` says the underlying read itself failed.
+    """
+    if not whole:
+        return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED), None
+    kind = CompressionTypes.detect_compression_type(path)
+    if kind not in _CHECKED:
+        return FileSystems.open(path, compression_type=CompressionTypes.AUTO), None
+    watch = _SourceWatch(FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED))
+    return _CHECKED[kind](io.BufferedReader(watch, 1 << 16)), watch
+
+
 class ReadLines(beam.DoFn):
     """Read a byte range of a file as lines of bytes, in batches.
 
     Main output: ``(path, range_start, first_index, [line bytes...])`` (line endings removed).
-    ``line_counts`` output: ``(path, range_start, lines in the range)``.
+    ``line_counts`` output: ``(path, range_start, lines in the range)``: every line, too-long
+    ones included. ``rejected`` output: ``{rejected file name: [run records]}`` of too-long lines
+    and corrupt files. ``stats`` output: count dicts.
     """
 
     LINE_COUNTS = "line_counts"
+    REJECTED = "rejected"
+    STATS = "stats"
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, files: Sequence[str] = (), max_line_bytes: int = MAX_LINE_BYTES):
         self.batch_size = batch_size
+        self.file_index = {path: i for i, path in enumerate(files)}
+        self.max_line_bytes = max_line_bytes
 
     def setup(self) -> None:
         self.counters = Counters()
 
     def process(self, rng: tuple[str, int, int]) -> Iterator[Any]:
+        from pipelines.sorted_shards import run_record  # sorted_shards imports this module
+
         path, start, end = rng
-        compression = CompressionTypes.UNCOMPRESSED if end >= 0 else CompressionTypes.AUTO
-        n = first = 0
+        file_index = self.file_index.get(path, len(self.file_index))
+        limit = self.max_line_bytes
+        n = first = too_long = 0
         batch: list[bytes] = []
-        with FileSystems.open(path, compression_type=compression) as f:
-            pos = start
-            if start > 0:
-                f.seek(start - 1)
-                pos = start - 1 + len(f.readline())  # the line running into this range is the previous range's
-            while end < 0 or pos < end:
-                line = f.readline()
-                if not line:
+        rejected: list[bytes] = []
+        stats: dict[str, int] = {}
+        f, watch = open_input(path, whole=end < 0)
+        try:
+            pos = skip_to_line_start(f, start) if end >= 0 else 0
+            for consumed, line, length in iter_lines(f, limit):
+                if 0 <= end <= pos:
                     break
-                pos += len(line)
-                if line.endswith(b"\n"):
-                    line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-                batch.append(line)
+                pos += consumed
+                if length > limit:
+                    if batch:
+                        yield path, start, first, batch
+                        batch = []
+                    rejected.append(run_record(*too_long_entry(file_index, path, start, n, line, length, limit)))
+                    too_long += 1
+                    first = n + 1
+                else:
+                    batch.append(line)
+                    if len(batch) >= self.batch_size:
+                        yield path, start, first, batch
+                        first, batch = n + 1, []
                 n += 1
-                if len(batch) >= self.batch_size:
-                    yield path, start, first, batch
-                    first, batch = n, []
+        except _CORRUPT_ERRORS as exc:
+            if watch is None or watch.failed:
+                raise
+            detail = f"{type(exc).__name__}: {exc}; the {n} lines read before it are kept, the rest of the file is lost"
+            rejected.append(run_record(*file_entry(file_index, path, "corrupt_input", detail)))
+            stats = {"corrupt_inputs": 1, f"corrupt_input:{path}": 1}
+        finally:
+            f.close()
         if batch:
             yield path, start, first, batch
-        self.counters.add({"lines_read": n})
+        counts = {"lines_read": n, "rejected": too_long, "rejected.too_long": too_long}
+        self.counters.add({**counts, "corrupt_inputs": stats.get("corrupt_inputs", 0)})
+        if rejected:
+            yield beam.pvalue.TaggedOutput(self.REJECTED, {REJECTED_FILE: rejected})
+        yield beam.pvalue.TaggedOutput(self.STATS, {"rejected": too_long, "rejected.too_long": too_long, **stats})
         yield beam.pvalue.TaggedOutput(self.LINE_COUNTS, (path, start, n))
+
+
+def _entry(file_index: int, path: str, start: int, index: int, payload: dict[str, Any]) -> tuple[bytes, bytes]:
+    """A dead letter: ``(sort key, JSON payload)``; the 20-byte key sorts by file, range and line."""
+    key = struct.pack(">IQQ", file_index, start, index)
+    record = {"file": path, "start": start, "index": index, **payload}
+    return key, json.dumps(record, ensure_ascii=False).encode("utf-8")
 
 
 def rejected_entry(
     file_index: int, path: str, start: int, index: int, exc: UnicodeDecodeError, raw: bytes
 ) -> tuple[bytes, bytes]:
-    """A line that does not decode: ``(sort key, JSON payload)``.
+    """A line that does not decode: reason ``undecodable``, the codec's message as ``detail``.
 
-    The 20-byte key sorts by file, range and line; the line number is resolved when
-    :func:`write_rejected` writes it.
+    The line number is resolved when :func:`write_rejected` writes it.
     """
-    key = struct.pack(">IQQ", file_index, start, index)
-    payload = {"file": path, "start": start, "index": index, "reason": str(exc), "raw": textlib.escape_bytes(raw)}
-    return key, json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    payload = {"reason": "undecodable", "detail": str(exc), "raw": textlib.escape_bytes(raw)}
+    return _entry(file_index, path, start, index, payload)
+
+
+def too_long_entry(
+    file_index: int, path: str, start: int, index: int, prefix: bytes, length: int, limit: int
+) -> tuple[bytes, bytes]:
+    """A line over the byte limit: reason ``too_long``; ``raw`` holds only its first bytes."""
+    detail = f"{length} bytes, over --max-line-bytes {limit}; raw holds the first {len(prefix)} bytes"
+    payload = {"reason": "too_long", "detail": detail, "raw": textlib.escape_bytes(prefix[:PREFIX_BYTES])}
+    return _entry(file_index, path, start, index, payload)
+
+
+def file_entry(file_index: int, path: str, reason: str, detail: str) -> tuple[bytes, bytes]:
+    """A dead letter for a whole file (``line`` is null), sorted after the file's lines."""
+    return _entry(file_index, path, 0, FILE_LEVEL, {"reason": reason, "detail": detail, "raw": ""})
 
 
 def write_rejected(path: str, payloads: Iterable[bytes], line_counts: Iterable[tuple[str, int, int]]) -> dict[str, Any]:
-    """Write rejected-line payloads (in key order) as JSONL ``{"file", "line", "reason", "raw"}``.
+    """Write dead-letter payloads (in key order) as JSONL ``{"file", "line", "reason", "detail", "raw"}``.
+
+    ``line`` is 1-based, or null for a record about a whole file (``corrupt_input``).
 
     Args:
         path: the JSONL file to write.
@@ -136,8 +328,14 @@ def write_rejected(path: str, payloads: Iterable[bytes], line_counts: Iterable[t
     with FileSystems.create(path, mime_type="application/json", compression_type=CompressionTypes.UNCOMPRESSED) as f:
         for payload in payloads:
             rec = json.loads(payload)
-            line = before[(rec["file"], rec["start"])] + rec["index"] + 1
-            out = {"file": rec["file"], "line": line, "reason": rec["reason"], "raw": rec["raw"]}
+            line = None if rec["index"] == FILE_LEVEL else before[(rec["file"], rec["start"])] + rec["index"] + 1
+            out = {
+                "file": rec["file"],
+                "line": line,
+                "reason": rec["reason"],
+                "detail": rec["detail"],
+                "raw": rec["raw"],
+            }
             data = (json.dumps(out, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
             f.write(data)
             digest.update(data)

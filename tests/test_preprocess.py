@@ -18,7 +18,7 @@ from conftest import REPO, make_sentences
 
 from kogpt2 import records
 from kogpt2.schemas import tf_feature_spec, validate_info
-from kogpt2.text import escape_bytes, normalize_text, split_sentences
+from kogpt2.text import escape_bytes, normalize_text, split_sentences, unescape_bytes
 from pipelines import preprocess, sorted_shards, textio
 from pipelines.common import COMPLETED, is_completed
 from pipelines.preprocess import PreprocessConfig, build_pipeline, parse_args
@@ -157,7 +157,7 @@ def test_read_ranges_yield_every_line_once_in_order(tmp_path: Path) -> None:
             if isinstance(out, tuple):
                 _, start, first, batch = out
                 got += [(start, first + k, raw) for k, raw in enumerate(batch)]
-            else:
+            elif out.tag == textio.ReadLines.LINE_COUNTS:
                 counts[out.value[1]] = out.value[2]
     assert [raw for _, _, raw in got] == [line.encode() for line in lines]
     assert sum(counts.values()) == len(lines)
@@ -243,9 +243,16 @@ def test_pipeline_filters_rejects_dedups_and_writes_shards(tmp_path: Path, tiny_
     assert info["counts"]["tokens"]["train"] == sum(n for _, n in train)
     rejected = [json.loads(line) for line in (out / preprocess.REJECTED_FILE).read_text().splitlines()]
     assert rejected == [
-        {"file": str(a), "line": 36, "reason": rejected[0]["reason"], "raw": escape_bytes(b"\xff\xfe not utf-8")}
+        {
+            "file": str(a),
+            "line": 36,
+            "reason": "undecodable",
+            "detail": rejected[0]["detail"],
+            "raw": escape_bytes(b"\xff\xfe not utf-8"),
+        }
     ]
-    assert "utf-8" in rejected[0]["reason"]
+    assert "utf-8" in rejected[0]["detail"]
+    assert c["rejected_by_reason"] == {"undecodable": 1, "too_long": 0} and c["corrupt_inputs"] == []
 
 
 def test_cp949_corpus_and_undecodable_line(tmp_path: Path, tiny_tokenizer) -> None:
@@ -349,6 +356,9 @@ def test_output_folder_of_another_run_is_refused_unless_overwrite(tmp_path: Path
         (["--val-fraction", "1"], "val_fraction=1.0"),
         (["--min-chars", "-1"], "min_chars=-1"),
         (["--encoding", "klingon-8"], "klingon-8"),
+        (["--encoding", "iso2022_kr"], "stateful encoding"),
+        (["--encoding", "utf-7"], "stateful encoding"),
+        (["--max-line-bytes", "0"], "max_line_bytes=0"),
         (["--bogus-flag", "1"], "--bogus-flag"),
     ],
 )
@@ -500,3 +510,176 @@ def test_real_tokenizer_and_novel(tmp_path: Path, v1_tokenizer_path: Path, novel
     assert all(ids[0] == tok.bos_id for ids, _ in examples)
     assert as_counter(examples) == expected_examples(tok, lines, 30)
     assert c["unk_tokens"] == sum(ids[:n].count(tok.unk_id) for ids, n in examples) > 0
+
+
+# --- hostile inputs (issue 10: items 1, 3, 4, 5) ----------------------------------------
+
+
+def read_range_outputs(reader: textio.ReadLines, rng: tuple[str, int, int]) -> dict[str, list[Any]]:
+    """Run ReadLines.process on one range: lines (index, bytes), dead letters, stats, line count."""
+    reader.setup()
+    out: dict[str, list[Any]] = {"lines": [], "rejected": [], "stats": [], "line_counts": []}
+    for item in reader.process(rng):
+        if isinstance(item, tuple):
+            _, _, first, batch = item
+            out["lines"] += [(first + k, raw) for k, raw in enumerate(batch)]
+        elif item.tag == textio.ReadLines.REJECTED:
+            out["rejected"] += [json.loads(sorted_shards.record_payload(r)) for r in item.value[textio.REJECTED_FILE]]
+        else:
+            out[item.tag].append(item.value)
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 64, 1 << 16])
+def test_iter_lines_ends_lines_at_lf_crlf_and_lone_cr(chunk: int) -> None:
+    import io
+
+    data = b"a\rb\r\nc\nd\r\re\n\nlong-line-here\rlast"
+    got = list(textio.iter_lines(io.BytesIO(data), 8, chunk))
+    assert [line for _, line, _ in got] == [b"a", b"b", b"c", b"d", b"", b"e", b"", b"long-line-here", b"last"]
+    assert [n for _, _, n in got] == [1, 1, 1, 1, 0, 1, 0, 14, 4]
+    assert sum(consumed for consumed, _, _ in got) == len(data)  # every byte belongs to one line
+    assert list(textio.iter_lines(io.BytesIO(b"x\r"), 8, chunk)) == [(2, b"x", 1)]  # a final lone \r ends a line
+
+
+def test_a_line_with_no_end_is_read_in_bounded_memory() -> None:
+    import io
+    import tracemalloc
+
+    class Endless(io.RawIOBase):  # 20 MB of one line, produced on the fly (no copy in the test either)
+        def __init__(self, size: int) -> None:
+            self.left = size
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: Any) -> int:
+            n = min(len(b), self.left)
+            b[:n] = b"x" * n
+            self.left -= n
+            return n
+
+    tracemalloc.start()
+    try:
+        got = list(textio.iter_lines(io.BufferedReader(Endless(20 << 20)), 1 << 20))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [(n, len(line)) for _, line, n in got] == [(20 << 20, textio.PREFIX_BYTES)]
+    assert peak < 4 << 20, peak  # the 1 MiB limit plus a read chunk, not the 20 MB line
+
+
+def test_read_ranges_with_lone_cr_and_too_long_lines_count_every_line_once(tmp_path: Path) -> None:
+    lines = [f"{i} " + "가나다" * (i % 5) for i in range(120)]
+    lines[40] = "긴" * 400  # 1200 bytes: over the limit
+    ends = ["\r", "\n", "\r\n"]
+    data = "".join(line + ends[i % 3] for i, line in enumerate(lines)).encode()
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(data)
+    reader = textio.ReadLines(batch_size=7, files=[str(path)], max_line_bytes=1000)
+    for parts in (1, 7, 29):
+        got, rejected, counted = [], [], 0
+        for rng in textio.plan_ranges(str(path), len(data), parts=parts, min_bytes=50):
+            out = read_range_outputs(reader, rng)
+            got += [raw for _, raw in out["lines"]]
+            rejected += out["rejected"]
+            counted += sum(n for *_, n in out["line_counts"])
+        assert counted == len(lines)
+        assert got == [line.encode() for i, line in enumerate(lines) if i != 40]
+        assert [(r["reason"], r["raw"]) for r in rejected] == [("too_long", escape_bytes(lines[40].encode()[:64]))]
+        assert "1200 bytes" in rejected[0]["detail"]
+
+
+def test_truncated_gzip_is_a_corrupt_input_dead_letter(tmp_path: Path) -> None:
+    sentences = make_sentences(400)
+    whole = gzip.compress(("\n".join(sentences) + "\n").encode())
+    cut = tmp_path / "cut.txt.gz"
+    cut.write_bytes(whole[: len(whole) // 2])  # an interrupted upload
+    reader = textio.ReadLines(batch_size=50, files=[str(cut)])
+    out = read_range_outputs(reader, (str(cut), 0, -1))
+    kept = [raw.decode() for _, raw in out["lines"]]
+    assert kept == sentences[: len(kept)]  # only whole lines from before the cut: no partial last line
+    (letter,) = out["rejected"]
+    assert letter["reason"] == "corrupt_input" and letter["index"] == textio.FILE_LEVEL
+    assert f"{len(kept)} lines read" in letter["detail"]
+    assert out["stats"][0]["corrupt_inputs"] == 1 and out["line_counts"] == [(str(cut), 0, len(kept))]
+    # an intact multi-member gzip and a bzip2 file read whole, with no dead letter
+    good = tmp_path / "good.txt.gz"
+    good.write_bytes(gzip.compress("\n".join(sentences[:5]).encode()) + gzip.compress(("\n" + sentences[5]).encode()))
+    out = read_range_outputs(textio.ReadLines(10, [str(good)]), (str(good), 0, -1))
+    assert [raw.decode() for _, raw in out["lines"]] == sentences[:6] and not out["rejected"]
+    import bz2
+
+    bad_bz2 = tmp_path / "bad.txt.bz2"
+    bad_bz2.write_bytes(bz2.compress(("\n".join(sentences) + "\n").encode())[:-40])
+    out = read_range_outputs(textio.ReadLines(10, [str(bad_bz2)]), (str(bad_bz2), 0, -1))
+    assert [r["reason"] for r in out["rejected"]] == ["corrupt_input"]
+
+
+def test_empty_train_split_is_an_error_unless_allowed(tmp_path: Path, tiny_tokenizer, capsys) -> None:
+    src = tmp_path / "utf16.txt"
+    src.write_text("\n".join(make_sentences(20)) + "\n", encoding="utf-16")  # read as UTF-8: all rejected
+    out = tmp_path / "out"
+    assert preprocess.main(argv([src], tiny_tokenizer, out)) == 1
+    err = capsys.readouterr().err
+    assert "no train and validation examples" in err and "--allow-empty" in err and "rejected 20" in err
+    assert not is_completed(str(out))
+    info = json.loads((out / "info.json").read_text())  # the counts stay readable
+    assert info["counts"]["rejected"] == 20 and info["counts"]["examples"] == {"train": 0, "validation": 0}
+    allowed = tmp_path / "allowed"
+    assert preprocess.main(argv([src], tiny_tokenizer, allowed, "--allow-empty")) == 0
+    assert is_completed(str(allowed))
+    # with --val-fraction 0 only train is needed
+    one = tmp_path / "one.txt"
+    one.write_text(make_sentences(1)[0] + "\n", encoding="utf-8")
+    assert preprocess.main(argv([one], tiny_tokenizer, tmp_path / "one", "--val-fraction", "0")) == 0
+
+
+def test_hostile_corpus_every_line_and_file_has_one_fate(tmp_path: Path, tiny_tokenizer, capsys) -> None:
+    good = make_sentences(200)
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "good.txt").write_text("\n".join(good[:100]) + "\n", encoding="utf-8")
+    whole = gzip.compress(("\n".join(good[100:200]) + "\n").encode())
+    (src / "cut.txt.gz").write_bytes(whole[: len(whole) // 2])
+    (src / "cr.txt").write_bytes("\r".join(good[:30]).encode() + b"\r")  # old Mac line ends
+    big = "가" * ((5 << 20) // 3)  # one 5 MB line, no line end
+    (src / "big.txt").write_bytes(good[0].encode() + b"\n" + big.encode())
+    special = ["<usr> 안녕 <sys>", "취소선 <s>가격</s> 할인 <pad>", "<unused0>"]
+    (src / "special.txt").write_text("\n".join(special) + "\n", encoding="utf-8")
+    (src / "utf16.txt").write_text("\n".join(good[:10]) + "\n", encoding="utf-16")
+    out = tmp_path / "out"
+    assert preprocess.main(argv([src / "*"], tiny_tokenizer, out, "--max-len", "64")) == 0
+    summary = capsys.readouterr().out
+    assert "1 corrupt or truncated input file" in summary and "cut.txt.gz" in summary
+
+    info = json.loads((out / "info.json").read_text())
+    check_folder(out, info)
+    check_accounting(info)
+    c = info["counts"]
+    letters = [json.loads(x) for x in (out / preprocess.REJECTED_FILE).read_text().splitlines()]
+    by_file: dict[str, Counter] = {}
+    for r in letters:
+        by_file.setdefault(Path(r["file"]).name, Counter())[r["reason"]] += 1
+    assert by_file["cut.txt.gz"] == Counter({"corrupt_input": 1})
+    assert by_file["big.txt"] == Counter({"too_long": 1})
+    assert by_file["utf16.txt"]["undecodable"] >= 1 and set(by_file["utf16.txt"]) == {"undecodable"}
+    assert set(by_file) == {"cut.txt.gz", "big.txt", "utf16.txt"}
+    (cut,) = [r for r in letters if r["reason"] == "corrupt_input"]
+    assert cut["line"] is None and c["corrupt_inputs"] == [cut["file"]]
+    (too_long,) = [r for r in letters if r["reason"] == "too_long"]
+    assert too_long["line"] == 2 and unescape_bytes(too_long["raw"]) == big.encode()[: textio.PREFIX_BYTES]
+    assert c["rejected"] == len(letters) - 1 == sum(c["rejected_by_reason"].values())
+    assert c["rejected_by_reason"]["too_long"] == 1
+    # lines in: good 100 + cut (whatever was whole before the cut) + \r-only 30 + big 2 + special 3 + utf16 lines
+    utf16_lines = len((src / "utf16.txt").read_bytes().split(b"\n"))  # 10 and a last b"\x00" (empty)
+    cut_lines = c["lines_read"] - (100 + 30 + 2 + 3 + utf16_lines)
+    assert 0 < cut_lines < 100
+    utf16_kept = utf16_lines - by_file["utf16.txt"]["undecodable"] - 1
+    assert c["kept"] == 100 + cut_lines + 30 + 1 + 3 + utf16_kept
+    assert c["filtered"]["empty"] == 1  # the UTF-16 file's last "line", b"\x00"
+    examples = read_split(out, info, "train") + read_split(out, info, "validation")
+    ids = [t for row, n in examples for t in row[1 : n - 1]]  # between <s> and </s>
+    assert not set(ids) & tiny_tokenizer.special_ids  # typed specials never became special ids
+    texts = {tiny_tokenizer.decode(row[:n]) for row, n in examples}
+    assert set(special) <= texts and set(good[:30]) <= texts
