@@ -242,6 +242,7 @@ def make_dataset(
     shuffle_buffer: int = 10_000,
     cache: bool | None = None,
     drop_remainder: bool = False,
+    skip_batches: int = 0,
 ) -> Any:
     """A ``tf.data`` pipeline of ``(inputs, targets)`` batches over one split.
 
@@ -263,6 +264,8 @@ def make_dataset(
         cache: keep raw records in memory after the first pass (default: when they are
             estimated under :data:`CACHE_LIMIT_BYTES`).
         drop_remainder: drop each epoch's last partial batch (static shapes, e.g. for XLA).
+        skip_batches: batches of ``first_epoch`` to leave out (already trained on before a
+            mid-epoch resume); the rest of that epoch keeps its order. Training only.
 
     Returns:
         A ``tf.data.Dataset`` of ``(inputs (B, T-1) int32, targets (B, T-1) int32)``.
@@ -273,6 +276,8 @@ def make_dataset(
     tf = import_tf()
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size}: must be positive")
+    if skip_batches < 0 or (skip_batches and not training):
+        raise ValueError(f"skip_batches={skip_batches}: must be >= 0, and only for training datasets")
     files = shards.files(split)
     if not files:
         raise ShardError(f"{shards.folder}: no {split} shards")
@@ -286,8 +291,11 @@ def make_dataset(
         records = cached if cached is not None else _records(files, seed=epoch_seed if training else None)
         if training:
             records = _window_shuffle(records, shuffle_buffer, epoch_seed)
+        batches = records.batch(batch_size, drop_remainder=drop_remainder)
+        if skip_batches:  # before parsing: skipped batches cost only their reading
+            batches = batches.skip(tf.where(tf.equal(epoch, first_epoch), tf.constant(skip_batches, tf.int64), 0))
         # Parse whole batches at once (vectorized), then shift.
-        return records.batch(batch_size, drop_remainder=drop_remainder).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+        return batches.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
 
     if training:
         if epochs <= first_epoch:

@@ -8,9 +8,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +20,14 @@ import pytest
 from conftest import REPO, make_sentences, write_test_shards
 
 from kogpt2.cli import main
-from kogpt2.dataset import IGNORE_ID, ShardError, TokenizerMismatchError, open_shards
+from kogpt2.dataset import IGNORE_ID, ShardError, TokenizerMismatchError, make_dataset, open_shards
 from kogpt2.evaluate import LMTrainer, evaluate_model, masked_lm_loss, token_stats
 from kogpt2.model import load_model, new_model, read_model_info
-from kogpt2.tf_setup import import_tf
-from kogpt2.training import EXIT_AFTER_EPOCH_ENV, TrainConfig, train
+from kogpt2.tf_setup import import_keras, import_tf
+from kogpt2.training import EXIT_AFTER_EPOCH_ENV, STEP_SLEEP_ENV, TrainConfig, TrainingFailed, train
 
 tf = import_tf()
+keras = import_keras()
 
 
 def _config(shards: Path, out: Path, tok, **kwargs) -> TrainConfig:
@@ -223,13 +226,11 @@ def test_time_budget_on_packed_shards_with_the_tokenizer_beside_them(tmp_path: P
 
 def test_mixed_precision_saves_float32_weights(tmp_path: Path, tiny_shards: Path, tiny_tokenizer) -> None:
     result = train(
-        _config(tiny_shards, tmp_path / "out", tiny_tokenizer, epochs=1, mixed_precision=True), progress=False
+        _config(tiny_shards, tmp_path / "out", tiny_tokenizer, epochs=1, mixed_precision="bf16"), progress=False
     )
     assert math.isfinite(result.history["epochs"][0]["val_loss"])
     model, _ = load_model(tmp_path / "out")
     assert {w.dtype for w in model.weights} == {tf.float32}
-    from kogpt2.tf_setup import import_keras
-
     assert import_keras().mixed_precision.global_policy().name == "float32"  # restored after the run
 
 
@@ -312,3 +313,140 @@ def test_mirrored_strategy_over_two_logical_cpus(tmp_path: Path, tiny_shards: Pa
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
     assert mirrored["epochs"][1]["val_loss"] < mirrored["epochs"][0]["val_loss"]
     assert result["eval"]["mirrored"] == pytest.approx(result["eval"]["default"], abs=1e-5)
+
+
+# --- issue 13 item 2: step checkpoints and mid-epoch resume ---------------------------------------------------
+
+
+def _wait_for_state(path: Path, proc: subprocess.Popen, done, timeout: float = 240.0) -> dict:
+    """Poll ``state.json`` until ``done(state)``; fail if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"training ended (status {proc.returncode}) before the kill: {proc.stderr.read()[-2000:]}"
+            )
+        try:
+            state = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            state = None
+        if state and done(state):
+            return state
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no mid-epoch checkpoint in time")
+
+
+def test_sigkill_mid_epoch_resumes_from_the_last_step_checkpoint(
+    tmp_path: Path, tiny_shards: Path, tiny_tokenizer
+) -> None:
+    # 48 examples in batches of 4: 12 batches per epoch, a checkpoint every 3 batches.
+    out = tmp_path / "killed"
+    args = ["train", "--data", tiny_shards, "--model", "tiny", "--tokenizer", tiny_tokenizer.path, "--output", out,
+            "--epochs", 2, "--batch-size", 4, "--lr", 1e-3, "--warmup-steps", 4, "--lr-schedule", "linear",
+            "--early-stopping-patience", 0, "--save-steps", 3, "--eval-steps", 6, "--quiet"]  # fmt: skip
+    env = {**os.environ, STEP_SLEEP_ENV: "0.25"}  # slow batches, so the kill lands mid-epoch
+    proc = subprocess.Popen([sys.executable, "-m", "kogpt2.cli", *map(str, args)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    state_path = out / "backup" / "state.json"
+    seen = _wait_for_state(state_path, proc, lambda s: len(s["epochs"]) == 1 and s["epoch_steps"] >= 3)
+    time.sleep(0.3)  # a batch or two past the checkpoint: trained, then lost with the process
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = json.loads(state_path.read_text())
+    assert len(state["epochs"]) == 1 and 3 <= state["epoch_steps"] < 12 and state["step"] == 12 + state["epoch_steps"]
+    assert state["epoch_steps"] >= seen["epoch_steps"] and not (out / "history.json").exists()
+
+    rc, _, stderr = _cli(*args)  # without --resume: refused, and says where the run stands
+    assert rc == 2 and f"{state['epoch_steps']} batches into epoch 2" in stderr
+    rc, _, stderr = _cli(*args, "--resume")
+    assert rc == 0, stderr
+    resumed = json.loads((out / "history.json").read_text())
+
+    cfg = _config(tiny_shards, tmp_path / "straight", tiny_tokenizer, epochs=2, batch_size=4, warmup_steps=4,
+                  lr_schedule="linear", early_stopping_patience=0, save_steps=3, eval_steps=6)  # fmt: skip
+    straight = train(cfg, progress=False).history
+    # Same optimizer steps and tokens: the batches trained before the checkpoint were skipped, not repeated,
+    # and the ones trained after it were redone.
+    assert resumed["steps"] == straight["steps"] == 24 and resumed["starts"] == 2
+    assert resumed["train_tokens"] == straight["train_tokens"]
+    assert [e["train_tokens"] for e in resumed["epochs"]] == [e["train_tokens"] for e in straight["epochs"]]
+    # The resumed epoch's loss covers all 12 batches (the ones before the kill too); dropout draws differ.
+    assert resumed["epochs"][1]["loss"] == pytest.approx(straight["epochs"][1]["loss"], abs=0.02)
+    assert resumed["epochs"][1]["val_loss"] == pytest.approx(straight["epochs"][1]["val_loss"], abs=0.02)
+    assert resumed["epochs"][0]["loss"] == pytest.approx(straight["epochs"][0]["loss"], abs=1e-6)
+    # Evaluations every 6 batches within each epoch (not at its end, which the epoch entry covers).
+    assert [(e["epoch"], e["epoch_step"]) for e in straight["evaluations"]] == [(1, 6), (2, 6)]
+    assert [(e["epoch"], e["epoch_step"]) for e in resumed["evaluations"]] == [(1, 6), (2, 6)]
+    load_model(out)
+    assert not (out / "backup").exists()
+
+
+def test_resume_skips_the_trained_batches_of_the_epoch(tiny_shards: Path) -> None:
+    shards = open_shards(str(tiny_shards))
+    full = [x.numpy().tolist() for x, _ in make_dataset(shards, "train", 4, training=True, seed=2, epochs=2)]
+    rest = [x.numpy().tolist() for x, _ in
+            make_dataset(shards, "train", 4, training=True, seed=2, first_epoch=1, epochs=2, skip_batches=5)]  # fmt: skip
+    assert len(full) == 24 and rest == full[12 + 5 :]
+    with pytest.raises(ValueError, match="skip_batches"):
+        make_dataset(shards, "validation", 4, skip_batches=1)
+
+
+# --- issue 10 item 13: a NaN run is a failed run ----------------------------------------------------------------
+
+
+class _PoisonWeights(keras.callbacks.Callback):
+    """Sets one weight to NaN after optimizer step ``at`` (as a diverging run would)."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        if int(self.model.optimizer.iterations.numpy()) == self.at:
+            var = self.model.lm.trainable_variables[0]
+            var.assign(var * float("nan"))
+
+
+def test_nan_run_fails_keeps_the_last_good_checkpoint_and_says_why(tmp_path: Path, tiny_tokenizer) -> None:
+    texts = make_sentences(48)
+    shards = write_test_shards(tmp_path / "noval", tiny_tokenizer, texts, [], max_len=32)  # no validation split
+    out = tmp_path / "out"
+    config = _config(shards, out, tiny_tokenizer, epochs=3)  # 3 batches per epoch
+    with pytest.raises(TrainingFailed, match="non-finite training loss") as err:
+        train(config, progress=False, callbacks=[_PoisonWeights(at=5)])  # NaN from epoch 2's third batch
+    assert isinstance(err.value, RuntimeError)  # the CLI exits with status 2
+    h = json.loads((out / "history.json").read_text())
+    assert h["status"] == "failed" and "non-finite" in h["failure"] and "epoch 2" in h["failure"]
+    assert [e["epoch"] for e in h["epochs"]] == [1]  # the partial epoch is not recorded as complete
+    assert not (out / "tf_model.h5").exists() and not (out / "kogpt2.json").exists()  # never the NaN weights
+    state = json.loads((out / "backup" / "state.json").read_text())  # the backup is kept
+    assert state["failure"] == h["failure"] and state["checkpoint"].endswith("ckpt-3") and state["step"] == 3
+    reader = tf.train.load_checkpoint(state["checkpoint"])
+    for name in reader.get_variable_to_shape_map():
+        if name.startswith("lm/") and "OPTIMIZER_SLOT" not in name:
+            value = reader.get_tensor(name)
+            if np.issubdtype(np.asarray(value).dtype, np.floating):
+                assert np.isfinite(value).all(), name
+    rc, _, stderr = _cli("train", "--data", shards, "--model", "tiny", "--tokenizer", tiny_tokenizer.path,
+                         "--output", out, "--epochs", 3, "--lr", 1e-3)  # fmt: skip
+    assert rc == 2 and "stopped with: non-finite" in stderr and "--resume" in stderr
+
+
+# --- issue 10 item 6: --output never over an input --------------------------------------------------------------
+
+
+def test_output_over_the_model_or_data_is_refused_before_anything_is_deleted(
+    tmp_path: Path, tiny_shards: Path, tiny_model_dir: Path
+) -> None:
+    model = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, model)
+    before = sorted(p.name for p in model.iterdir())
+    for output in (model, model / "sub", tmp_path):  # is, inside, contains
+        rc, _, stderr = _cli("train", "--data", tiny_shards, "--model", model, "--output", output, "--overwrite")
+        assert rc == 2 and "--output" in stderr and str(model) in stderr, stderr
+    assert sorted(p.name for p in model.iterdir()) == before
+    load_model(model)
+    rc, _, stderr = _cli("train", "--data", tiny_shards, "--model", model, "--output", tiny_shards / "m", "--overwrite")
+    assert rc == 2 and str(tiny_shards) in stderr and (tiny_shards / "COMPLETED").exists()

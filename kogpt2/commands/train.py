@@ -22,7 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="global batch size (default 16)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, Adam (default 1e-4)")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="after warmup")
+    p.add_argument(
+        "--lr-schedule",
+        choices=["constant", "linear", "cosine"],
+        default="constant",
+        help="after warmup: constant (default), linear decay to 0 (transformers' default) or cosine decay to 0",
+    )
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (default 0: Adam)")
     p.add_argument("--clip-norm", type=float, default=None, help="clip gradients to this global norm")
     p.add_argument(
@@ -32,13 +37,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="stop after N epochs without a better validation loss; 0 = off (default 2). The best epoch is saved",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of preset weights, dropout and shuffling (default 0)")
-    p.add_argument("--mixed-precision", action="store_true", help="float16 compute on GPUs (bfloat16 on CPU)")
+    p.add_argument(
+        "--mixed-precision",
+        nargs="?",
+        const="auto",
+        default="no",
+        choices=["no", "bf16", "fp16", "auto"],
+        metavar="{no,bf16,fp16}",
+        help="compute dtype: no = float32 (default; on CPU bf16 is emulated on most chips), bf16 (CPUs, GPUs), "
+        "fp16 with loss scaling (GPUs only); the bare flag, as in earlier releases, is fp16 on GPUs, bf16 on CPUs",
+    )
     p.add_argument("--xla", action="store_true", help="compile the train step with XLA (jit_compile)")
     p.add_argument("--steps-per-execution", type=int, default=1, help="train steps per tf.function call")
     p.add_argument("--strategy", choices=["auto", "mirrored", "default"], default="auto", help="tf.distribute strategy")
     p.add_argument("--shuffle-buffer", type=int, default=10_000, help="examples in the shuffle buffer")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer of the shards, for preset training")
     p.add_argument("--max-seconds", type=float, default=None, help="time budget: stop after the epoch that passes it")
+    p.add_argument(
+        "--save-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also checkpoint every N batches within an epoch, so --resume continues mid-epoch (default 0: epoch ends)",
+    )
+    p.add_argument(
+        "--eval-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also score the validation split every N batches (history.json 'evaluations'; default 0: epoch ends)",
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
     group.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
@@ -71,6 +99,8 @@ def config_from_args(args: argparse.Namespace) -> object:
         resume=args.resume,
         overwrite=args.overwrite,
         max_seconds=args.max_seconds,
+        save_steps=args.save_steps,
+        eval_steps=args.eval_steps,
     )
 
 
