@@ -224,14 +224,18 @@ def test_time_budget_on_packed_shards_with_the_tokenizer_beside_them(tmp_path: P
     load_model(tmp_path / "out")
 
 
-def test_mixed_precision_saves_float32_weights(tmp_path: Path, tiny_shards: Path, tiny_tokenizer) -> None:
+def test_bf16_trains_with_float32_weights_and_loss(tmp_path: Path, tiny_shards: Path, tiny_tokenizer) -> None:
     result = train(
         _config(tiny_shards, tmp_path / "out", tiny_tokenizer, epochs=1, mixed_precision="bf16"), progress=False
     )
-    assert math.isfinite(result.history["epochs"][0]["val_loss"])
+    assert (
+        math.isfinite(result.history["epochs"][0]["val_loss"]) and result.history["config"]["mixed_precision"] == "bf16"
+    )
     model, _ = load_model(tmp_path / "out")
     assert {w.dtype for w in model.weights} == {tf.float32}
     assert import_keras().mixed_precision.global_policy().name == "float32"  # restored after the run
+    logits = tf.constant(np.random.default_rng(0).normal(size=(1, 3, 7)), tf.bfloat16)
+    assert token_stats(tf.constant([[1, 2, IGNORE_ID]]), logits)[0].dtype == tf.float32  # loss in float32
 
 
 def test_refusals(tmp_path: Path, tiny_shards: Path, tiny_tokenizer, tiny_model_dir: Path, trained) -> None:
@@ -450,3 +454,45 @@ def test_output_over_the_model_or_data_is_refused_before_anything_is_deleted(
     load_model(model)
     rc, _, stderr = _cli("train", "--data", tiny_shards, "--model", model, "--output", tiny_shards / "m", "--overwrite")
     assert rc == 2 and str(tiny_shards) in stderr and (tiny_shards / "COMPLETED").exists()
+
+
+# --- issue 13 items 3 and 4: schedules and mixed precision ----------------------------------------------------
+
+
+def test_lr_schedules_warm_up_then_decay_to_zero() -> None:
+    from kogpt2.schedules import WarmupSchedule, learning_rate
+
+    assert learning_rate(1e-3, 0, 100, "constant") == 1e-3  # the default: a plain constant rate
+    lr = {kind: learning_rate(1.0, 4, 20, kind) for kind in ("constant", "linear", "cosine")}
+    at = {kind: [float(s(step)) for step in (0, 3, 4, 12, 20, 25)] for kind, s in lr.items()}
+    assert at["constant"] == pytest.approx([0.25, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert at["linear"] == pytest.approx(
+        [0.25, 1.0, 1.0, 0.5, 0.0, 0.0]
+    )  # transformers' (total - s) / (total - warmup)
+    assert at["cosine"] == pytest.approx([0.25, 1.0, 1.0, 0.5, 0.0, 0.0], abs=1e-6)
+    assert isinstance(lr["linear"], WarmupSchedule)
+    assert isinstance(lr["linear"].decay, keras.optimizers.schedules.PolynomialDecay)  # tf-keras' own decays
+    assert isinstance(lr["cosine"].decay, keras.optimizers.schedules.CosineDecay)
+    with pytest.raises(ValueError, match=r"--lr-schedule 'step': must be one of constant, linear, cosine"):
+        learning_rate(1.0, 0, 10, "step")
+
+
+def test_schedule_and_precision_flags(tmp_path: Path, tiny_shards: Path, tiny_tokenizer) -> None:
+    from kogpt2.cli import build_parser
+    from kogpt2.commands.train import config_from_args
+
+    base = ["train", "--data", "d", "--model", "tiny", "--output", "o"]
+    parse = lambda *a: config_from_args(build_parser("train").parse_args([*base, *a]))  # noqa: E731
+    assert parse().lr_schedule == "constant" and parse().mixed_precision == "no"  # defaults unchanged
+    assert parse("--lr-schedule", "linear").lr_schedule == "linear"
+    assert parse("--mixed-precision").mixed_precision == "auto"  # the old bare flag still works
+    assert parse("--mixed-precision", "bf16").mixed_precision == "bf16"
+    assert TrainConfig(data="d", model="tiny", output="o", mixed_precision=True).mixed_precision == "auto"
+    with pytest.raises(ValueError, match=r"TrainConfig\.mixed_precision='fp8'"):
+        TrainConfig(data="d", model="tiny", output="o", mixed_precision="fp8")
+    if not tf.config.list_physical_devices("GPU"):
+        out = tmp_path / "fp16"
+        rc, _, stderr = _cli("train", "--data", tiny_shards, "--model", "tiny", "--tokenizer", tiny_tokenizer.path,
+                             "--output", out, "--mixed-precision", "fp16")  # fmt: skip
+        assert rc == 2 and "--mixed-precision fp16" in stderr and "GPU" in stderr and "bf16" in stderr
+        assert not out.exists()  # refused before the output folder is touched
