@@ -15,6 +15,9 @@ from types import ModuleType
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# On GPUs, take memory as needed rather than all of it at start: several Beam worker
+# processes (or a shared model server and its clients) can then live on one GPU.
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
 
 class KerasBindingError(RuntimeError):
