@@ -1,0 +1,164 @@
+"""Benchmark bulk generation: the Beam pipeline against its own library, and its memory.
+
+    .venv/bin/python benchmarks/generate_pipeline.py                  # 4,000 and 40,000 real seeds
+    .venv/bin/python benchmarks/generate_pipeline.py --sizes 200 2000 # smoke run
+
+Seeds are real: the first two words of each movie review in
+``../shared/data/nsmc_reviews_a.txt.gz`` (distinct, in file order), so prompt lengths vary
+as in real jobs. Model: the ``--preset`` shape (default ``tiny``) with the real v1 tokenizer
+(vocabulary 50,000), random weights, saved to a folder. Greedy, ``--max-new-tokens`` (16).
+
+Each measurement runs in a fresh process (imports excluded from the timing, model load and
+compiles included in both), one after the other:
+
+- ``library``: ``Generator.from_folder`` + ``Generator.generate`` on all of the largest
+  size's seeds in one call (the ideal batching).
+- ``pipeline``: ``python -m pipelines.generate`` (DirectRunner / FnApiRunner) on the same
+  seeds, from ``run()`` entry to its return; and again on the smallest size.
+
+Printed: tokens/s of both and their ratio (target >= 0.9x); the pipeline's peak RSS at both
+sizes and its growth per row (target < 1 KB per row). Nothing else may run meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+CHILD_LIBRARY = """
+import json, resource, sys, time
+import kogpt2
+from kogpt2.generation import Generator, GenerationConfig
+model, seeds_file, batch, max_new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+seeds = open(seeds_file, encoding="utf-8").read().splitlines()
+started = time.perf_counter()
+gen = Generator.from_folder(model, batch_size=batch)
+samples = gen.generate(seeds, GenerationConfig(strategy="greedy", max_new_tokens=max_new))
+seconds = time.perf_counter() - started
+tokens = sum(s.new_tokens for s in samples)
+print(json.dumps({"rows": len(samples), "tokens": tokens, "seconds": seconds,
+                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+CHILD_PIPELINE = """
+import json, resource, sys, time
+import kogpt2
+from pipelines.generate import run
+argv = sys.argv[1:]
+started = time.perf_counter()
+status = run(argv)
+seconds = time.perf_counter() - started
+out = argv[argv.index("--output") + 1]
+info = json.load(open(out + "/info.json", encoding="utf-8"))
+print(json.dumps({"status": status, "rows": info["counts"]["rows"], "tokens": info["new_tokens"],
+                  "seconds": seconds, "files": info["units"]["total"],
+                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def real_seeds(path: Path, n: int) -> list[str]:
+    """The first ``n`` distinct two-word prefixes of the reviews, in file order."""
+    seen: dict[str, None] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            words = line.split()
+            if len(words) >= 1:
+                seen.setdefault(" ".join(words[:2]), None)
+                if len(seen) >= n:
+                    break
+    if len(seen) < n:
+        raise SystemExit(f"{path} gives only {len(seen)} distinct seeds")
+    return list(seen)
+
+
+def child(code: str, args: list[str]) -> dict:
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=False, cwd=REPO
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reviews", default=str(SHARED / "nsmc_reviews_a.txt.gz"))
+    p.add_argument("--tokenizer", default=str(SHARED / "kogpt2_v1_tokenizer.spiece"))
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--sizes", type=int, nargs=2, default=[4000, 40000], metavar=("SMALL", "LARGE"))
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=0, help="0: the pipeline's default")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = p.parse_args(argv)
+
+    import kogpt2  # noqa: F401
+    from kogpt2.generation import DEFAULT_BATCH_SIZE
+    from kogpt2.model import new_model, save_model
+    from kogpt2.tokenizer import load_tokenizer
+
+    batch = args.batch_size or DEFAULT_BATCH_SIZE
+    small, large = sorted(args.sizes)
+    work = Path(tempfile.mkdtemp(prefix="bench-genpipe-"))
+    tok = load_tokenizer(args.tokenizer)
+    model_dir = work / "model"
+    save_model(new_model(args.preset, tok, seed=0), tok, model_dir, {"steps": 0})
+    seeds = real_seeds(Path(args.reviews), large)
+    files = {}
+    for n in (small, large):
+        files[n] = work / f"seeds-{n}.txt"
+        files[n].write_text("\n".join(seeds[:n]) + "\n", encoding="utf-8")
+    lengths = [len(tok.encode(s)) + 1 for s in seeds]
+    print(
+        f"{large} real seeds, {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.1f}); "
+        f"preset {args.preset}, vocab {tok.vocab_size}, greedy, {args.max_new_tokens} new tokens, batch {batch}"
+    )
+
+    def pipeline(n: int) -> dict:
+        out = work / f"out-{n}"
+        return child(
+            CHILD_PIPELINE,
+            ["--model", str(model_dir), "--seeds", str(files[n]), "--output", str(out), "--greedy",
+             "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(batch), "--progress-seconds", "600"],
+        )  # fmt: skip
+
+    lib = child(CHILD_LIBRARY, [str(model_dir), str(files[large]), str(batch), str(args.max_new_tokens)])
+    big = pipeline(large)
+    little = pipeline(small)
+    lib_tps, pipe_tps = lib["tokens"] / lib["seconds"], big["tokens"] / big["seconds"]
+    growth_kb = (big["max_rss_mb"] - little["max_rss_mb"]) * 1024 / (big["rows"] - little["rows"])
+    figures = {
+        "seeds": large,
+        "batch_size": batch,
+        "library": {**lib, "tokens_per_second": round(lib_tps, 1)},
+        "pipeline": {**big, "tokens_per_second": round(pipe_tps, 1)},
+        "pipeline_small": little,
+        "ratio": round(pipe_tps / lib_tps, 3),
+        "rss_growth_kb_per_row": round(growth_kb, 3),
+    }
+    print(f"library : {lib['rows']} rows, {lib['tokens']} tokens in {lib['seconds']:.1f} s = {lib_tps:,.0f} tokens/s")
+    print(
+        f"pipeline: {big['rows']} rows, {big['tokens']} tokens in {big['seconds']:.1f} s = {pipe_tps:,.0f} tokens/s "
+        f"({big['files']} files)"
+    )
+    print(f"pipeline / library = {figures['ratio']:.3f}x (target >= 0.9x)")
+    print(
+        f"pipeline peak RSS: {little['max_rss_mb']:.0f} MB at {little['rows']} rows, {big['max_rss_mb']:.0f} MB at "
+        f"{big['rows']} rows: {growth_kb:+.3f} KB per row (target < 1 KB)"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
