@@ -21,8 +21,20 @@ from kogpt2.tokenizer import Tokenizer, file_fingerprint, load_tokenizer
 log = logging.getLogger(__name__)
 
 INFO_FILE = "kogpt2.json"
-WEIGHT_FILES = ("tf_model.h5", "model.safetensors", "tf_model.h5.index.json", "model.safetensors.index.json")
+#: Safe weight files, in the order ``TFGPT2LMHeadModel.from_pretrained`` prefers them.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "tf_model.h5", "tf_model.h5.index.json")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+#: Every weight file a model folder may hold (single or sharded, any framework): a saved folder keeps one.
+WEIGHT_PATTERNS = (
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "tf_model*.h5",
+    "tf_model.h5.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "flax_model*.msgpack",
+    "flax_model.msgpack.index.json",
+)
 
 
 class ModelLoadError(ValueError):
@@ -68,12 +80,19 @@ def library_versions() -> dict[str, str]:
 
 
 def model_fingerprint(folder: str | Path) -> str:
-    """sha256 of a model folder's weight file (the first of :data:`WEIGHT_FILES` present)."""
+    """sha256 of the weight file that loads: the first of :data:`WEIGHT_FILES` present, in
+    ``from_pretrained``'s order (``model.safetensors`` before ``tf_model.h5``)."""
     folder = Path(folder)
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return file_fingerprint(folder / name)
     raise ModelLoadError(f"{folder}: no weight file ({', '.join(WEIGHT_FILES)})")
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The weight files in a model folder (:data:`WEIGHT_PATTERNS`), sorted."""
+    folder = Path(folder)
+    return sorted({p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
 
 
 def _align_special_ids(model: Any, tokenizer: Tokenizer, source: str) -> None:
@@ -136,7 +155,12 @@ def load_model(path_or_id: str | Path, *, allow_pickle: bool = False) -> tuple[A
         ``(model, tokenizer)``; the model config's bos/eos/pad ids follow the tokenizer.
 
     Raises:
-        ModelLoadError: no folder, no safe weights, or a vocabulary mismatch.
+        ModelLoadError: no folder; no safe weights; weights and ``config.json`` disagree (a
+            weight the config's shape needs is missing from the file, or the file holds weights
+            the config has no place for: e.g. ``config.json`` without ``n_layer`` makes a 6-layer
+            checkpoint a 12-layer model with 6 random layers); or the model's vocabulary is not
+            the tokenizer's. A model vocabulary larger than the tokenizer's is refused, not
+            masked: a sampled id past the tokenizer's last piece could not be decoded.
         TokenizerError: the folder holds no readable tokenizer.
     """
     folder = _resolve(path_or_id)
@@ -159,14 +183,42 @@ def load_model(path_or_id: str | Path, *, allow_pickle: bool = False) -> tuple[A
     kwargs: dict[str, Any] = {}
     if not has_safe:
         kwargs["from_pt"] = True
-    model = TFGPT2LMHeadModel.from_pretrained(str(folder), **kwargs)
-    if model.config.vocab_size < tokenizer.vocab_size:
+    model, loading = TFGPT2LMHeadModel.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+    _check_loading_info(folder, loading)
+    if model.config.vocab_size != tokenizer.vocab_size:
+        relation = "smaller" if model.config.vocab_size < tokenizer.vocab_size else "larger"
+        consequence = (
+            "some pieces have no embedding"
+            if relation == "smaller"
+            else "the model could sample ids the tokenizer cannot decode"
+        )
         raise ModelLoadError(
-            f"{folder}: model vocabulary {model.config.vocab_size} is smaller than the "
-            f"tokenizer's {tokenizer.vocab_size}"
+            f"{folder}: model vocabulary {model.config.vocab_size} (config.json vocab_size) is {relation} than the "
+            f"tokenizer's {tokenizer.vocab_size} ({tokenizer.path.name}): {consequence}; "
+            "use the tokenizer the model was trained with"
         )
     _align_special_ids(model, tokenizer, str(folder))
     return model, tokenizer
+
+
+def _check_loading_info(folder: Path, loading: dict[str, Any]) -> None:
+    """Refuse weights that do not fit ``config.json``: missing, unexpected or mis-shaped ones, named."""
+    problems = []
+    for kind, what in (
+        ("missing_keys", "missing from the weight file (they would be random)"),
+        ("unexpected_keys", "unexpected (in the weight file, with no place in the model)"),
+        ("mismatched_keys", "of the wrong shape"),
+    ):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in loading.get(kind) or ())
+        if names:
+            shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+            problems.append(f"weights {what}: {shown}")
+    if problems:
+        raise ModelLoadError(
+            f"{folder}: config.json and the weights disagree; "
+            + "; ".join(problems)
+            + ". Check config.json (n_layer, n_embd, n_head, vocab_size) against the checkpoint"
+        )
 
 
 def new_model(preset: str | Preset, tokenizer: Tokenizer, *, seed: int | None = None) -> Any:
@@ -221,7 +273,10 @@ def save_model(model: Any, tokenizer: Tokenizer, folder: str | Path, info: dict[
 
     Writes ``save_pretrained`` output (``config.json``, ``tf_model.h5``), the tokenizer
     file and ``kogpt2.json`` (tokenizer facts, model shape, library versions and the
-    caller's ``info``: data fingerprint, steps, ...).
+    caller's ``info``: data fingerprint, steps, ...). Weight files the folder held before
+    (``model.safetensors``, ``pytorch_model.bin``, shards, ...) are removed once the new
+    weights are written, so the folder holds one weight file and ``kogpt2.json``'s
+    fingerprint is of the file that loads.
 
     Args:
         model: a TF GPT-2 LM model.
@@ -235,7 +290,10 @@ def save_model(model: Any, tokenizer: Tokenizer, folder: str | Path, info: dict[
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     _align_special_ids(model, tokenizer, "save_model")
+    before = {p: _stamp(p) for p in weight_files(out)}
     model.save_pretrained(str(out))
+    for stale in (p for p in weight_files(out) if p in before and _stamp(p) == before[p]):
+        stale.unlink()  # old weights would shadow the new ones (from_pretrained prefers safetensors)
     tokenizer.save(out)
     cfg = model.config
     record = {
@@ -256,6 +314,11 @@ def save_model(model: Any, tokenizer: Tokenizer, folder: str | Path, info: dict[
     }
     (out / INFO_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
     return out
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def read_model_info(folder: str | Path) -> dict[str, Any]:

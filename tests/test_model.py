@@ -122,3 +122,84 @@ def test_compile_and_fit_one_step_after_import(tiny_tokenizer) -> None:
     x = tf.constant([[0, 10, 11, 12, 1]], dtype=tf.int32)
     hist = model.fit(x[:, :-1], x[:, 1:], epochs=1, verbose=0)
     assert np.isfinite(hist.history["loss"][0])
+
+
+# --- issue 10: one weight file, weights match config, vocabularies match -----------------
+
+WEIGHT_NAMES = ("tf_model.h5", "model.safetensors", "pytorch_model.bin", "flax_model.msgpack")
+
+
+def test_save_into_a_folder_with_old_weights_leaves_one_weight_file(tmp_path: Path, tiny_tokenizer) -> None:
+    from transformers import TFGPT2LMHeadModel
+
+    from kogpt2.model import save_model
+    from kogpt2.tokenizer import file_fingerprint
+
+    old = new_model("tiny", tiny_tokenizer, seed=0)
+    old.save_pretrained(str(tmp_path), safe_serialization=True)  # an HF download: model.safetensors
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04 old pickle")
+    (tmp_path / "notes.txt").write_text("mine")  # not a weight file: kept
+    new = new_model("tiny", tiny_tokenizer, seed=1)
+    save_model(new, tiny_tokenizer, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name in WEIGHT_NAMES) == ["tf_model.h5"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    fingerprint = read_model_info(tmp_path)["model"]["fingerprint"]
+    assert fingerprint == model_fingerprint(tmp_path) == file_fingerprint(tmp_path / "tf_model.h5")
+    ids = tiny_tokenizer.encode("그날 밤")
+    plain = TFGPT2LMHeadModel.from_pretrained(str(tmp_path))  # what any consumer loads: the new weights
+    np.testing.assert_allclose(_logits(plain, ids), _logits(new, ids), atol=1e-5)
+
+
+def test_fingerprint_is_of_the_weight_file_that_loads(tmp_path: Path, tiny_tokenizer) -> None:
+    from transformers import TFGPT2LMHeadModel
+
+    from kogpt2.tokenizer import file_fingerprint
+
+    a, b = new_model("tiny", tiny_tokenizer, seed=0), new_model("tiny", tiny_tokenizer, seed=1)
+    a.save_pretrained(str(tmp_path), safe_serialization=True)
+    b.save_pretrained(str(tmp_path))  # a folder saved elsewhere, holding both
+    ids = tiny_tokenizer.encode("그날 밤")
+    loaded = _logits(TFGPT2LMHeadModel.from_pretrained(str(tmp_path)), ids)
+    which = "model.safetensors" if np.allclose(loaded, _logits(a, ids), atol=1e-5) else "tf_model.h5"
+    assert model_fingerprint(tmp_path) == file_fingerprint(tmp_path / which)
+
+
+def _saved_tiny(folder: Path, tokenizer, **config_changes) -> Path:
+    model = new_model("tiny", tokenizer, seed=0)
+    model.save_pretrained(str(folder))
+    tokenizer.save(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    for key, value in config_changes.items():
+        if value is None:
+            cfg.pop(key)
+        else:
+            cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_config_missing_a_field_is_an_error_naming_the_missing_weights(tmp_path: Path, tiny_tokenizer) -> None:
+    # without n_layer, GPT2Config defaults to 12 layers: 10 of them would be random
+    folder = _saved_tiny(tmp_path, tiny_tokenizer, n_layer=None)
+    with pytest.raises(ModelLoadError, match=r"missing.*transformer/h_\._10/attn.*\(120 in all\)") as err:
+        load_model(folder)
+    assert "config.json" in str(err.value)
+
+
+def test_config_with_fewer_layers_is_an_error_naming_the_unexpected_weights(tmp_path: Path, tiny_tokenizer) -> None:
+    folder = _saved_tiny(tmp_path, tiny_tokenizer, n_layer=1)
+    with pytest.raises(ModelLoadError, match=r"unexpected.*transformer/h_\._1/attn"):
+        load_model(folder)
+
+
+def test_model_vocabulary_larger_than_the_tokenizers_is_refused(tmp_path: Path, tiny_tokenizer) -> None:
+    from transformers import GPT2Config, TFGPT2LMHeadModel
+
+    tf = import_tf()
+    cfg = GPT2Config(vocab_size=tiny_tokenizer.vocab_size + 100, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    model = TFGPT2LMHeadModel(cfg)
+    model(tf.constant([[0]], dtype=tf.int32))
+    model.save_pretrained(str(tmp_path))
+    tiny_tokenizer.save(tmp_path)
+    with pytest.raises(ModelLoadError, match=f"{tiny_tokenizer.vocab_size + 100}.*{tiny_tokenizer.vocab_size}"):
+        load_model(tmp_path)
