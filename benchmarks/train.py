@@ -18,6 +18,12 @@ Same preset, tokenizer, corpus, optimizer (Adam 1e-4) and batch size (16) for ev
   share (:func:`kogpt2.dataset.synthetic_dataset`): the model alone.
 - ``streaming:V``: variant V with the in-memory record cache off (every epoch re-reads and
   gunzips the shards; what data sets over 512 MiB get).
+- ``V_bf16``: variant V under the ``mixed_bfloat16`` policy (``--mixed-precision bf16``);
+  each pair ``V`` / ``V_bf16`` is reported side by side: tokens/s ratio, and the validation
+  loss each reaches after the same steps (``--val-lines N`` holds out N corpus lines for it).
+  Precision comparison only::
+
+      .venv/bin/python benchmarks/train.py --variants packed128,packed128_bf16 --val-lines 200
 
 Every variant is built and warmed up first (``--warmup`` steps: tracing, XLA compilation),
 then ``--rounds`` rounds run ``--steps`` timed steps of each variant in turn (each through
@@ -70,16 +76,25 @@ def load_lines(path: Path, n: int | None) -> list[str]:
 
 
 def write_shards(
-    folder: Path, tokenizer: Any, lines: list[str], max_len: int, packing: bool, num_shards: int = 4
+    folder: Path,
+    tokenizer: Any,
+    lines: list[str],
+    max_len: int,
+    packing: bool,
+    num_shards: int = 4,
+    val_lines: list[str] | None = None,
 ) -> Path:
-    """A shard folder in the preprocessing format (all lines in ``train``, 1 line in ``validation``)."""
+    """A shard folder in the preprocessing format (all lines in ``train``; ``val_lines``, or 1 row, in ``validation``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    seqs = [records.frame(ids, tokenizer.bos_id, tokenizer.eos_id) for ids in tokenizer.encode_batch(lines)]
-    if packing:
-        rows = list(records.pack(seqs, max_len, tokenizer.pad_id))
-    else:
-        rows = [records.pad(records.truncate(s, max_len), max_len, tokenizer.pad_id) for s in seqs]
-    splits = {"train": rows, "validation": rows[:1]}
+
+    def rows_of(texts: list[str]) -> list[tuple[list[int], int]]:
+        seqs = [records.frame(ids, tokenizer.bos_id, tokenizer.eos_id) for ids in tokenizer.encode_batch(texts)]
+        if packing:
+            return list(records.pack(seqs, max_len, tokenizer.pad_id))
+        return [records.pad(records.truncate(s, max_len), max_len, tokenizer.pad_id) for s in seqs]
+
+    rows = rows_of(lines)
+    splits = {"train": rows, "validation": rows_of(val_lines) if val_lines else rows[:1]}
     names: dict[str, list[str]] = {}
     for split, split_rows in splits.items():
         n = min(num_shards, len(split_rows))
@@ -92,7 +107,7 @@ def write_shards(
                         "length": tf.train.Feature(int64_list=tf.train.Int64List(value=[length])),
                     }
                     w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
-    counts = {"train": len(rows), "validation": 1}
+    counts = {split: len(split_rows) for split, split_rows in splits.items()}
     tokens = {s: sum(n for _, n in r) for s, r in splits.items()}
     info = {
         "schema_version": 1,
@@ -125,6 +140,7 @@ class Variant:
     step: Callable[[], Any]
     tokens: Callable[[], float]
     rounds: list[dict[str, float]] = field(default_factory=list)
+    val_loss: Callable[[], float] | None = None
 
 
 def notebook_variant(preset: str, tokenizer: Any, lines: list[str], batch_size: int) -> Variant:
@@ -167,8 +183,17 @@ def notebook_variant(preset: str, tokenizer: Any, lines: list[str], batch_size: 
 
 
 def ours_variant(name: str, preset: str, tokenizer: Any, shards_dir: Path, batch_size: int, *, xla: bool,
-                 synthetic: bool = False, cache: bool | None = None) -> Variant:  # fmt: skip
-    """Our job's train step on shards, or on synthetic batches shaped like them."""
+                 synthetic: bool = False, cache: bool | None = None, bf16: bool = False) -> Variant:  # fmt: skip
+    """Our job's train step on shards, or on synthetic batches shaped like them (built under bf16 if asked)."""
+    from kogpt2.precision import dtype_policy
+
+    with dtype_policy("mixed_bfloat16" if bf16 else "float32"):  # layers keep the policy they are built with
+        return _ours_variant(name, preset, tokenizer, shards_dir, batch_size, xla=xla, synthetic=synthetic,
+                             cache=cache)  # fmt: skip
+
+
+def _ours_variant(name: str, preset: str, tokenizer: Any, shards_dir: Path, batch_size: int, *, xla: bool,
+                  synthetic: bool = False, cache: bool | None = None) -> Variant:  # fmt: skip
     from kogpt2.dataset import make_dataset, open_shards, synthetic_dataset
     from kogpt2.evaluate import LMTrainer
     from kogpt2.model import new_model
@@ -185,7 +210,16 @@ def ours_variant(name: str, preset: str, tokenizer: Any, shards_dir: Path, batch
     trainer.compile(optimizer=keras.optimizers.Adam(1e-4, epsilon=1e-8), jit_compile=xla)
     it = iter(ds)
     fn = trainer.make_train_function()
-    return Variant(name, lm, shards.max_len - 1, lambda: fn(it), lambda: float(trainer.train_tokens.numpy()))
+    scorer = LMTrainer(lm)
+    scorer.compile()
+
+    def val_loss() -> float:
+        return float(
+            scorer.evaluate(make_dataset(shards, "validation", batch_size), verbose=0, return_dict=True)["loss"]
+        )
+
+    return Variant(name, lm, shards.max_len - 1, lambda: fn(it), lambda: float(trainer.train_tokens.numpy()), [],
+                   val_loss)  # fmt: skip
 
 
 def flops_per_token(lm: Any, seq: int) -> float:
@@ -225,12 +259,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated (default {DEFAULT_VARIANTS})")
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak (e.g. 989 for H100 bf16) for MFU")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.add_argument(
+        "--val-lines", type=int, default=0, help="hold out the corpus' last N lines as validation (bf16 vs fp32 loss)"
+    )
     args = p.parse_args(argv)
 
     from kogpt2.tokenizer import load_tokenizer, train_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="kogpt2-bench-train-"))
     lines = load_lines(args.corpus, args.lines)
+    val_lines: list[str] = []
+    if args.val_lines:
+        if args.val_lines >= len(lines):
+            raise SystemExit(f"--val-lines {args.val_lines}: must be below the {len(lines)} corpus lines")
+        lines, val_lines = lines[: -args.val_lines], lines[-args.val_lines :]
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer)
     elif V1_TOKENIZER.is_file() and not args.lines and args.vocab_size == 8000:
@@ -251,14 +293,18 @@ def main(argv: list[str] | None = None) -> int:
             variants.append(notebook_variant(args.preset, tok, lines, args.batch_size))
             continue
         mode, _, base = spec.rpartition(":")
-        m = re.fullmatch(r"(padded|packed)(\d+)?(_xla)?", base)
+        m = re.fullmatch(r"(padded|packed)(\d+)?(_xla)?(_bf16)?", base)
         if mode not in ("", "synthetic", "streaming") or not m:
-            raise SystemExit(f"unknown variant {spec!r}: notebook, [synthetic:|streaming:](padded|packed)[LEN][_xla]")
+            raise SystemExit(
+                f"unknown variant {spec!r}: notebook, [synthetic:|streaming:](padded|packed)[LEN][_xla][_bf16]"
+            )
         key = (m.group(1), int(m.group(2) or NOTEBOOK_LEN))
         if key not in shard_dirs:
-            shard_dirs[key] = write_shards(work / f"{key[0]}{key[1]}", tok, lines, key[1], packing=key[0] == "packed")
+            shard_dirs[key] = write_shards(work / f"{key[0]}{key[1]}", tok, lines, key[1], packing=key[0] == "packed",
+                                           val_lines=val_lines)  # fmt: skip
         variants.append(ours_variant(spec, args.preset, tok, shard_dirs[key], args.batch_size, xla=bool(m.group(3)),
-                                     synthetic=mode == "synthetic", cache=False if mode == "streaming" else None))  # fmt: skip
+                                     synthetic=mode == "synthetic", cache=False if mode == "streaming" else None,
+                                     bf16=bool(m.group(4))))  # fmt: skip
 
     for v in variants:  # build, trace, compile; fill the record caches
         start = time.perf_counter()
@@ -283,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.peak_tflops:
             row["mfu"] = round(row["tflops"] / args.peak_tflops, 4)
+        if v.val_loss is not None and ":" not in v.name:
+            row["val_loss"] = round(v.val_loss(), 4)  # after warmup + rounds x steps, the same for every variant
         results.append(row)
     summary: dict[str, Any] = {"preset": args.preset, "vocab": tok.vocab_size, "lines": len(lines), "devices": devices}
     rates = {v.name: [t["useful"] / t["seconds"] for t in v.rounds] for v in variants}
@@ -301,11 +349,22 @@ def main(argv: list[str] | None = None) -> int:
             summary[f"{name}_shards_vs_synthetic"] = paired(name, f"synthetic:{name}")
             if f"streaming:{name}" in rates:
                 summary[f"{name}_streaming_vs_synthetic"] = paired(f"streaming:{name}", f"synthetic:{name}")
-    print("\n| variant | useful tokens/s (median) | steps/s | useful share | TFLOP/s | rounds |")
-    print("|---|---|---|---|---|---|")
+    by_name = {r["variant"]: r for r in results}
+    for name in plain:  # bf16 beside fp32, same steps
+        if name.endswith("_bf16") and name[: -len("_bf16")] in by_name:
+            fp32 = name[: -len("_bf16")]
+            summary.setdefault("bf16_vs_fp32", {})[fp32] = {
+                "tokens_per_s_ratio": paired(name, fp32),
+                "val_loss_fp32": by_name[fp32].get("val_loss"),
+                "val_loss_bf16": by_name[name].get("val_loss"),
+                "steps": args.warmup + args.rounds * args.steps,
+            }
+    print("\n| variant | useful tokens/s (median) | steps/s | useful share | TFLOP/s | val loss | rounds |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         rounds = ", ".join(f"{x:.0f}" for x in r["rounds_tokens_per_s"])
-        print(f"| {r['variant']} | {r['useful_tokens_per_s']:.0f} | {r['steps_per_s']:.2f} | {r['useful_share']:.2f} | {r['tflops']:.4f} | {rounds} |")  # fmt: skip
+        val = f"{r['val_loss']:.4f}" if "val_loss" in r else ""
+        print(f"| {r['variant']} | {r['useful_tokens_per_s']:.0f} | {r['steps_per_s']:.2f} | {r['useful_share']:.2f} | {r['tflops']:.4f} | {val} | {rounds} |")  # fmt: skip
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps({**summary, "results": results}, indent=2), encoding="utf-8")
