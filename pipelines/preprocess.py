@@ -601,7 +601,7 @@ def summary_line(info: dict[str, Any]) -> str:
     corrupt = c.get("corrupt_inputs") or []
     if corrupt:
         line += (
-            f"\nWARNING: {len(corrupt)} corrupt or truncated input file(s), read only up to the damage: "
+            f"; WARNING: {len(corrupt)} corrupt or truncated input file(s), read only up to the damage: "
             f"{', '.join(corrupt)} (see {info.get('rejected_file', REJECTED_FILE)})"
         )
     return line
