@@ -563,23 +563,38 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         EmptyOutputError: a split training needs has no example and ``--allow-empty`` was not given.
         RuntimeError: the pipeline finished without writing ``COMPLETED``.
     """
+    from kogpt2.paths import FolderLock, refuse_output_over_inputs
+
     config, beam_args = parse_args(argv)
     plan = make_plan(config)
+    refuse_output_over_inputs(config.output, [*plan.files, config.tokenizer])
     p = create_pipeline(pipeline_options(beam_args))
     build_pipeline(p, config, plan)
-    prepare_output(config.output, signature(config, plan), overwrite=config.overwrite)
-    # the shards' tokenizer travels with them: `kogpt2 train --model small` finds it there
-    copy_file(plan.tokenizer_file[0], join(config.output, plan.tokenizer_file[1]))
-    p.run().wait_until_finish()
+    from apache_beam.io.filesystems import FileSystems
+
+    local = FileSystems.get_scheme(config.output) in (None, "file")
+    lock = FolderLock(config.output, job="pipelines.preprocess") if local else None
+    if lock is not None:
+        lock.acquire()  # a second run into this folder is refused while this one lives
+    try:
+        prepare_output(config.output, signature(config, plan), overwrite=config.overwrite)
+        # the shards' tokenizer travels with them: `kogpt2 train --model small` finds it there
+        copy_file(plan.tokenizer_file[0], join(config.output, plan.tokenizer_file[1]))
+        p.run().wait_until_finish()
+    finally:
+        if lock is not None:
+            lock.release()
     return finished_info(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: run, print a summary; errors exit with status 2."""
+    from kogpt2.paths import OutputLockedError
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         info = run(argv)
-    except (ValueError, FileNotFoundError, OutputConflictError) as exc:
+    except (ValueError, FileNotFoundError, OutputConflictError, OutputLockedError) as exc:
         print(f"preprocess: error: {exc}", file=sys.stderr)
         return 2
     except EmptyOutputError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,65 @@ def test_prepare_output_refuses_another_run_and_reruns_the_same(tmp_path: Path) 
     (tmp_path / "stranger" / "notes.txt").write_text("mine")
     with pytest.raises(OutputConflictError, match="not written by this pipeline"):
         prepare_output(str(tmp_path / "stranger"), {"flags": 1})
+
+
+def test_an_output_over_an_input_is_refused_before_anything_is_deleted(tmp_path: Path) -> None:
+    from kogpt2.paths import refuse_output_over_inputs
+
+    corpus = tmp_path / "data"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("문장\n")
+    model = tmp_path / "model"
+    for output, inputs, message in [
+        (corpus, [str(corpus / "a.txt")], "contains an input"),
+        (model, [str(model)], "is an input"),
+        (model / "finetuned", [str(model)], "lies inside an input"),
+        (tmp_path, [str(corpus / "a.txt")], "contains an input"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            refuse_output_over_inputs(str(output), inputs)
+    refuse_output_over_inputs(str(tmp_path / "out"), [str(corpus / "a.txt"), str(model)])  # beside: fine
+    refuse_output_over_inputs("gs://b/out", ["gs://b/outputs/x.txt", str(corpus)])  # a prefix is not a parent
+    with pytest.raises(ValueError, match="lies inside"):
+        refuse_output_over_inputs("gs://b/model/out", ["gs://b/model/"])
+    link = tmp_path / "link"
+    link.symlink_to(corpus)
+    with pytest.raises(ValueError, match="contains an input"):
+        refuse_output_over_inputs(str(link), [str(corpus / "a.txt")])  # through a symlink too
+
+
+def test_preprocess_overwrite_into_the_corpus_folder_is_refused_and_the_corpus_kept(tmp_path: Path, tiny_tokenizer):
+    from pipelines.preprocess import main
+
+    corpus = tmp_path / "data"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("그는 시장에서 오래 기다렸다.\n", encoding="utf-8")
+    status = main(
+        [
+            "--input",
+            str(corpus / "*.txt"),
+            "--tokenizer",
+            str(tiny_tokenizer.path),
+            "--output",
+            str(corpus),
+            "--overwrite",
+        ]
+    )
+    assert status == 2
+    assert (corpus / "a.txt").read_text(encoding="utf-8") == "그는 시장에서 오래 기다렸다.\n"
+    assert sorted(p.name for p in corpus.iterdir()) == ["a.txt"]
+
+
+def test_a_second_preprocess_run_into_a_live_runs_folder_is_refused(
+    tmp_path: Path, tiny_corpus, tiny_tokenizer, capsys
+):
+    from kogpt2.paths import FolderLock
+    from pipelines.preprocess import main
+
+    out = tmp_path / "out"
+    args = ["--input", str(tiny_corpus), "--tokenizer", str(tiny_tokenizer.path), "--output", str(out)]
+    with FolderLock(str(out), job="a scheduled run"):
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "in use by another run (a scheduled run" in err and f"pid {os.getpid()}" in err
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing written or deleted by the refused run
