@@ -6,10 +6,9 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
-from kogpt2.checkpointing import STATE_FILE, RunState
+from kogpt2.checkpointing import STATE_FILE, RunState, join
 from kogpt2.schedules import current_learning_rate
 from kogpt2.tf_setup import import_keras, import_tf
 
@@ -45,7 +44,7 @@ class RunTracker(_Callback):
     def __init__(
         self,
         state: RunState,
-        backup: Path,
+        backup: str,
         checkpoint: Any,
         weights: Any,
         *,
@@ -64,7 +63,7 @@ class RunTracker(_Callback):
         self.epochs, self.steps_per_epoch, self.patience = epochs, steps_per_epoch, patience
         self.max_seconds, self.started = max_seconds, started or time.monotonic()
         self.save_steps, self.eval_steps, self.scorer, self.val_data = save_steps, eval_steps, scorer, val_data
-        self.manager = tf.train.CheckpointManager(checkpoint, str(backup / "ckpt"), max_to_keep=2)
+        self.manager = tf.train.CheckpointManager(checkpoint, join(backup, "ckpt"), max_to_keep=2)
         self._sleep = float(os.environ.get(STEP_SLEEP_ENV, "0") or 0)
         self._epoch = 0
         self._epoch_started = time.monotonic()
@@ -75,7 +74,7 @@ class RunTracker(_Callback):
     # -- helpers
 
     def _save_state(self) -> None:
-        self.state.save(self.backup / STATE_FILE)
+        self.state.save(join(self.backup, STATE_FILE))
 
     def _totals(self) -> dict[str, list[float]]:
         """``{metric: [total, count]}`` over the epoch's batches so far, including those before a resume."""
@@ -170,7 +169,7 @@ class RunTracker(_Callback):
         val = entry["val_loss"]
         if val is not None and math.isfinite(val) and (s.best_val_loss is None or val < s.best_val_loss):
             s.best_epoch, s.best_val_loss, s.wait = n, val, 0
-            s.best_checkpoint = self.weights.write(str(self.backup / f"best-{n}"))
+            s.best_checkpoint = self.weights.write(join(self.backup, f"best-{n}"))
         elif val is not None:
             s.wait += 1
         if self.patience and s.wait >= self.patience and n < self.epochs:
@@ -186,9 +185,9 @@ class RunTracker(_Callback):
         s.checkpoint = self.manager.save(checkpoint_number=n * self.steps_per_epoch)
         s.step = entry["steps"]
         self._save_state()
-        for old in self.backup.glob("best-*"):
-            if s.best_checkpoint and not old.name.startswith(Path(s.best_checkpoint).name + "."):
-                old.unlink(missing_ok=True)
+        for old in tf.io.gfile.glob(join(self.backup, "best-*")):
+            if s.best_checkpoint and not old.startswith(s.best_checkpoint + "."):
+                tf.io.gfile.remove(old)
         if os.environ.get(EXIT_AFTER_EPOCH_ENV) == str(n):
             os._exit(75)  # test hook: a preemption right after the checkpoint
 
@@ -198,14 +197,14 @@ class EpochSummaries(_Callback):
     perplexity, learning rate), written with TensorFlow's own summary ops, so no
     ``tensorboard`` package is needed to write them."""
 
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: str):
         super().__init__()
         self.log_dir = log_dir
         self._writers: dict[str, Any] = {}
 
     def _writer(self, name: str) -> Any:
         if name not in self._writers:
-            self._writers[name] = tf.summary.create_file_writer(str(self.log_dir / name))
+            self._writers[name] = tf.summary.create_file_writer(join(self.log_dir, name))
         return self._writers[name]
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:

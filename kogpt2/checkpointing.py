@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from kogpt2.tf_setup import import_tf
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,9 @@ LOGS_DIR = "logs"
 #: Files a finished run writes into ``--output`` (removed by ``overwrite``).
 OUTPUT_FILES = ("config.json", "generation_config.json", "tf_model.h5", "tokenizer.spiece", "tokenizer.json",
                 "kogpt2.json", HISTORY_FILE, CURVES_FILE)  # fmt: skip
+#: Published last, in this order: a folder without ``history.json`` is not a finished run, and one
+#: without ``config.json`` does not load, so a copy cut short never looks complete.
+PUBLISH_LAST = ("config.json", "kogpt2.json", HISTORY_FILE)
 #: Config fields that may change between a killed run and its ``resume``.
 RESUMABLE_CHANGES = frozenset({"output", "resume", "overwrite", "max_seconds"})
 
@@ -73,14 +78,12 @@ class RunState:
     failure: str | None = None
 
     @classmethod
-    def load(cls, path: Path) -> RunState:
-        data = json.loads(path.read_text(encoding="utf-8"))
+    def load(cls, path: str) -> RunState:
+        data = json.loads(read_text(path))
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
-    def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), ensure_ascii=False, indent=2), encoding="utf-8")
-        os.replace(tmp, path)  # atomic: a kill leaves the old state or the new one
+    def save(self, path: str) -> None:
+        write_text(path, json.dumps(asdict(self), ensure_ascii=False, indent=2))
 
     @property
     def finished(self) -> bool:
@@ -92,18 +95,58 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in RESUMABLE_CHANGES and old.get(k) != v]
 
 
+def join(folder: str, *names: str) -> str:
+    """``folder/name/...`` for local paths and URLs (``gs://``, ``ram://``) alike."""
+    return "/".join([str(folder).rstrip("/"), *names])
+
+
+def read_text(path: str) -> str:
+    with import_tf().io.gfile.GFile(path, "r") as f:
+        return str(f.read())
+
+
+def write_text(path: str, text: str) -> None:
+    """Write through a temporary name and rename: a kill leaves the old file or the new one."""
+    gfile = import_tf().io.gfile
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with gfile.GFile(tmp, "w") as f:
+        f.write(text)
+    gfile.rename(tmp, path, overwrite=True)
+
+
+def _copy_file(src: str, dst: str) -> None:
+    gfile = import_tf().io.gfile
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    gfile.copy(src, tmp, overwrite=True)
+    gfile.rename(tmp, dst, overwrite=True)
+
+
+def publish(staging: Path, out: str, *, copy: Callable[[str, str], None] | None = None) -> list[str]:
+    """Copy the files of a local ``staging`` folder into ``out`` (local or remote), each through a
+    temporary name, :data:`PUBLISH_LAST` last; return the names in copy order."""
+    gfile = import_tf().io.gfile
+    gfile.makedirs(out)
+    names = sorted(p.name for p in staging.iterdir() if p.is_file())
+    order = [n for n in names if n not in PUBLISH_LAST] + [n for n in PUBLISH_LAST if n in names]
+    for name in order:
+        (copy or _copy_file)(str(staging / name), join(out, name))
+    return order
+
+
 def prepare_output(
-    out: Path, config: dict[str, Any], data_fingerprint: str, *, resume: bool, overwrite: bool, data: str
+    out: str, config: dict[str, Any], data_fingerprint: str, *, resume: bool, overwrite: bool, data: str
 ) -> RunState | None:
-    """Check ``out`` against ``resume``/``overwrite``; return the run state, or None if the run already finished.
+    """Check ``out`` (local or remote) against ``resume``/``overwrite``; return the run state,
+    or None if the run already finished.
 
     Raises:
         RuntimeError: ``out`` holds another run and neither flag says what to do.
         ValueError: ``resume`` with other settings or changed shards.
     """
-    backup = out / BACKUP_DIR
-    state_path = backup / STATE_FILE
-    if state_path.is_file():
+    gfile = import_tf().io.gfile
+    backup = join(out, BACKUP_DIR)
+    state_path = join(backup, STATE_FILE)
+    if gfile.exists(state_path):
         state = RunState.load(state_path)
         if resume:
             changes = config_changes(state.config, config)
@@ -122,22 +165,24 @@ def prepare_output(
                 f"{out} holds an interrupted run ({len(state.epochs)} of {state.config['epochs']} epochs "
                 f"checkpointed{where}){why}: pass --resume to continue it, or --overwrite to start again"
             )
-    elif (out / HISTORY_FILE).is_file() and not overwrite:
+    elif gfile.exists(join(out, HISTORY_FILE)) and not overwrite:
         if resume:
-            done = json.loads((out / HISTORY_FILE).read_text(encoding="utf-8"))
+            done = json.loads(read_text(join(out, HISTORY_FILE)))
             changes = config_changes(done.get("config", {}), config)
             if changes:
                 raise ValueError(f"--resume: {out} holds a finished run with other settings ({'; '.join(changes)})")
             return None
         raise RuntimeError(f"{out} already holds a finished run: pass --overwrite to replace it, or another --output")
-    elif not overwrite and any((out / name).exists() for name in OUTPUT_FILES):
+    elif not overwrite and any(gfile.exists(join(out, name)) for name in OUTPUT_FILES):
         raise RuntimeError(f"{out} already holds a model folder: pass --overwrite to replace it, or another --output")
     if overwrite:
         for name in OUTPUT_FILES:
-            (out / name).unlink(missing_ok=True)
+            if gfile.exists(join(out, name)):
+                gfile.remove(join(out, name))
         for name in (BACKUP_DIR, LOGS_DIR):
-            shutil.rmtree(out / name, ignore_errors=True)
-    backup.mkdir(parents=True, exist_ok=True)
+            if gfile.exists(join(out, name)):
+                gfile.rmtree(join(out, name))
+    gfile.makedirs(backup)
     state = RunState(config=config, data_fingerprint=data_fingerprint)
     state.save(state_path)
     return state

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +28,10 @@ from kogpt2.checkpointing import (
     LOGS_DIR,
     RunState,
     TrainingFailed,
+    join,
     prepare_output,
+    publish,
+    read_text,
 )
 from kogpt2.curves import plot_curves, write_history
 from kogpt2.dataset import ShardSet, check_tokenizer, make_dataset, open_shards
@@ -157,11 +160,12 @@ class TrainResult:
     """What :func:`train` produced.
 
     Attributes:
-        output: the output folder (a model folder: ``load_model(output)`` works).
+        output: the output folder (a model folder: ``load_model(output)`` works): a ``Path``,
+            or the URL string of a remote folder.
         history: the ``history.json`` document.
     """
 
-    output: Path
+    output: Path | str
     history: dict[str, Any]
 
     @property
@@ -281,7 +285,7 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: list[Any] | 
             no model is saved and the last good checkpoint stays in ``output/backup``.
     """
     started = time.monotonic()
-    out = Path(config.output)
+    out = config.output.rstrip("/") or "/"  # a local path or a URL (gs://, ram://): written through tf.io.gfile
     refuse_output_over_inputs(config.output, _inputs_of(config))  # before anything is deleted
     shards = open_shards(config.data)
     tokenizer, vocab_rows = _load_tokenizer_for(config, shards)
@@ -293,9 +297,9 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: list[Any] | 
                            overwrite=config.overwrite, data=shards.folder)  # fmt: skip
     if state is None:
         log.info("%s: run already finished; nothing to resume", out)
-        return TrainResult(out, json.loads((out / HISTORY_FILE).read_text(encoding="utf-8")))
+        return TrainResult(_result_path(out), json.loads(read_text(join(out, HISTORY_FILE))))
     state.starts += 1
-    backup = out / BACKUP_DIR
+    backup = join(out, BACKUP_DIR)
     with dtype_policy(policy):
         keras.utils.set_random_seed(config.seed)  # preset weights, dropout (the shuffle order is stateless)
         strategy = make_strategy(config.strategy)
@@ -330,7 +334,7 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: list[Any] | 
                 patience=config.early_stopping_patience, max_seconds=config.max_seconds, started=started,
                 save_steps=config.save_steps, eval_steps=config.eval_steps, scorer=scorer, val_data=val_ds,
             )  # fmt: skip
-            fit_callbacks = [EpochSummaries(out / LOGS_DIR), tracker, *(callbacks or [])]
+            fit_callbacks = [EpochSummaries(join(out, LOGS_DIR)), tracker, *(callbacks or [])]
             verbose = (1 if sys.stdout.isatty() else 2) if progress else 0
             for first, last, skip in _segments(state, config.epochs):
                 train_ds = make_dataset(shards, "train", config.batch_size, training=True, seed=config.seed,
@@ -362,10 +366,18 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: list[Any] | 
             "base_model": _base_model_info(config),
             "config": config.to_dict(),
         }
-        save_model(lm, tokenizer, out, info)
-    write_history(out, history)
-    shutil.rmtree(backup, ignore_errors=True)
-    return TrainResult(out, history)
+        with tempfile.TemporaryDirectory(prefix="kogpt2-train-") as staging:
+            # Written locally, then copied in with history.json last: a run preempted while
+            # copying leaves no folder that looks finished (and keeps its backup to resume from).
+            save_model(lm, tokenizer, staging, info)
+            write_history(staging, history)
+            publish(Path(staging), out)
+    tf.io.gfile.rmtree(backup)
+    return TrainResult(_result_path(out), history)
+
+
+def _result_path(out: str) -> Path | str:
+    return out if "://" in out else Path(out)
 
 
 def _inputs_of(config: TrainConfig) -> list[str]:
@@ -402,15 +414,17 @@ def _segments(state: RunState, epochs: int) -> list[tuple[int, int, int]]:
 
 
 def _record_failure(
-    out: Path, config: TrainConfig, state: RunState, shards: ShardSet, strategy: Any, started: float
+    out: str, config: TrainConfig, state: RunState, shards: ShardSet, strategy: Any, started: float
 ) -> None:
     """Write ``history.json`` saying why; keep the backup (the last good checkpoint); raise TrainingFailed."""
     history = _history(config, state, shards, strategy, time.monotonic() - started)
-    write_history(out, history)
+    with tempfile.TemporaryDirectory(prefix="kogpt2-train-") as staging:
+        write_history(staging, history)
+        publish(Path(staging), out)
     kept = state.checkpoint or "none yet: it failed before the first checkpoint"
     raise TrainingFailed(
         f"{state.failure}. No model was saved in {out}; history.json records the run, and the last good "
-        f"checkpoint ({kept}) stays in {out / BACKUP_DIR}. Try a lower --lr or --clip-norm, with --overwrite"
+        f"checkpoint ({kept}) stays in {join(out, BACKUP_DIR)}. Try a lower --lr or --clip-norm, with --overwrite"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -496,3 +497,41 @@ def test_schedule_and_precision_flags(tmp_path: Path, tiny_shards: Path, tiny_to
                              "--output", out, "--mixed-precision", "fp16")  # fmt: skip
         assert rc == 2 and "--mixed-precision fp16" in stderr and "GPU" in stderr and "bf16" in stderr
         assert not out.exists()  # refused before the output folder is touched
+
+
+# --- issue 13 item 5: remote --data and --output (through TensorFlow's ram:// filesystem) ----------------------
+
+
+def test_remote_data_and_output_through_tf_gfile(
+    tmp_path: Path, tiny_shards: Path, tiny_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kogpt2.checkpointing as checkpointing
+
+    gfile = tf.io.gfile
+    remote = f"ram://kogpt2-{tmp_path.name}"
+    gfile.makedirs(f"{remote}/shards")
+    for f in tiny_shards.iterdir():
+        gfile.copy(str(f), f"{remote}/shards/{f.name}", overwrite=True)
+    copied: list[str] = []
+    real_copy = checkpointing._copy_file
+    monkeypatch.setattr(checkpointing, "_copy_file", lambda s, d: (copied.append(d.rsplit("/", 1)[1]), real_copy(s, d)))
+
+    out = f"{remote}/model"
+    config = _config(f"{remote}/shards", out, tiny_tokenizer, epochs=2, save_steps=2)  # type: ignore[arg-type]
+    result = train(config, progress=False)
+    assert result.output == out and result.history["epochs_run"] == 2
+    # history.json last, config.json before it: a copy cut short never looks like a finished, loadable folder.
+    assert copied[-3:] == ["config.json", "kogpt2.json", "history.json"] and "tf_model.h5" in copied[:-3]
+    assert not gfile.exists(f"{out}/backup") and gfile.glob(f"{out}/logs/train/*")
+    assert not [n for n in gfile.listdir(out) if ".tmp" in n]
+    local = tmp_path / "copy"
+    local.mkdir()
+    for name in gfile.listdir(out):
+        if not gfile.isdir(f"{out}/{name}"):
+            gfile.copy(f"{out}/{name}", str(local / name))
+    load_model(local)
+    assert json.loads((local / "history.json").read_text())["data"] == f"{remote}/shards"
+    again = train(dataclasses.replace(config, resume=True), progress=False)  # finished: nothing to do
+    assert again.history == result.history
+    with pytest.raises(ValueError, match="lies inside an input"):
+        train(_config(f"{remote}/shards", f"{remote}/shards/out", tiny_tokenizer), progress=False)
