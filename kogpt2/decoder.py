@@ -78,6 +78,7 @@ class Decoder:
         self._v = [tf.Variable(empty, shape=shape, trainable=False) for _ in range(self.n_layer)]
         self.lock = threading.Lock()
         self.traces = 0  # graph traces: prefill, step, row selection; once each (shapes are dynamic)
+        self.last_logz = np.zeros(0)  # (B,) log normalizer of the last prefill / step logits
         self._shapes: set[tuple[int, int]] = set()  # (batch, cache length) shapes stepped so far
         self._capacity = 0
         i32 = tf.int32
@@ -146,9 +147,11 @@ class Decoder:
         return self._dense(h, layer["fc_proj"])
 
     def _logits(self, x: Any) -> Any:
+        """``(logits (B, V), log normalizer (B,))``: log-probabilities are ``logits - logz``."""
         tf = import_tf()
         h = self._ln(x, self._w["ln_f"])  # (B, E)
-        return tf.cast(tf.matmul(h, self._w["head"]), tf.float32)  # (B, V)
+        logits = tf.cast(tf.matmul(h, self._w["head"]), tf.float32)  # (B, V)
+        return logits, tf.reduce_logsumexp(logits, axis=-1)  # (B, V), (B,)
 
     def _prefill_fn(self, ids: Any, starts: Any, capacity: Any) -> Any:
         tf = import_tf()
@@ -227,13 +230,17 @@ class Decoder:
             capacity: cache slots ``S >= T`` (prompt plus the tokens to be fed).
 
         Returns:
-            ``(B, V)`` float32 logits of each row's next token.
+            ``(B, V)`` float32 logits of each row's next token; their log normalizer
+            (``logsumexp`` per row, for log-probabilities) is left in ``last_logz``.
         """
         tf = import_tf()
         if capacity > self.n_positions or capacity < ids.shape[1]:
             raise ValueError(f"capacity={capacity}: must be in [{ids.shape[1]}, n_positions={self.n_positions}]")
-        out = self._prefill(tf.constant(ids, tf.int32), tf.constant(starts, tf.int32), tf.constant(capacity, tf.int32))
+        out, logz = self._prefill(
+            tf.constant(ids, tf.int32), tf.constant(starts, tf.int32), tf.constant(capacity, tf.int32)
+        )
         self._capacity = capacity
+        self.last_logz = np.asarray(logz, dtype=np.float64)
         return np.array(out)
 
     def step(self, tokens: np.ndarray, starts: np.ndarray, slot: int) -> np.ndarray:
@@ -242,7 +249,10 @@ class Decoder:
         if not 0 <= slot < self._capacity:
             raise ValueError(f"slot={slot}: must be in [0, {self._capacity}) (the cache filled by prefill)")
         self._shapes.add((len(tokens), self._capacity))
-        out = self._step(tf.constant(tokens, tf.int32), tf.constant(starts, tf.int32), tf.constant(slot, tf.int32))
+        out, logz = self._step(
+            tf.constant(tokens, tf.int32), tf.constant(starts, tf.int32), tf.constant(slot, tf.int32)
+        )
+        self.last_logz = np.asarray(logz, dtype=np.float64)
         return np.array(out)
 
     @property

@@ -14,6 +14,8 @@ batch shapes can perturb in the last bit).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import time
@@ -21,10 +23,12 @@ import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kogpt2.constraints import Utf8Guard, byte_piece_ids, default_suppressed, suppress
 from kogpt2.decoder import DTYPES, Decoder
 from kogpt2.sampling import apply_repetition_penalty, ban_repeated_ngrams, row_seed, select_tokens
 from kogpt2.tokenizer import Tokenizer
@@ -45,30 +49,47 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+#: The file of a model folder that holds its generation defaults (transformers' name and keys).
+GENERATION_CONFIG_FILE = "generation_config.json"
+DEFAULT_TOP_P = 0.95
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How to continue prompts. Invalid values raise ``ValueError`` naming the field.
+    """How to continue prompts: one contract for the CLI, the Python API and the bulk pipeline.
+
+    The defaults sample with top-p 0.95 and 100 new tokens. A model folder's
+    ``generation_config.json`` overrides them (:meth:`from_folder`), and flags or keyword
+    arguments override that. Invalid values raise ``ValueError`` naming the field.
 
     Attributes:
-        strategy: ``greedy`` (best token each step) or ``sample``.
+        strategy: ``sample`` or ``greedy`` (best token each step).
         temperature: divides the logits before sampling (> 0); 1.0 for greedy.
         top_k: sample among the k best tokens; 0 = no cut.
         top_p: sample within the smallest set of best tokens holding this mass, in (0, 1]; 1.0 = no cut.
         repetition_penalty: > 0; > 1 discourages tokens already in the prompt or output.
         no_repeat_ngram_size: forbid repeating any n-gram of this size; 0 = off.
-        num_samples: outputs per prompt.
+        num_samples: outputs per prompt (transformers: ``num_return_sequences``).
         max_new_tokens: generation budget per output (the notebook's 100).
+        min_new_tokens: ``</s>`` is banned before this many new tokens.
+        stop: stop strings: a row ends (``finish_reason="stop"``) once its continuation holds one.
+        suppress_tokens: ids never generated; None = every special piece but ``</s>``.
+        valid_utf8: allow byte pieces only where they form valid UTF-8 (no U+FFFD in the text).
         seed: run seed; with the prompt and sample index it fixes each output.
     """
 
     strategy: str = "sample"
     temperature: float = 1.0
     top_k: int = 0
-    top_p: float = 1.0
+    top_p: float = DEFAULT_TOP_P
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     num_samples: int = 1
     max_new_tokens: int = 100
+    min_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    suppress_tokens: tuple[int, ...] | None = None
+    valid_utf8: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -93,9 +114,27 @@ class GenerationConfig:
             raise ValueError(f"GenerationConfig.num_samples={self.num_samples!r}: must be an integer >= 1")
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"GenerationConfig.max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
+        if not _is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"GenerationConfig.min_new_tokens={self.min_new_tokens!r}: must be an integer in [0, max_new_tokens]"
+            )
+        if isinstance(self.stop, str) or not all(isinstance(x, str) and x for x in self.stop):
+            raise ValueError(f"GenerationConfig.stop={self.stop!r}: must be a tuple of non-empty strings")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.suppress_tokens is not None:
+            if isinstance(self.suppress_tokens, str) or not all(_is_int(i) and i >= 0 for i in self.suppress_tokens):
+                raise ValueError(
+                    f"GenerationConfig.suppress_tokens={self.suppress_tokens!r}: must be token ids >= 0, or None "
+                    "(every special piece but </s>)"
+                )
+            object.__setattr__(self, "suppress_tokens", tuple(int(i) for i in self.suppress_tokens))
+        if not isinstance(self.valid_utf8, bool):
+            raise ValueError(f"GenerationConfig.valid_utf8={self.valid_utf8!r}: must be True or False")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"GenerationConfig.seed={self.seed!r}: must be an integer in [0, 2**63)")
         if self.strategy == "greedy":
+            if self.top_p == DEFAULT_TOP_P:  # the sampling default: greedy ignores it
+                object.__setattr__(self, "top_p", 1.0)
             for name, neutral in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):
                 if getattr(self, name) != neutral:
                     raise ValueError(
@@ -113,7 +152,103 @@ class GenerationConfig:
 
     def describe(self) -> dict[str, Any]:
         """The config as plain JSON-able values (the strategy columns of the Parquet output)."""
-        return asdict(self)
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        d["suppress_tokens"] = None if self.suppress_tokens is None else list(self.suppress_tokens)
+        return d
+
+    def replace(self, **changes: Any) -> GenerationConfig:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- transformers' generation_config.json -------------------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        """This config in transformers' ``generation_config.json`` keys."""
+        d: dict[str, Any] = {
+            "do_sample": not self.greedy,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "repetition_penalty": self.repetition_penalty,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+            "num_return_sequences": self.num_samples,
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+        }
+        if self.stop:
+            d["stop_strings"] = list(self.stop)
+        if self.suppress_tokens is not None:
+            d["suppress_tokens"] = list(self.suppress_tokens)
+        return d
+
+    @classmethod
+    def hf_overrides(cls, hf: dict[str, Any]) -> dict[str, Any]:
+        """Our fields from the keys of a ``generation_config.json`` (keys it does not hold are left out)."""
+        out: dict[str, Any] = {}
+        if "do_sample" in hf:
+            out["strategy"] = "sample" if hf["do_sample"] else "greedy"
+        for ours, theirs in _HF_KEYS.items():
+            if hf.get(theirs) is not None:
+                out[ours] = hf[theirs]
+        if isinstance(out.get("stop"), str):
+            out["stop"] = (out["stop"],)
+        if "stop" in out:
+            out["stop"] = tuple(out["stop"])
+        if "suppress_tokens" in out:
+            out["suppress_tokens"] = tuple(out["suppress_tokens"])
+        if out.get("strategy") == "greedy":
+            for name in ("temperature", "top_k", "top_p"):
+                out.pop(name, None)  # transformers keeps them with do_sample=false; they mean nothing there
+        elif hf.get("do_sample") is None:
+            out.pop("strategy", None)
+        return out
+
+    @classmethod
+    def from_folder(cls, folder: str | Path | None, **overrides: Any) -> GenerationConfig:
+        """Our defaults, then the folder's ``generation_config.json`` (when present), then ``overrides``.
+
+        ``overrides`` with a value of None are ignored (a flag not given). Choosing
+        ``strategy="greedy"`` drops sampling settings that came from the folder.
+        """
+        base: dict[str, Any] = {}
+        if folder is not None:
+            path = Path(folder) / GENERATION_CONFIG_FILE
+            if path.is_file():
+                base = cls.hf_overrides(json.loads(path.read_text(encoding="utf-8")))
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if given.get("strategy") == "greedy":
+            for name in ("temperature", "top_k", "top_p"):
+                base.pop(name, None)
+        return cls(**{**base, **given})
+
+
+_HF_KEYS = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "repetition_penalty": "repetition_penalty",
+    "no_repeat_ngram_size": "no_repeat_ngram_size",
+    "num_samples": "num_return_sequences",
+    "max_new_tokens": "max_new_tokens",
+    "min_new_tokens": "min_new_tokens",
+    "stop": "stop_strings",
+    "suppress_tokens": "suppress_tokens",
+}
+
+
+def write_generation_config(folder: str | Path, config: GenerationConfig, special: dict[str, int]) -> Path:
+    """Write ``config`` as the folder's ``generation_config.json`` (transformers' keys, plus our ids).
+
+    Args:
+        folder: a model folder.
+        config: the defaults generation should use with this model.
+        special: ``bos_token_id``, ``eos_token_id``, ``pad_token_id``.
+    """
+    path = Path(folder) / GENERATION_CONFIG_FILE
+    doc = {**special, **config.to_hf_dict()}
+    doc.pop("num_return_sequences", None)  # a per-call choice, not a model default
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
 
 
 class BatchFailedError(RuntimeError):
@@ -130,11 +265,17 @@ class Sample:
         text: the prompt continued, decoded as one text (``이때`` may become ``이때문에 ...``).
         continuation: the generated part alone (``text`` = decoded prompt + ``continuation``).
         new_tokens: generated tokens, ``</s>`` included.
-        finish_reason: ``eos`` (stopped at ``</s>``) or ``length`` (``max_new_tokens`` reached).
+        finish_reason: ``eos`` (stopped at ``</s>``), ``stop`` (a stop string appeared) or
+            ``length`` (``max_new_tokens`` reached).
         row_seed: the random seed of this output.
         prompt_tokens: tokens fed as the prompt (``<s>`` included, after any cut).
         truncated: the prompt was cut from the left to fit the model's positions.
         new_ids: the generated token ids (``</s>`` included when it ended the output).
+        logprob_sum: sum of the log-probabilities of ``new_ids`` under the model (its raw
+            distribution: before repetition penalty, bans, temperature and top-k/top-p cuts).
+        logprob_mean: ``logprob_sum / new_tokens`` (0.0 with no new token).
+        dropped_tokens: byte pieces of a character left unfinished at ``max_new_tokens``,
+            dropped so that the text is valid UTF-8.
     """
 
     prompt: str
@@ -147,6 +288,9 @@ class Sample:
     prompt_tokens: int
     truncated: bool
     new_ids: tuple[int, ...] = ()
+    logprob_sum: float = 0.0
+    logprob_mean: float = 0.0
+    dropped_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -309,13 +453,13 @@ class Generator:
                 yield BatchOutcome(batch_rows, [], 0, time.perf_counter() - started, f"{type(exc).__name__}: {exc}")
                 continue
             samples = []
-            for key, (new, reason) in zip(batch, outs, strict=True):
+            for key, row in zip(batch, outs, strict=True):
                 prompt_ids, cut = encoded[key[0]]
                 for prompt, index in members[key]:
                     samples.append(
-                        _make_sample(tok, prompt, index, prompt_ids, new, reason, config.row_seed(prompt, index), cut)
+                        _make_sample(tok, prompt, index, prompt_ids, row, config.row_seed(prompt, index), cut)
                     )
-            new_tokens = sum(len(new) for new, _ in outs)
+            new_tokens = sum(len(row.new) for row in outs)
             yield BatchOutcome(batch_rows, samples, new_tokens, time.perf_counter() - started, None)
 
     def _batches(
@@ -337,19 +481,64 @@ class Generator:
         return batches
 
 
+@dataclass(frozen=True)
+class _Row:
+    """What decoding gives for one row."""
+
+    new: list[int]
+    reason: str
+    logprob_sum: float
+    dropped: int
+
+
 def _make_sample(
-    tok: Tokenizer, prompt: str, index: int, prompt_ids: list[int], new: list[int], reason: str, seed: int, cut: bool
+    tok: Tokenizer, prompt: str, index: int, prompt_ids: list[int], row: _Row, seed: int, cut: bool
 ) -> Sample:
+    new = row.new
     text = tok.decode(prompt_ids + new)
     prefix = tok.decode(prompt_ids)
     continuation = text[len(prefix) :] if text.startswith(prefix) else tok.decode(new)
-    return Sample(prompt, index, text, continuation, len(new), reason, seed, len(prompt_ids), cut, tuple(new))
+    mean = row.logprob_sum / len(new) if new else 0.0
+    return Sample(
+        prompt,
+        index,
+        text,
+        continuation,
+        len(new),
+        row.reason,
+        seed,
+        len(prompt_ids),
+        cut,
+        tuple(new),
+        row.logprob_sum,
+        mean,
+        row.dropped,
+    )
+
+
+@dataclass(frozen=True)
+class _TokenTables:
+    byte_ids: np.ndarray  # (256,) id of <0xNN>, -1 if absent
+    specials: tuple[int, ...]  # every special piece but </s>
+
+
+_TABLES: dict[str, _TokenTables] = {}
+
+
+def _token_tables(tok: Tokenizer) -> _TokenTables:
+    """Byte pieces and special ids of a tokenizer, computed once per tokenizer file."""
+    key = tok.fingerprint
+    if key not in _TABLES:
+        byte_ids = byte_piece_ids((i, tok.id_to_piece(i)) for i in range(tok.vocab_size))
+        specials = set(tok.special_ids) | {tok.unk_id}
+        _TABLES[key] = _TokenTables(byte_ids, default_suppressed(specials, tok.eos_id))
+    return _TABLES[key]
 
 
 def _decode_batch(
     decoder: Decoder, tok: Tokenizer, prompts: list[list[int]], seeds: np.ndarray, config: GenerationConfig, limit: int
-) -> list[tuple[list[int], str]]:
-    """Decode one batch of prompt ids (each <= ``limit`` tokens); return (new ids, finish reason) per row."""
+) -> list[_Row]:
+    """Decode one batch of prompt ids (each <= ``limit`` tokens); one :class:`_Row` per prompt."""
     batch = len(prompts)
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)
     width = prompt_bucket(int(lengths.max()), limit)
@@ -362,19 +551,33 @@ def _decode_batch(
         history[b, : len(p)] = p
     hlen = lengths.copy()
     out: list[list[int]] = [[] for _ in range(batch)]
+    scores: list[list[float]] = [[] for _ in range(batch)]  # per-token log-probabilities
     reasons = ["length"] * batch
+    tables = _token_tables(tok)
+    guard = Utf8Guard(tables.byte_ids, batch) if config.valid_utf8 else None
     rows = np.arange(batch)  # (R,) original row of each decoder row; shrinks as rows finish
     alive = np.ones(batch, dtype=bool)  # (R,) decoder rows still generating
     logits = decoder.prefill(ids, starts, width + max_new - 1)  # (R, V)
+    logz = decoder.last_logz  # (R,)
+    vocab = logits.shape[1]
+    banned = list(tables.specials if config.suppress_tokens is None else config.suppress_tokens)
+    banned += range(tok.vocab_size, vocab)  # ids the tokenizer cannot decode
+    suppressed = np.array(sorted(i for i in set(banned) if i < vocab), dtype=np.int64)
+    penalty = config.repetition_penalty
     for step in range(max_new):
         idx = np.nonzero(alive)[0]
         lg = logits if len(idx) == len(rows) else logits[idx]  # (A, V)
         live = rows[idx]  # (A,) original rows
         hist, hl = history[live], hlen[live]
-        if config.repetition_penalty != 1.0:
-            apply_repetition_penalty(lg, hist, hl, config.repetition_penalty)
+        if penalty != 1.0:
+            apply_repetition_penalty(lg, hist, hl, penalty)
         if config.no_repeat_ngram_size:
             ban_repeated_ngrams(lg, hist, hl, config.no_repeat_ngram_size)
+        suppress(lg, suppressed)
+        if step < config.min_new_tokens:
+            lg[:, tok.eos_id] = -np.inf
+        if guard is not None:
+            guard.mask(lg, live)
         chosen = select_tokens(
             lg,
             greedy=config.greedy,
@@ -384,13 +587,25 @@ def _decode_batch(
             row_seeds=seeds[live],
             step=step,
         )
-        for r, t in zip(live.tolist(), chosen.tolist(), strict=True):
+        picked = lg[np.arange(len(idx)), chosen].astype(np.float64)  # (A,)
+        if penalty != 1.0:  # undo the penalty on the picked logit: scores are under the raw model
+            seen = ((hist == chosen[:, None]) & (np.arange(hist.shape[1])[None, :] < hl[:, None])).any(axis=1)
+            picked = np.where(seen, np.where(picked > 0, picked * penalty, picked / penalty), picked)
+        lps = picked - logz[idx]
+        if guard is not None:
+            guard.advance(live, chosen)
+        done = chosen == tok.eos_id
+        for i, (r, t) in enumerate(zip(live.tolist(), chosen.tolist(), strict=True)):
             out[r].append(t)
+            scores[r].append(float(lps[i]))
             history[r, hlen[r]] = t
             hlen[r] += 1
             if t == tok.eos_id:
                 reasons[r] = "eos"
-        alive[idx[chosen == tok.eos_id]] = False
+            elif config.stop and _has_stop(tok.decode(out[r]), config.stop):
+                reasons[r] = "stop"
+                done[i] = True
+        alive[idx[done]] = False
         if step == max_new - 1 or not alive.any():
             break
         feed = np.full(len(rows), tok.pad_id, dtype=np.int64)  # finished rows are fed <pad>, never read
@@ -400,7 +615,17 @@ def _decode_batch(
             decoder.select_rows(keep)
             rows, alive, feed = rows[keep], alive[keep], feed[keep]
         logits = decoder.step(feed, starts[rows], width + step)
-    return [(out[r], reasons[r]) for r in range(batch)]
+        logz = decoder.last_logz
+    results = []
+    for r in range(batch):
+        dropped = guard.open_bytes(r) if guard is not None and reasons[r] == "length" else 0
+        kept = len(out[r]) - dropped
+        results.append(_Row(out[r][:kept], reasons[r], float(sum(scores[r][:kept])), dropped))
+    return results
+
+
+def _has_stop(text: str, stops: tuple[str, ...]) -> bool:
+    return any(s in text for s in stops)
 
 
 def _compaction(alive: np.ndarray) -> np.ndarray | None:

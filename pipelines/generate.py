@@ -48,6 +48,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from kogpt2.generation import DEFAULT_BATCH_SIZE
 from pipelines.common import (
     COMPLETED,
     RUN_FILE,
@@ -97,7 +98,7 @@ class GenerateJob:
     output: str
     config: Any  # kogpt2.generation.GenerationConfig
     seed_column: str = "seed"
-    batch_size: int = 64
+    batch_size: int = DEFAULT_BATCH_SIZE
     dtype: str = "float32"
     num_shards: int = 0  # 0: from --rows-per-file
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
@@ -154,6 +155,11 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_folder(path: str) -> bool:
+    """True when ``path`` holds a ``config.json`` (a model folder to read defaults from)."""
+    return bool(FileSystems.exists(join(path, "config.json")))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[GenerateJob, list[str]]:
     """Split our flags from Beam's (``parse_known_args``) and validate them.
 
@@ -171,9 +177,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GenerateJob, list[str
         model=args.model,
         seeds=tuple(expand_globs(args.seeds, flag="--seeds")),
         output=args.output,
-        config=config_from_args(args),
+        config=config_from_args(args, local_copy(args.model) if _is_folder(args.model) else None),
         seed_column=args.seed_column,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
         dtype=args.dtype,
         num_shards=args.num_shards,
         rows_per_file=args.rows_per_file,
@@ -473,6 +479,8 @@ def to_record(sample: Any, config: Any, model_fp: str, tokenizer_fp: str) -> dic
         "no_repeat_ngram_size": config.no_repeat_ngram_size,
         "max_new_tokens": config.max_new_tokens,
         "row_seed": sample.row_seed,
+        "logprob_sum": float(sample.logprob_sum),
+        "logprob_mean": float(sample.logprob_mean),
         "model_fingerprint": model_fp,
         "tokenizer_fingerprint": tokenizer_fp,
     }

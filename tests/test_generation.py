@@ -257,7 +257,7 @@ def test_generation_stops_at_eos_and_reports_why(eos_model):
     assert reasons == {"eos", "length"}
     for s in batch:
         if s.finish_reason == "eos":
-            assert s.new_ids[-1] == tok.eos_id and tok.eos_id not in s.new_ids[:-1] and s.new_tokens < 15
+            assert s.new_ids[-1] == tok.eos_id and tok.eos_id not in s.new_ids[:-1] and s.new_tokens <= 15
         else:
             assert s.new_tokens == 15 and tok.eos_id not in s.new_ids
     alone = [
