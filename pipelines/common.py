@@ -268,3 +268,78 @@ def expand_globs(patterns: Sequence[str], *, flag: str = "--input") -> list[str]
             raise FileNotFoundError(f"{flag} {pattern!r} matches no file")
         found.update(files)
     return sorted(found)
+
+
+STAGING_PREFIX = ".tmp-staging-"
+
+
+def staging_folder(folder: str, run_id: str) -> str:
+    """Where a run that must not disturb ``folder`` builds its files: ``folder/.tmp-staging-RUNID``.
+
+    Inside ``folder`` (same filesystem, so the final moves are renames) and hidden from output
+    globs, which never match a file in a subfolder or a ``.tmp-`` name.
+    """
+    return join(folder, f"{STAGING_PREFIX}{run_id}")
+
+
+def remove_folder(folder: str) -> None:
+    """Delete a folder and what it holds (any Beam filesystem); a missing folder is fine."""
+    if FileSystems.get_scheme(folder) in (None, "file"):
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    files = [m.path for m in FileSystems.match([join(folder, "**")])[0].metadata_list]
+    if files:
+        FileSystems.delete(files)
+
+
+def remove_stale_staging(folder: str) -> list[str]:
+    """Remove the staging folders (:func:`staging_folder`) left in ``folder`` by runs that died.
+
+    Call it only while holding the folder's lock. Returns the folders removed.
+    """
+    if FileSystems.get_scheme(folder) in (None, "file"):
+        import os
+
+        if not os.path.isdir(folder):
+            return []
+        stale = [join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith(STAGING_PREFIX)]
+    else:
+        found = FileSystems.match([join(folder, STAGING_PREFIX + "*/**")])[0].metadata_list
+        stale = sorted({m.path[: m.path.index("/", len(folder.rstrip("/")) + 1)] for m in found})
+    for path in stale:
+        remove_folder(path)
+    return stale
+
+
+def commit_staged(staging: str, folder: str, *, keep: Sequence[str] = ()) -> list[str]:
+    """Swap a finished run's files from ``staging`` into ``folder``, then remove ``staging``.
+
+    Until this is called the previous run's files stay whole and in place. The swap:
+    ``COMPLETED`` is removed from ``folder`` first (a reader never sees the marker beside a
+    mix of two runs), every staged file is renamed over its namesake (atomic per file
+    locally), the previous run's files the new run did not write are deleted (except the
+    names in ``keep``), and the staged ``COMPLETED``, if any, moves in last.
+
+    Returns:
+        The names of the previous run's files that were deleted.
+    """
+    staged = {p.rstrip("/").rsplit("/", 1)[-1]: p for p in list_folder(staging)}
+    marker = join(folder, COMPLETED)
+    if FileSystems.exists(marker):
+        FileSystems.delete([marker])
+    for name, path in sorted(staged.items()):
+        if name != COMPLETED:
+            commit_temp(path, join(folder, name))
+    stale = [
+        p
+        for p in list_folder(folder)
+        if (name := p.rstrip("/").rsplit("/", 1)[-1]) not in staged and name not in keep and name != COMPLETED
+    ]
+    if stale:
+        FileSystems.delete(stale)
+    if COMPLETED in staged:
+        commit_temp(staged[COMPLETED], marker)
+    remove_folder(staging)
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in stale)

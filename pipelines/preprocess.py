@@ -49,15 +49,22 @@ from kogpt2 import records
 from kogpt2 import text as textlib
 from kogpt2.schemas import validate_info
 from pipelines.common import (
+    COMPLETED,
+    RUN_FILE,
     OutputConflictError,
+    commit_staged,
     copy_file,
     create_pipeline,
+    file_sizes,
     is_completed,
     join,
+    list_folder,
     mark_completed,
     pipeline_options,
-    prepare_output,
     read_text,
+    remove_folder,
+    remove_stale_staging,
+    staging_folder,
     write_json,
 )
 from pipelines.counters import NAMESPACE as NAMESPACE  # re-exported
@@ -163,6 +170,8 @@ class Plan:
     run_id: str
     #: a local copy of the tokenizer file, and the name it gets beside the shards
     tokenizer_file: tuple[str, str] = ("", "")
+    #: ``path -> [size, mtime]`` of the matched files: a changed corpus is a different run
+    file_stats: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def all_names(self) -> list[str]:
@@ -189,18 +198,86 @@ def make_plan(config: PreprocessConfig) -> Plan:
     total = sum(files.values())
     counts = shard_counts(config, total)
     names = {s: tuple(records.shard_name(s, i, n) for i in range(n)) for s, n in counts.items()}
+    paths = tuple(sorted(files))
     return Plan(
-        tuple(sorted(files)), total, tok.describe(), names, uuid.uuid4().hex[:12], (str(tok.path), tok.canonical_name)
+        paths,
+        total,
+        tok.describe(),
+        names,
+        uuid.uuid4().hex[:12],
+        (str(tok.path), tok.canonical_name),
+        file_sizes(paths),
     )
 
 
 def signature(config: PreprocessConfig, plan: Plan) -> dict[str, Any]:
-    """What makes two runs the same run (``run.json``): inputs, tokenizer and every output-shaping flag."""
+    """What makes two runs the same run (``run.json``): inputs, tokenizer and every output-shaping flag.
+
+    The input files are named with their size and modification time, so a corpus edited in
+    place (appended to, replaced) makes a different run.
+    """
     flags = dataclasses.asdict(config)
     for key in ("output", "overwrite", "batch_size", "spill_mb", "allow_empty"):
         flags.pop(key)
     flags["inputs"] = list(config.inputs)
-    return {"pipeline": "kogpt2.preprocess", "flags": flags, "files": list(plan.files), "tokenizer": plan.tokenizer}
+    return {
+        "pipeline": "kogpt2.preprocess",
+        "flags": flags,
+        "files": list(plan.files),
+        "file_stats": {path: list(plan.file_stats.get(path, [])) for path in plan.files},
+        "tokenizer": plan.tokenizer,
+    }
+
+
+# --- the output folder -----------------------------------------------------------------
+
+#: What :func:`output_action` decides.
+NEW, ALREADY_COMPLETE, STAGE = "new", "already complete", "stage"
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def output_action(folder: str, sig: dict[str, Any], *, overwrite: bool) -> str:
+    """What a run does with its output folder, decided before anything in it is written or deleted.
+
+    - :data:`NEW`: the folder is missing or empty (a lock file aside): build in it directly.
+    - :data:`ALREADY_COMPLETE`: it holds a ``COMPLETED`` run with this signature (same flags,
+      tokenizer, input files, sizes and modification times) and ``overwrite`` is off: nothing to do.
+    - :data:`STAGE`: it holds an unfinished run with this signature, or (``overwrite``) any
+      run: build in a staging folder inside it and swap the files in when the run commits
+      (:func:`pipelines.common.commit_staged`), so readers see the old files until then.
+
+    Raises:
+        OutputConflictError: the folder holds something else and ``overwrite`` is off.
+    """
+    from kogpt2.paths import LOCK_FILE
+
+    existing = [p for p in list_folder(folder) if _name(p) != LOCK_FILE]
+    if not existing:
+        return NEW
+    previous = None
+    if RUN_FILE in {_name(p) for p in existing}:
+        try:
+            previous = json.loads(read_text(join(folder, RUN_FILE)))
+        except (OSError, ValueError):
+            previous = None
+    same = previous == json.loads(json.dumps(sig))
+    if same and not overwrite and COMPLETED in {_name(p) for p in existing}:
+        return ALREADY_COMPLETE
+    if same or overwrite:
+        return STAGE
+    what = "a different run" if previous is not None else "files not written by this pipeline"
+    differ = ""
+    if isinstance(previous, dict):
+        keys = sorted(k for k in set(previous) | set(sig) if previous.get(k) != sig.get(k))
+        differ = f"; it differs in {', '.join(keys)}"
+    raise OutputConflictError(
+        f"output folder {folder} already holds {what} ({len(existing)} files{differ}). "
+        "Choose another --output, or pass --overwrite to replace its contents (the old files stay "
+        "readable until the new run finishes)."
+    )
 
 
 # --- info.json -------------------------------------------------------------------------
@@ -357,9 +434,10 @@ class WriteInfo(beam.DoFn):
     ``COMPLETED`` unless ``allow_empty``; :func:`run` then raises :class:`EmptyOutputError`.
     """
 
-    def __init__(self, config: PreprocessConfig, plan: Plan):
+    def __init__(self, config: PreprocessConfig, plan: Plan, target: str | None = None):
         self.config = config
         self.plan = plan
+        self.target = target or config.output
 
     def process(self, collected: tuple[dict[str, int], list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
         stats, shards = collected
@@ -367,7 +445,7 @@ class WriteInfo(beam.DoFn):
         counts = info["counts"]
         if self.config.dedup:
             Counters().add({"kept": counts["kept"], "filtered.duplicate": counts["filtered"]["duplicate"]})
-        output = self.config.output
+        output = self.target
         write_json(join(output, INFO_FILE), info)
         delete_spills(output)
         if self.config.allow_empty or not empty_splits(self.config, counts):
@@ -378,19 +456,24 @@ class WriteInfo(beam.DoFn):
 # --- the pipeline ----------------------------------------------------------------------
 
 
-def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, plan: Plan | None = None) -> beam.PCollection:
+def build_pipeline(
+    p: beam.Pipeline, config: PreprocessConfig, plan: Plan | None = None, target: str | None = None
+) -> beam.PCollection:
     """Add the preprocessing steps to ``p``.
 
     Args:
         p: a pipeline (or ``TestPipeline``).
         config: the run's configuration.
         plan: the resolved inputs and tokenizer (:func:`make_plan` by default).
+        target: the folder the files are written to (``config.output`` by default; a staging
+            folder when a finished run must stay readable until this one commits).
 
     Returns:
         A PCollection holding the one ``info.json`` document, once everything is written.
     """
     plan = plan or make_plan(config)
-    prefix = spill_prefix(config.output, plan.run_id)
+    target = target or config.output
+    prefix = spill_prefix(target, plan.run_id)
     ranges = (
         p
         | "InputFiles" >> beam.Create(list(plan.files), reshuffle=False)  # the globs, matched at launch
@@ -425,7 +508,7 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, plan: Plan | None
     rejected_runs = cleaned.rejected | "SpillRejected" >> beam.ParDo(SpillRuns(prefix, spill_bytes))
     unread_runs = lines.rejected | "SpillUnread" >> beam.ParDo(SpillRuns(prefix, spill_bytes))
     pad_id = int(plan.tokenizer["pad_id"])
-    writer = WriteShards(config.output, prefix, packing=config.packing, max_len=config.max_len, pad_id=pad_id)
+    writer = WriteShards(target, prefix, packing=config.packing, max_len=config.max_len, pad_id=pad_id)
     every_file = p | "OutputFiles" >> beam.Create([(name, None) for name in plan.all_names], reshuffle=False)
     written = (
         (example_runs, rejected_runs, unread_runs, every_file)
@@ -439,7 +522,7 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, plan: Plan | None
         tagged
         | "CountsAndShards" >> beam.Flatten()
         | "CollectRun" >> beam.CombineGlobally(CollectRun()).without_defaults()
-        | "WriteInfo" >> beam.ParDo(WriteInfo(config, plan))
+        | "WriteInfo" >> beam.ParDo(WriteInfo(config, plan, target))
     )
 
 
@@ -550,11 +633,27 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[PreprocessConfig, lis
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the preprocessing pipeline from command-line arguments and wait for it.
 
+    Returns:
+        The ``info.json`` document written (or already there: see :func:`execute`).
+
+    Raises:
+        See :func:`execute`.
+    """
+    return execute(argv)[0]
+
+
+def execute(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], str]:
+    """Run the preprocessing pipeline, unless its output folder already holds this very run.
+
     Everything is validated (flags, globs, tokenizer, output folder) before the output
-    folder is touched.
+    folder is touched. A folder that is ``COMPLETED`` with the same signature (``run.json``:
+    flags, tokenizer, input files with their sizes and modification times) is left as it is
+    (unless ``--overwrite``). A folder holding files is never cleared first: the run builds in
+    a staging folder inside it and swaps its files in when it commits (:func:`output_action`).
 
     Returns:
-        The ``info.json`` document written.
+        ``(info.json document, status)``: status :data:`NEW`, :data:`STAGE` (files swapped
+        in over a previous run) or :data:`ALREADY_COMPLETE` (nothing was run or written).
 
     Raises:
         ValueError: bad flag values or unknown options; an unreadable tokenizer.
@@ -563,28 +662,44 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         EmptyOutputError: a split training needs has no example and ``--allow-empty`` was not given.
         RuntimeError: the pipeline finished without writing ``COMPLETED``.
     """
-    from kogpt2.paths import FolderLock, refuse_output_over_inputs
+    from apache_beam.io.filesystems import FileSystems
+
+    from kogpt2.paths import LOCK_FILE, FolderLock, refuse_output_over_inputs
 
     config, beam_args = parse_args(argv)
     plan = make_plan(config)
     refuse_output_over_inputs(config.output, [*plan.files, config.tokenizer])
-    p = create_pipeline(pipeline_options(beam_args))
-    build_pipeline(p, config, plan)
-    from apache_beam.io.filesystems import FileSystems
-
+    options = pipeline_options(beam_args)
+    sig = signature(config, plan)
     local = FileSystems.get_scheme(config.output) in (None, "file")
     lock = FolderLock(config.output, job="pipelines.preprocess") if local else None
     if lock is not None:
         lock.acquire()  # a second run into this folder is refused while this one lives
     try:
-        prepare_output(config.output, signature(config, plan), overwrite=config.overwrite)
-        # the shards' tokenizer travels with them: `kogpt2 train --model small` finds it there
-        copy_file(plan.tokenizer_file[0], join(config.output, plan.tokenizer_file[1]))
-        p.run().wait_until_finish()
+        action = output_action(config.output, sig, overwrite=config.overwrite)
+        if action == ALREADY_COMPLETE:
+            return finished_info(config), ALREADY_COMPLETE
+        remove_stale_staging(config.output)  # left by runs that died (we hold the lock)
+        target = config.output if action == NEW else staging_folder(config.output, plan.run_id)
+        if not FileSystems.exists(target):
+            FileSystems.mkdirs(target)
+        try:
+            write_json(join(target, RUN_FILE), sig)
+            # the shards' tokenizer travels with them: `kogpt2 train --model small` finds it there
+            copy_file(plan.tokenizer_file[0], join(target, plan.tokenizer_file[1]))
+            p = create_pipeline(options)
+            build_pipeline(p, config, plan, target)
+            p.run().wait_until_finish()
+        except BaseException:
+            if target != config.output:
+                remove_folder(target)  # the previous run stays as it was
+            raise
+        if target != config.output:
+            commit_staged(target, config.output, keep=(LOCK_FILE,))
     finally:
         if lock is not None:
             lock.release()
-    return finished_info(config)
+    return finished_info(config), action
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -593,13 +708,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        info = run(argv)
+        info, status = execute(argv)
     except (ValueError, FileNotFoundError, OutputConflictError, OutputLockedError) as exc:
         print(f"preprocess: error: {exc}", file=sys.stderr)
         return 2
     except EmptyOutputError as exc:
         print(f"preprocess: error: {exc}", file=sys.stderr)
         return 1
+    if status == ALREADY_COMPLETE:
+        print(
+            f"{parse_args(argv)[0].output} is already complete: same inputs (sizes, modification times), tokenizer "
+            "and flags; nothing to do (pass --overwrite to rebuild it)"
+        )
     print(summary_line(info))
     return 0
 

@@ -307,8 +307,8 @@ def test_reruns_and_two_workers_write_identical_shards(tmp_path: Path, tiny_toke
     train = Counter(tuple(ids) for ids, _ in read_split(first, info, "train"))
     assert not set(val) & set(train) and sum(val.values()) + sum(train.values()) == 135
 
-    # the same run again into the same folder: allowed, byte-identical
-    assert preprocess.main(argv(inputs, tiny_tokenizer, first, *flags)) == 0
+    # the same run again with --overwrite: rebuilt (through a staging folder), byte-identical
+    assert preprocess.main(argv(inputs, tiny_tokenizer, first, *flags, "--overwrite")) == 0
     assert shard_bytes(first) == reference
 
     # many tiny sorted runs merged in several rounds: same bytes
@@ -347,6 +347,64 @@ def test_output_folder_of_another_run_is_refused_unless_overwrite(tmp_path: Path
     info = json.loads((out / "info.json").read_text())
     assert info["max_len"] == 12
     assert info["data_fingerprint"] != json.loads(before["info.json"])["data_fingerprint"]
+
+
+def folder_state(out: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file directly in ``out`` but the run's lock: (inode, mtime_ns, bytes); a rewritten file has a new inode."""
+    files = [p for p in out.iterdir() if p.is_file() and p.name != ".lock"]
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+
+
+def test_a_rerun_leaves_the_finished_folder_untouched_until_it_commits(
+    tmp_path: Path, tiny_tokenizer, capsys, monkeypatch
+) -> None:
+    src = tmp_path / "a.txt"
+    src.write_text("\n".join(make_sentences(40)) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert preprocess.main(argv([src], tiny_tokenizer, out, "--num-shards", "2")) == 0
+    finished = folder_state(out)
+    assert {"COMPLETED", "train-00001-of-00002.tfrecord.gz"} <= set(finished)
+    capsys.readouterr()
+
+    # the same run again: reported complete, nothing run, rewritten or deleted
+    assert preprocess.main(argv([src], tiny_tokenizer, out, "--num-shards", "2")) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert folder_state(out) == finished
+
+    # the corpus changed (appended to): a different run, refused without --overwrite
+    with src.open("a", encoding="utf-8") as f:
+        f.write("새로 들어온 문장이 하나 있었다.\n")
+    assert preprocess.main(argv([src], tiny_tokenizer, out, "--num-shards", "2")) == 2
+    assert "file_stats" in capsys.readouterr().err
+    assert folder_state(out) == finished
+
+    # --overwrite: while the new run writes its shards, the old files are all there, unchanged
+    seen: list[dict[str, Any]] = []
+    write = sorted_shards.write_tfrecord
+
+    def watching(path: str, examples: Any) -> dict[str, Any]:
+        seen.append(folder_state(out))
+        return write(path, examples)
+
+    monkeypatch.setattr(sorted_shards, "write_tfrecord", watching)
+    assert preprocess.main(argv([src], tiny_tokenizer, out, "--max-len", "12", "--overwrite")) == 0
+    assert seen and all(state == finished for state in seen)
+    info = json.loads((out / "info.json").read_text())
+    assert info["max_len"] == 12 and info["counts"]["lines_read"] == 41
+    check_folder(out, info)  # the old run's second shard is gone, COMPLETED is the new run's
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+    # a run that fails leaves the finished folder as it was, and no staging folder
+    finished = folder_state(out)
+
+    def failing(path: str, examples: Any) -> dict[str, Any]:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sorted_shards, "write_tfrecord", failing)
+    with pytest.raises(Exception, match="disk full"):
+        preprocess.main(argv([src], tiny_tokenizer, out, "--max-len", "14", "--overwrite"))
+    assert folder_state(out) == finished
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
 
 
 @pytest.mark.parametrize(
