@@ -328,3 +328,33 @@ def test_a_run_killed_mid_job_resumes_to_exactly_the_rows_of_an_uninterrupted_ru
     assert all(ours[k]["text"] == ref[k]["text"] for k in ours)
     assert info["counts"] == json.loads((reference / "info.json").read_text())["counts"]
     assert not list(out.glob(".tmp-*"))
+
+
+def test_report_summarizes_a_generation_folder_streaming(first_run, capsys):
+    from kogpt2.cli import main
+    from kogpt2.gensummary import summarize_generations
+
+    s = summarize_generations(str(first_run), batch_rows=3)
+    assert s["rows"] == 12 and s["files"] == 2 and sum(s["finish_reasons"].values()) == 12
+    assert s["replacement_chars"] == 0 and s["logprob_mean"]["max"] < 0 and s["info"]["status"] == "completed"
+    assert s == summarize_generations(str(first_run), batch_rows=1000)  # batch size changes nothing
+    assert main(["report", "--generations", str(first_run)]) == 0
+    out = capsys.readouterr().out
+    assert "12 rows in 2 files" in out and "seeds in 13, rejected 7" in out
+    assert main(["report", "--generations", str(first_run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 12
+    assert main(["report", "--generations", str(first_run / "nothing")]) == 2
+
+
+def test_report_reads_a_remote_generation_folder(first_run):
+    """Through a filesystem that needs no network (TensorFlow's ram://), as it would read gs://."""
+    import tensorflow as tf
+
+    from kogpt2.gensummary import summarize_generations
+
+    remote = "ram://generations/run1"
+    tf.io.gfile.makedirs(remote)
+    for f in [*first_run.glob("generations-*.parquet"), first_run / "info.json"]:
+        tf.io.gfile.copy(str(f), f"{remote}/{f.name}", overwrite=True)
+    here, there = summarize_generations(str(first_run)), summarize_generations(remote)
+    assert {**there, "folder": None} == {**here, "folder": None}
