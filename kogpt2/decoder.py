@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,7 @@ class Decoder:
     def __init__(self, model: Any, dtype: str = "float32") -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
-        tf = import_tf()
+        tf = self._tf = import_tf()
         cfg = model.config
         act = getattr(cfg, "activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu", "gelu_pytorch_tanh"):
@@ -102,8 +103,7 @@ class Decoder:
         )
 
     def _collect_weights(self, model: Any) -> dict[str, Any]:
-        tf = import_tf()
-        tr = model.transformer
+        tf, tr = self._tf, model.transformer
 
         def cast(v: Any) -> Any:
             # float32: the model's own variables (no copy); bfloat16: one cast copy.
@@ -131,30 +131,36 @@ class Decoder:
 
     # -- graph pieces -------------------------------------------------------------
     def _ln(self, x: Any, gb: tuple[Any, Any]) -> Any:
-        tf = import_tf()
+        tf = self._tf
         x32 = tf.cast(x, tf.float32)
         mean, var = tf.nn.moments(x32, axes=[-1], keepdims=True)
         y = (x32 - mean) * tf.math.rsqrt(var + self._eps) * gb[0] + gb[1]
         return tf.cast(y, self._dt)
 
     def _dense(self, x: Any, wb: tuple[Any, Any]) -> Any:
-        tf = import_tf()
-        return tf.matmul(x, wb[0]) + tf.reshape(wb[1], [-1])
+        return self._tf.matmul(x, wb[0]) + self._tf.reshape(wb[1], [-1])
 
-    def _mlp(self, x: Any, layer: dict[str, Any]) -> Any:
-        tf = import_tf()
+    def _block(self, x: Any, layer: dict[str, Any], attention: Callable[[Any], Any]) -> Any:
+        """One transformer block on ``x`` ``(N, E)`` (N = every position of every row fed).
+
+        ``attention`` maps the block's ``(N, 3E)`` query/key/value projections to the
+        ``(N, E)`` attention output: the full causal pass in prefill, the cached one in step.
+        """
+        tf = self._tf
+        att = attention(self._dense(self._ln(x, layer["ln1"]), layer["attn"]))  # (N, E)
+        x = x + self._dense(att, layer["proj"])
         h = tf.nn.gelu(self._dense(self._ln(x, layer["ln2"]), layer["fc"]), approximate=self._approx_gelu)
-        return self._dense(h, layer["fc_proj"])
+        return x + self._dense(h, layer["fc_proj"])
 
     def _logits(self, x: Any) -> Any:
         """``(logits (B, V), log normalizer (B,))``: log-probabilities are ``logits - logz``."""
-        tf = import_tf()
+        tf = self._tf
         h = self._ln(x, self._w["ln_f"])  # (B, E)
         logits = tf.cast(tf.matmul(h, self._w["head"]), tf.float32)  # (B, V)
         return logits, tf.reduce_logsumexp(logits, axis=-1)  # (B, V), (B,)
 
     def _prefill_fn(self, ids: Any, starts: Any, capacity: Any) -> Any:
-        tf = import_tf()
+        tf = self._tf
         self.traces += 1
         batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
         heads, hd, emb = self.n_head, self.head_dim, self.n_embd
@@ -165,30 +171,42 @@ class Decoder:
         visible = (slots[None, :] <= slots[:, None])[None] & (slots[None, None, :] >= starts[:, None, None])
         bias = tf.where(visible, 0.0, _NEG)[:, None]  # (B, 1, T, T)
         pad = tf.zeros([batch, heads, capacity - length, hd], self._cache_dt)
+
+        def full_attention(k_var: Any, v_var: Any) -> Callable[[Any], Any]:
+            def attend(qkv: Any) -> Any:  # (B*T, 3E) -> (B*T, E); fills the cache
+                qkv = tf.transpose(tf.reshape(qkv, [batch, length, 3, heads, hd]), [2, 0, 3, 1, 4])  # (3, B, H, T, D)
+                q, k, v = qkv[0], qkv[1], qkv[2]
+                k_var.assign(tf.concat([tf.cast(k, self._cache_dt), pad], axis=2))  # (B, H, S, D)
+                v_var.assign(tf.concat([tf.cast(v, self._cache_dt), pad], axis=2))
+                scores = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) / math.sqrt(hd) + bias  # (B, H, T, T)
+                att = tf.matmul(tf.cast(tf.nn.softmax(scores, axis=-1), self._dt), v)  # (B, H, T, D)
+                return tf.reshape(tf.transpose(att, [0, 2, 1, 3]), [-1, emb])  # (B*T, E)
+
+            return attend
+
+        x = tf.reshape(x, [-1, emb])  # (B*T, E)
         for layer, k_var, v_var in zip(self._w["layers"], self._k, self._v, strict=True):
-            qkv = self._dense(tf.reshape(self._ln(x, layer["ln1"]), [-1, emb]), layer["attn"])  # (B*T, 3E)
-            qkv = tf.transpose(tf.reshape(qkv, [batch, length, 3, heads, hd]), [2, 0, 3, 1, 4])  # (3, B, H, T, D)
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            k_var.assign(tf.concat([tf.cast(k, self._cache_dt), pad], axis=2))  # (B, H, S, D)
-            v_var.assign(tf.concat([tf.cast(v, self._cache_dt), pad], axis=2))
-            scores = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) / math.sqrt(hd) + bias  # (B, H, T, T)
-            att = tf.matmul(tf.cast(tf.nn.softmax(scores, axis=-1), self._dt), v)  # (B, H, T, D)
-            att = tf.reshape(tf.transpose(att, [0, 2, 1, 3]), [-1, emb])  # (B*T, E)
-            x = x + tf.reshape(self._dense(att, layer["proj"]), [batch, length, emb])
-            x = x + tf.reshape(self._mlp(tf.reshape(x, [-1, emb]), layer), [batch, length, emb])
-        return self._logits(x[:, -1])
+            x = self._block(x, layer, full_attention(k_var, v_var))
+        return self._logits(tf.reshape(x, [batch, length, emb])[:, -1])
 
     def _step_fn(self, tokens: Any, starts: Any, slot: Any) -> Any:
-        tf = import_tf()
+        tf = self._tf
         self.traces += 1
         batch = tf.shape(tokens)[0]
         heads, hd, emb = self.n_head, self.head_dim, self.n_embd
         x = tf.gather(self._w["wte"], tokens) + tf.gather(self._w["wpe"], slot - starts)  # (B, E)
+
+        def cached_attention(k_var: Any, v_var: Any) -> Callable[[Any], Any]:
+            def attend(qkv: Any) -> Any:  # (B, 3E) -> (B, E); writes this token's key/value
+                qkv = tf.reshape(qkv, [batch, 3, heads, hd])
+                return tf.reshape(
+                    self._attend(k_var, v_var, qkv[:, 0], qkv[:, 1], qkv[:, 2], starts, slot), [batch, emb]
+                )
+
+            return attend
+
         for layer, k_var, v_var in zip(self._w["layers"], self._k, self._v, strict=True):
-            qkv = tf.reshape(self._dense(self._ln(x, layer["ln1"]), layer["attn"]), [batch, 3, heads, hd])
-            att = self._attend(k_var, v_var, qkv[:, 0], qkv[:, 1], qkv[:, 2], starts, slot)  # (B, H, D)
-            x = x + self._dense(tf.reshape(att, [batch, emb]), layer["proj"])
-            x = x + self._mlp(x, layer)
+            x = self._block(x, layer, cached_attention(k_var, v_var))
         return self._logits(x)
 
     def _make_attention(self) -> Any:
@@ -198,8 +216,9 @@ class Decoder:
         once per (batch, cache length) shape. Every slot is read, masked as needed: reading
         only the filled slots measured slower (the slice gets copied).
         """
-        tf = import_tf()
-        heads, hd = self.n_head, self.head_dim
+        tf = self._tf
+        heads = self.n_head
+        hd = self.head_dim
 
         def attend(k_var: Any, v_var: Any, q: Any, k: Any, v: Any, starts: Any, slot: Any) -> Any:
             # q, k, v: (B, H, D); the cache variables: (B, H, S, D)
@@ -233,7 +252,7 @@ class Decoder:
             ``(B, V)`` float32 logits of each row's next token; their log normalizer
             (``logsumexp`` per row, for log-probabilities) is left in ``last_logz``.
         """
-        tf = import_tf()
+        tf = self._tf
         if capacity > self.n_positions or capacity < ids.shape[1]:
             raise ValueError(f"capacity={capacity}: must be in [{ids.shape[1]}, n_positions={self.n_positions}]")
         out, logz = self._prefill(
@@ -245,7 +264,7 @@ class Decoder:
 
     def step(self, tokens: np.ndarray, starts: np.ndarray, slot: int) -> np.ndarray:
         """Feed one token per row at cache slot ``slot``; return ``(B, V)`` float32 next-token logits."""
-        tf = import_tf()
+        tf = self._tf
         if not 0 <= slot < self._capacity:
             raise ValueError(f"slot={slot}: must be in [0, {self._capacity}) (the cache filled by prefill)")
         self._shapes.add((len(tokens), self._capacity))
@@ -262,11 +281,10 @@ class Decoder:
 
     def select_rows(self, rows: np.ndarray) -> None:
         """Keep only these batch rows of the cache (in this order), e.g. once others finished."""
-        tf = import_tf()
-        self._select(tf.constant(rows, tf.int32))
+        self._select(self._tf.constant(rows, self._tf.int32))
 
     def _select_fn(self, rows: Any) -> Any:
-        tf = import_tf()
+        tf = self._tf
         self.traces += 1
         for var in self._k + self._v:
             var.assign(tf.gather(var.read_value(), rows))
@@ -274,7 +292,7 @@ class Decoder:
 
     def release(self) -> None:
         """Free the cache memory (the variables keep their graphs)."""
-        tf = import_tf()
+        tf = self._tf
         empty = tf.zeros([0, self.n_head, 0, self.head_dim], self._cache_dt)
         for var in self._k + self._v:
             var.assign(empty)
