@@ -11,13 +11,64 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from collections.abc import Callable
 from types import ModuleType
+from typing import TypeVar
+
+T = TypeVar("T")
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # On GPUs, take memory as needed rather than all of it at start: several Beam worker
 # processes (or a shared model server and its clients) can then live on one GPU.
 os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+# transformers' load reports ("All model checkpoint layers were used ...") and its TF
+# deprecation notice are not for our users; `--verbose` (KOGPT2_VERBOSE=1) shows them.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+#: Set to "1" (``--verbose``) to see TensorFlow's start-up lines and library chatter.
+VERBOSE_ENV = "KOGPT2_VERBOSE"
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show (or hide) library chatter: TensorFlow start-up lines, transformers' reports."""
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "info" if verbose else "error"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_info() if verbose else hf_logging.set_verbosity_error()
+
+
+def _verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "0") == "1"
+
+
+def _quiet_stderr(load: Callable[[], T]) -> T:
+    """Run ``load`` with file descriptor 2 captured: TensorFlow's C++ start-up lines (absl's
+    "All log messages before absl::InitializeLog()", oneDNN, "Could not find cuda drivers",
+    cuInit) ignore TF_CPP_MIN_LOG_LEVEL. What was captured is replayed if ``load`` raises."""
+    if _verbose():
+        return load()
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except OSError:  # no usable fd 2
+        return load()
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            return load()
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode("utf-8", errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 class KerasBindingError(RuntimeError):
@@ -45,11 +96,19 @@ def import_tf() -> ModuleType:
         KerasBindingError: TensorFlow was already imported with Keras 3 bound.
     """
     already = "tensorflow" in sys.modules
-    import tensorflow as tf
-
     if already:
+        import tensorflow as tf
+
         _check_binding(tf)
-    return tf
+        return tf
+
+    def load() -> ModuleType:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # device start-up (and its log lines) happens here
+        return tf
+
+    return _quiet_stderr(load)
 
 
 def import_keras() -> ModuleType:

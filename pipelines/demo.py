@@ -285,7 +285,7 @@ def parse_args(argv: Sequence[str] | None) -> DemoConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         config = parse_args(argv)
     except ValueError as exc:

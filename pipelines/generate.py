@@ -106,6 +106,7 @@ class GenerateJob:
     share_model_across_processes: bool = False
     progress_seconds: float = 30.0
     overwrite: bool = False
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "rows_per_file"):
@@ -150,6 +151,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="one model per machine shared by all worker processes (big models)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a different run's files in --output")
+    p.add_argument("--verbose", action="store_true", help="show TensorFlow, Beam and transformers messages")
     add_sampling_arguments(p)
     add_underscore_spellings(p)
     return p
@@ -187,6 +189,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GenerateJob, list[str
         share_model_across_processes=args.share_model_across_processes,
         progress_seconds=args.progress_seconds,
         overwrite=args.overwrite,
+        verbose=args.verbose,
     )
     return job, beam_args
 
@@ -888,9 +891,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         RuntimeError: the pipeline failed, or rows went missing (the accounting check).
     """
     from kogpt2.paths import FolderLock, refuse_output_over_inputs
+    from kogpt2.tf_setup import set_verbose
 
     _show_progress()
     job, beam_args = parse_args(argv)
+    if job.verbose:
+        set_verbose(True)
     refuse_output_over_inputs(job.output, [job.model, *job.seeds])
     plan = make_plan(job)
     sig = signature(job, plan)

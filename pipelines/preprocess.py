@@ -706,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: run, print a summary; errors exit with status 2."""
     from kogpt2.paths import OutputLockedError
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         info, status = execute(argv)
     except (ValueError, FileNotFoundError, OutputConflictError, OutputLockedError) as exc:

@@ -54,3 +54,27 @@ def test_keras3_bound_first_is_reported_clearly() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ERR" in proc.stdout and "TF_USE_LEGACY_KERAS=1" in proc.stdout
+
+
+def test_commands_start_quietly_and_verbose_shows_the_chatter(tiny_model_dir):
+    """TensorFlow's C++ start-up lines and transformers' load reports are hidden unless --verbose."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "KOGPT2_VERBOSE")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "kogpt2.cli",
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "이때",
+        "--max-new-tokens",
+        "3",
+    ]
+    quiet = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    assert quiet.stderr == "" and quiet.stdout.startswith("이때")
+    loud = subprocess.run([*cmd[:3], "--verbose", *cmd[3:]], env=env, capture_output=True, text=True, check=True)
+    assert "All model checkpoint layers were used" in loud.stderr or "oneDNN" in loud.stderr
+    beam = subprocess.run(
+        [sys.executable, "-m", "pipelines.generate", "--help"], env=env, capture_output=True, text=True
+    )
+    assert beam.returncode == 0 and "apitools" not in beam.stderr and beam.stderr == ""
