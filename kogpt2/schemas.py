@@ -8,28 +8,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from functools import cache
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 SCHEMA_FILES = ("tfrecord_example.json", "shard_info.json", "generations.json")
 
 
-def schema_dir() -> Path:
-    """The folder holding the schema files, in a source checkout or an installed copy.
-
-    Raises:
-        FileNotFoundError: neither location holds them.
-    """
-    candidates = [
-        Path(__file__).resolve().parent.parent / "schemas",  # source checkout / editable install
-        Path(sys.prefix) / "share" / "kogpt2-pipeline" / "schemas",  # pip install (data_files)
-    ]
-    for c in candidates:
-        if (c / SCHEMA_FILES[0]).is_file():
-            return c
-    raise FileNotFoundError(f"schema files not found in {[str(c) for c in candidates]}")
+def schema_file(name: str) -> Traversable:
+    """One schema file, from the installed package data (``kogpt2.schema_files``)."""
+    return resources.files("kogpt2.schema_files").joinpath(name)
 
 
 @cache
@@ -39,7 +28,7 @@ def load_schema(name: str) -> dict[str, Any]:
         name += ".json"
     if name not in SCHEMA_FILES:
         raise ValueError(f"unknown schema {name!r}; known: {SCHEMA_FILES}")
-    return dict(json.loads((schema_dir() / name).read_text(encoding="utf-8")))
+    return dict(json.loads(schema_file(name).read_text(encoding="utf-8")))
 
 
 def tfrecord_features() -> list[dict[str, Any]]:

@@ -104,7 +104,7 @@ def test_wheel_ships_schemas_corpus_and_console_script(tmp_path: Path) -> None:
     wheel = next(tmp_path.glob("kogpt2_pipeline-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for schema in ("tfrecord_example.json", "shard_info.json", "generations.json"):
-        assert any(n.endswith(f"data/share/kogpt2-pipeline/schemas/{schema}") for n in names), schema
+        assert f"kogpt2/schema_files/{schema}" in names, schema
     assert "kogpt2/data/corpus.txt" in names and "kogpt2/data/seeds.txt" in names
     assert "pipelines/common.py" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
