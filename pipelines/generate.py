@@ -29,24 +29,19 @@ then not committed: the command exits 1 and a rerun redoes just those units).
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import io
 import json
 import logging
 import math
 import os
 import sys
 import time
-import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
 from kogpt2.generation import DEFAULT_BATCH_SIZE
 from pipelines.common import (
@@ -55,7 +50,6 @@ from pipelines.common import (
     TEMP_PREFIX,
     OutputConflictError,
     check_beam_args,
-    commit_temp,
     create_pipeline,
     expand_globs,
     file_sizes,
@@ -66,24 +60,17 @@ from pipelines.common import (
     pipeline_options,
     prepare_output,
     read_text,
-    temp_path,
     write_json,
     write_text,
 )
+from pipelines.generate_units import PARQUET_PATTERN, GenerateUnits, UnitItem, UnitStats, unit_of
+from pipelines.seeds import FORMATS, ValidateSeeds, read_seeds
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "kogpt2_generate"
-FORMATS = {".txt": "text", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 INFO_FILE = "info.json"
-PARQUET_PATTERN = "generations-{unit:05d}-of-{units:05d}.parquet"
-REJECTED_PATTERN = "rejected-{unit:05d}-of-{units:05d}.jsonl"
-FAILED_PATTERN = "failed-{unit:05d}-of-{units:05d}.jsonl"
-#: Parquet footer key holding a unit's counts, so a resumed run counts committed units without reading rows.
-UNIT_STATS_KEY = b"kogpt2.unit_stats"
 #: Default target of rows per output file (and per work unit: the resume granularity).
 DEFAULT_ROWS_PER_FILE = 5000
-ROW_GROUP_ROWS = 2048
 
 
 # -- 1. parse and validate -------------------------------------------------------------------
@@ -280,440 +267,6 @@ def num_units(valid_seeds: int, job: GenerateJob) -> int:
     return max(1, math.ceil(valid_seeds * job.config.num_samples / job.rows_per_file))
 
 
-def unit_of(key: str, units: int) -> int:
-    """The work unit of a seed (or dead letter): a stable hash of its text, never the runner's order."""
-    digest = hashlib.sha256(b"kogpt2-unit\x1f" + key.encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") % units
-
-
-# -- 4a. reading and validating seeds --------------------------------------------------------
-
-
-class ParseCsv(beam.DoFn):
-    """A whole CSV file -> ``(path, value)`` per row; bytes that are not UTF-8 survive as surrogates."""
-
-    def __init__(self, column: str) -> None:
-        self._column = column
-
-    def process(self, readable: Any) -> Iterable[tuple[str, Any]]:
-        path = readable.metadata.path
-        text = readable.read().decode("utf-8-sig", errors="surrogateescape")
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        if reader.fieldnames is None or self._column not in reader.fieldnames:
-            raise ValueError(f"{path}: no column {self._column!r} (columns: {reader.fieldnames}); see --seed-column")
-        for row in reader:
-            yield path, row[self._column]
-
-
-def _decode(raw: Any) -> tuple[str | None, str]:
-    """(text, reason); text is None when the value cannot be a seed."""
-    if raw is None:
-        return None, "empty"
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return None, f"undecodable: {exc.reason} at byte {exc.start}"
-    if not isinstance(raw, str):
-        return None, f"bad_record: a {type(raw).__name__}, not text"
-    try:
-        raw.encode("utf-8")
-    except UnicodeEncodeError:
-        return None, "undecodable: not valid UTF-8"
-    return raw.lstrip("\ufeff").rstrip("\r\n"), ""
-
-
-def is_blank(text: str) -> bool:
-    """True when ``text`` has nothing to continue: only whitespace, control, format (zero-width) characters."""
-    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp") for ch in text)
-
-
-class Rejected(NamedTuple):
-    """A seed that cannot be generated from: a dead letter."""
-
-    source: str
-    seed: str | None
-    reason: str
-    detail: str
-
-    def key(self) -> str:
-        return f"{self.source}\x1f{self.seed}\x1f{self.detail}"
-
-    def to_json(self) -> str:
-        return json.dumps(self._asdict(), ensure_ascii=False, sort_keys=True)
-
-
-class ValidateSeeds(beam.DoFn):
-    """``(kind, path, raw)`` -> a valid seed string, or a :class:`Rejected` record (tagged output)."""
-
-    REJECTED = "rejected"
-
-    def __init__(self, model_dir: str, column: str, max_tokens: int) -> None:
-        self._model_dir = model_dir
-        self._column = column
-        self._max_tokens = max_tokens
-        self._tokenizer: Any = None
-        self._read = Metrics.counter(NAMESPACE, "seeds_read")
-        self._valid = Metrics.counter(NAMESPACE, "seeds_valid")
-        self._rejected = Metrics.counter(NAMESPACE, "seeds_rejected")
-
-    def setup(self) -> None:
-        from kogpt2.tokenizer import load_tokenizer
-
-        self._tokenizer = load_tokenizer(local_copy(self._model_dir))
-
-    def _reject(self, path: str, raw: Any, reason: str) -> beam.pvalue.TaggedOutput:
-        self._rejected.inc()
-        Metrics.counter(NAMESPACE, f"rejected_{reason.split(':')[0]}").inc()
-        if isinstance(raw, bytes):
-            shown = raw.decode("utf-8", errors="backslashreplace")
-        elif isinstance(raw, str):
-            shown = raw.encode("utf-8", errors="backslashreplace").decode("utf-8")
-        else:
-            shown = None if raw is None else repr(raw)
-        return beam.pvalue.TaggedOutput(self.REJECTED, Rejected(path, shown, reason.split(":")[0], reason))
-
-    def process(self, element: tuple[str, str, Any]) -> Iterable[Any]:
-        kind, path, raw = element
-        self._read.inc()
-        if kind == "jsonl":
-            text, reason = _decode(raw)
-            if text is None:
-                yield self._reject(path, raw, reason)
-                return
-            if is_blank(text):
-                yield self._reject(path, raw, "empty")
-                return
-            try:
-                obj = json.loads(text)
-            except ValueError as exc:
-                yield self._reject(path, raw, f"bad_record: not JSON ({exc})")
-                return
-            if not isinstance(obj, dict) or self._column not in obj:
-                yield self._reject(path, raw, f"bad_record: no key {self._column!r}")
-                return
-            raw = obj[self._column]
-        seed, reason = _decode(raw)
-        if seed is None:
-            yield self._reject(path, raw, reason)
-        elif is_blank(seed):
-            yield self._reject(path, raw, "empty")
-        else:
-            n = 1 + len(self._tokenizer.encode(seed))  # <s> + the seed
-            if n > self._max_tokens:
-                yield self._reject(path, seed, f"too_long: {n} tokens > {self._max_tokens}")
-            else:
-                self._valid.inc()
-                yield seed
-
-
-def read_seeds(p: beam.Pipeline, job: GenerateJob) -> beam.PCollection:
-    """All seed records as ``(kind, path, raw value)``, through Beam IO, per file format."""
-    from apache_beam.io import fileio
-    from apache_beam.io.parquetio import ReadAllFromParquet
-    from apache_beam.io.textio import ReadAllFromText
-
-    by_kind: dict[str, list[str]] = {}
-    for path in job.seeds:
-        by_kind.setdefault(FORMATS[os.path.splitext(path)[1].lower()], []).append(path)
-    parts = []
-    for kind, files in sorted(by_kind.items()):
-        listed = p | f"List{kind}" >> beam.Create(files)
-        if kind in ("text", "jsonl"):
-            lines = listed | f"Read{kind}" >> ReadAllFromText(coder=beam.coders.BytesCoder(), with_filename=True)
-            parts.append(lines | f"Tag{kind}" >> beam.MapTuple(lambda path, line, k=kind: (k, path, line)))
-        elif kind == "csv":
-            rows = listed | "MatchCsv" >> fileio.MatchAll() | "OpenCsv" >> fileio.ReadMatches()
-            rows = rows | "ParseCsv" >> beam.ParDo(ParseCsv(job.seed_column))
-            parts.append(rows | "Tagcsv" >> beam.MapTuple(lambda path, v: ("value", path, v)))
-        else:
-            col = job.seed_column
-            recs = listed | "ReadParquet" >> ReadAllFromParquet(columns=[col], with_filename=True)
-            parts.append(recs | "Tagparquet" >> beam.MapTuple(lambda path, r, c=col: ("value", path, r.get(c))))
-    return parts | "AllSeeds" >> beam.Flatten()
-
-
-# -- 4b. work units --------------------------------------------------------------------------
-
-
-class UnitItem(NamedTuple):
-    """What a work unit receives: a valid seed, a dead letter, or the marker that makes every unit exist."""
-
-    seed: str | None = None
-    rejected: Rejected | None = None
-
-
-class UnitStats(NamedTuple):
-    """A unit's counts (also stored in its Parquet footer, so a resumed run reads them back)."""
-
-    unit: int
-    seeds: int
-    rows: int
-    rejected: dict[str, int]
-    failed: int
-    new_tokens: int
-    eos: int
-    seconds: float
-    resumed: bool
-    error: str | None = None
-
-    def to_footer(self) -> bytes:
-        return json.dumps(self._asdict(), sort_keys=True).encode("utf-8")
-
-    @classmethod
-    def from_footer(cls, data: bytes) -> UnitStats:
-        return cls(**{**json.loads(data), "resumed": True})
-
-
-def to_record(sample: Any, config: Any, model_fp: str, tokenizer_fp: str) -> dict[str, Any]:
-    """A Parquet row (the columns of ``schemas/generations.json``)."""
-    return {
-        "seed": sample.prompt,
-        "sample_index": sample.sample_index,
-        "text": sample.text,
-        "continuation": sample.continuation,
-        "new_tokens": sample.new_tokens,
-        "finish_reason": sample.finish_reason,
-        "strategy": config.strategy,
-        "temperature": float(config.temperature),
-        "top_k": config.top_k,
-        "top_p": float(config.top_p),
-        "repetition_penalty": float(config.repetition_penalty),
-        "no_repeat_ngram_size": config.no_repeat_ngram_size,
-        "max_new_tokens": config.max_new_tokens,
-        "row_seed": sample.row_seed,
-        "logprob_sum": float(sample.logprob_sum),
-        "logprob_mean": float(sample.logprob_mean),
-        "model_fingerprint": model_fp,
-        "tokenizer_fingerprint": tokenizer_fp,
-    }
-
-
-def write_parquet_atomic(path: str, records: list[dict[str, Any]], stats: UnitStats) -> None:
-    """Write ``records`` (already ordered) to ``path`` through a temporary name; the rename commits."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from kogpt2.schemas import arrow_schema
-
-    schema = arrow_schema().with_metadata({UNIT_STATS_KEY: stats.to_footer()})
-    tmp = temp_path(path)
-    with FileSystems.create(tmp) as f:
-        with pq.ParquetWriter(f, schema) as writer:
-            for start in range(0, max(len(records), 1), ROW_GROUP_ROWS):
-                writer.write_table(pa.Table.from_pylist(records[start : start + ROW_GROUP_ROWS], schema=schema))
-    commit_temp(tmp, path)
-
-
-def read_unit_stats(path: str) -> UnitStats:
-    """A committed unit's counts, from its Parquet footer."""
-    import pyarrow.parquet as pq
-
-    with FileSystems.open(path) as f:
-        metadata = pq.read_metadata(f).metadata or {}
-    if UNIT_STATS_KEY not in metadata:
-        raise ValueError(f"{path}: no {UNIT_STATS_KEY.decode()} in its footer; not written by this pipeline")
-    return UnitStats.from_footer(metadata[UNIT_STATS_KEY])
-
-
-class Progress:
-    """Rows done out of the job's total, tokens/s and an ETA, logged every ``every`` seconds.
-
-    Job-wide rows come from the units committed in the output folder (by any worker, or a
-    previous run) plus this worker's rows not yet committed; the rate is measured over
-    this worker's lifetime on that job-wide figure.
-    """
-
-    def __init__(self, output: str, units: int, unit_rows: dict[int, int], every: float) -> None:
-        self.output, self.units, self.unit_rows, self.every = output, units, unit_rows, every
-        self.total = sum(unit_rows.values())
-        self.pending = 0  # this worker's rows generated but not committed
-        self.tokens = 0
-        self.gen_seconds = 0.0
-        self.first: tuple[float, int] | None = None
-        self.last_log = time.monotonic()
-
-    def committed_rows(self) -> int:
-        prefix = PARQUET_PATTERN.split("{", 1)[0]
-        done = 0
-        for path in list_folder(self.output):
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith(prefix) and name.endswith(f"-of-{self.units:05d}.parquet"):
-                done += self.unit_rows.get(int(name[len(prefix) : len(prefix) + 5]), 0)
-        return done
-
-    def add(self, rows: int, tokens: int, seconds: float) -> None:
-        self.pending += rows
-        self.tokens += tokens
-        self.gen_seconds += seconds
-        now = time.monotonic()
-        if now - self.last_log >= self.every:
-            self.last_log = now
-            self.log(now)
-
-    def log(self, now: float) -> None:
-        done = min(self.committed_rows() + self.pending, self.total)
-        if self.first is None:
-            self.first = (now, done)
-        t0, d0 = self.first
-        rate = (done - d0) / (now - t0) if now > t0 else 0.0
-        eta = f"{(self.total - done) / rate:.0f} s" if rate > 0 else "unknown"
-        log.info(
-            "progress: %d of %d rows (%.1f%%), this worker %.0f tokens/s, ETA %s",
-            done,
-            self.total,
-            100.0 * done / max(self.total, 1),
-            self.tokens / max(self.gen_seconds, 1e-9),
-            eta,
-        )
-
-    def committed(self, rows: int) -> None:
-        self.pending = max(0, self.pending - rows)
-
-
-class GenerateUnits(beam.DoFn):
-    """``(unit, items)`` -> its files, committed atomically; yields its :class:`UnitStats`.
-
-    A unit whose Parquet file exists was committed by an earlier run (or attempt): its
-    counts are read from the footer and nothing is generated. The model is loaded on the
-    first unit that needs it, once per process (``apache_beam.utils.shared``, as
-    RunInference does) or once per machine (``--share-model-across-processes``).
-    """
-
-    def __init__(self, job: GenerateJob, plan: GeneratePlan) -> None:
-        from apache_beam.utils import shared
-
-        self._job, self._plan = job, plan
-        self._shared = shared.Shared()
-        self._model: Any = None
-        self._progress: Progress | None = None
-        self._rows = Metrics.counter(NAMESPACE, "rows_generated")
-        self._tokens = Metrics.counter(NAMESPACE, "new_tokens")
-        self._failed = Metrics.counter(NAMESPACE, "rows_failed")
-        self._units = Metrics.counter(NAMESPACE, "units_committed")
-        self._resumed = Metrics.counter(NAMESPACE, "units_resumed")
-
-    def _generator(self) -> Any:
-        if self._model is None:
-            job = self._job
-
-            def load() -> Any:
-                from kogpt2.generation import Generator
-
-                started = time.perf_counter()
-                gen = Generator.from_folder(local_copy(job.model), dtype=job.dtype, batch_size=job.batch_size)
-                log.info("loaded %s (%s) in %.1f s", job.model, job.dtype, time.perf_counter() - started)
-                return gen
-
-            tag = f"kogpt2-generator:{job.model}:{self._plan.model_fingerprint}:{job.dtype}:{job.batch_size}"
-            if job.share_model_across_processes:
-                from apache_beam.utils.multi_process_shared import MultiProcessShared
-
-                self._model = MultiProcessShared(load, tag=tag, always_proxy=True).acquire()
-            else:
-                self._model = self._shared.acquire(load, tag=tag)
-        return self._model
-
-    def _outcomes(self, rows: list[tuple[str, int]]) -> Iterable[Any]:
-        gen = self._generator()
-        if self._job.share_model_across_processes:  # a proxy: lists cross processes, generators do not
-            return gen.run_rows(rows, self._job.config)
-        return gen.stream_rows(rows, self._job.config)
-
-    def process(self, element: tuple[int, Iterable[UnitItem]], units: int, unit_rows: dict[int, int]):  # type: ignore[no-untyped-def]
-        unit, items = element
-        job, plan = self._job, self._plan
-        final = join(job.output, PARQUET_PATTERN.format(unit=unit, units=units))
-        if FileSystems.exists(final):
-            self._resumed.inc()
-            yield read_unit_stats(final)
-            return
-        if self._progress is None:
-            self._progress = Progress(job.output, units, unit_rows, job.progress_seconds)
-        seeds: list[str] = []
-        dead: list[Rejected] = []
-        for item in items:
-            if item.seed is not None:
-                seeds.append(item.seed)
-            elif item.rejected is not None:
-                dead.append(item.rejected)
-        seeds.sort()
-        n = job.config.num_samples
-        rows = [(s, i) for s in seeds for i in range(n)]
-        started = time.perf_counter()
-        samples: dict[tuple[str, int], Any] = {}
-        failures: list[dict[str, Any]] = []
-        new_tokens = 0
-        if rows:
-            try:
-                for outcome in self._outcomes(rows):
-                    if outcome.error is not None:
-                        failures += [
-                            {"seed": s, "sample_index": i, "reason": "inference_error", "detail": outcome.error}
-                            for s, i in outcome.rows
-                        ]
-                        continue
-                    samples.update(((s.prompt, s.sample_index), s) for s in outcome.samples)
-                    new_tokens += outcome.new_tokens
-                    self._progress.add(len(outcome.rows), outcome.new_tokens, outcome.seconds)
-            except Exception as exc:  # noqa: BLE001 - the unit cannot be planned: every row is a dead letter
-                log.warning("unit %d failed: %s: %s", unit, type(exc).__name__, exc)
-                failed_keys = {(f["seed"], f["sample_index"]) for f in failures}
-                failures += [
-                    {
-                        "seed": s,
-                        "sample_index": i,
-                        "reason": "inference_error",
-                        "detail": f"{type(exc).__name__}: {exc}",
-                    }
-                    for s, i in dict.fromkeys(rows)
-                    if (s, i) not in samples and (s, i) not in failed_keys
-                ]
-        seconds = time.perf_counter() - started
-        rejected_by = dict(Counter(r.reason for r in dead))
-        if dead:
-            lines = sorted(r.to_json() for r in dead)
-            path = join(job.output, REJECTED_PATTERN.format(unit=unit, units=units))
-            write_text(path, "".join(line + "\n" for line in lines))
-        failed_path = join(job.output, FAILED_PATTERN.format(unit=unit, units=units))
-        if failures:
-            # The unit is not committed, so none of its rows is written: the failing batches' rows
-            # carry their error, the others say why they were held back. A rerun redoes the unit.
-            failed_keys = {(f["seed"], f["sample_index"]) for f in failures}
-            held = [
-                {
-                    "seed": s,
-                    "sample_index": i,
-                    "reason": "unit_not_committed",
-                    "detail": "another batch of this unit failed; a rerun of the same command redoes the unit",
-                }
-                for s, i in dict.fromkeys(rows)
-                if (s, i) not in failed_keys
-            ]
-            lines = sorted(json.dumps(f, ensure_ascii=False, sort_keys=True) for f in failures + held)
-            write_text(failed_path, "".join(line + "\n" for line in lines))
-            self._failed.inc(len(rows))
-            self._progress.committed(len(rows))
-            yield UnitStats(unit, len(seeds), 0, rejected_by, len(rows), 0, 0, seconds, False, failures[0]["detail"])
-            return
-        if FileSystems.exists(failed_path):
-            FileSystems.delete([failed_path])
-        records = [to_record(samples[r], job.config, plan.model_fingerprint, plan.tokenizer_fingerprint) for r in rows]
-        eos = sum(r["finish_reason"] == "eos" for r in records)
-        tokens = sum(r["new_tokens"] for r in records)
-        stats = UnitStats(unit, len(seeds), len(records), rejected_by, 0, tokens, eos, seconds, False)
-        write_parquet_atomic(final, records, stats)
-        self._rows.inc(len(records))
-        self._tokens.inc(new_tokens)
-        self._units.inc()
-        self._progress.committed(len(records))
-        yield stats
-
-    def teardown(self) -> None:
-        if self._progress is not None and self._progress.pending == 0 and self._progress.tokens:
-            self._progress.log(time.monotonic())
-
-
 # -- 4c. finalize (inside the pipeline) ------------------------------------------------------
 
 
@@ -813,7 +366,7 @@ def build_pipeline(p: beam.Pipeline, job: GenerateJob, plan: GeneratePlan) -> di
     """
     from apache_beam.pvalue import AsDict, AsList, AsSingleton
 
-    raw = read_seeds(p, job)
+    raw = read_seeds(p, job.seeds, job.seed_column)
     checked = raw | "Validate" >> beam.ParDo(
         ValidateSeeds(job.model, job.seed_column, plan.max_seed_tokens)
     ).with_outputs(ValidateSeeds.REJECTED, main="valid")
