@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 def add_underscore_spellings(parser: argparse.ArgumentParser) -> None:
@@ -51,3 +52,128 @@ def refuse_lookalikes(leftover: Sequence[str], ours: Iterable[str], *, known: It
         close = difflib.get_close_matches(name.replace("_", "-"), ours, n=1, cutoff=0.75)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise ValueError(f"unknown option {name}{hint}")
+
+
+# -- parsers built from config dataclasses ---------------------------------------------------
+#
+# A config field carries its command-line flag in its metadata (the field's default and
+# type live on the field itself, its validation in the class's ``__post_init__``):
+#
+#     top_p: float = field(default=0.95, metadata=flag("nucleus mass in (0, 1]", metavar="P"))
+#
+# ``add_config_arguments(parser, Config)`` then adds ``--top-p`` (and ``--top_p``), typed,
+# with the default shown in its help: the setting is defined once.
+
+
+def flag(
+    help: str,
+    *,
+    metavar: str | None = None,
+    aliases: tuple[str, ...] = (),
+    choices: tuple[Any, ...] | None = None,
+    cli: bool = True,
+    required: bool = False,
+) -> dict[str, Any]:
+    """Field metadata describing the field's command-line flag.
+
+    Args:
+        help: one line for ``--help`` (the default is appended).
+        metavar: the value's name in ``--help``.
+        aliases: more option strings (``--num-return-sequences``).
+        choices: allowed values.
+        cli: False for a field that has no flag.
+        required: the flag must be given (fields without a default are required too).
+    """
+    return {"help": help, "metavar": metavar, "aliases": aliases, "choices": choices, "cli": cli, "required": required}
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    skip: Iterable[str] = (),
+    unset: bool = False,
+) -> list[str]:
+    """Add one flag per field of the dataclass ``cls`` that has :func:`flag` metadata.
+
+    Args:
+        parser: a parser or argument group.
+        cls: a dataclass.
+        skip: field names to leave out.
+        unset: give every flag the default None ("not given"), so that a later layer
+            (a model folder's defaults, a ``--config`` file) can tell given from default.
+
+    Returns:
+        The field names added (each flag's ``dest`` is its field name).
+    """
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    added = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if f.name in skip or "help" not in meta or not meta.get("cli", True):
+            continue
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        default = f.default if f.default is not dataclasses.MISSING else None
+        names = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None if unset else default}
+        help_text = meta["help"]
+        if has_default and default not in (None, (), False):
+            help_text += f" (default {default})"
+        kind = hints[f.name]
+        origin = typing.get_origin(kind)
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        elif origin is tuple:
+            kwargs["action"] = "append"
+            kwargs["type"] = typing.get_args(kind)[0]
+            kwargs["default"] = None
+            help_text += " (repeatable)"
+        else:
+            base = [a for a in typing.get_args(kind) if a is not type(None)] if origin else [kind]
+            kwargs["type"] = base[0] if base and base[0] in (int, float, str) else str
+        if meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if (meta.get("required") or not has_default) and not unset:
+            kwargs["required"] = True  # with unset, the caller checks (a --config file may supply it)
+        parser.add_argument(*names, help=help_text, **kwargs)
+        added.append(f.name)
+    return added
+
+
+def given_values(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
+    """``{name: value}`` for the flags among ``names`` that were given (not None); tuples for repeated ones."""
+    out = {}
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def read_config_file(path: str, allowed: Iterable[str]) -> dict[str, Any]:
+    """Settings from a JSON file (``--config``): an object of field names to values.
+
+    Raises:
+        ValueError: unreadable file, not an object, or a key that is no setting (named, with the closest one).
+    """
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--config {path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"--config {path}: must hold a JSON object of settings")
+    allowed = sorted(allowed)
+    for key in doc:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"--config {path}: {key!r} is not a setting{hint}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()}

@@ -17,12 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,10 @@ import numpy as np
 
 from kogpt2.constraints import Utf8Guard, byte_piece_ids, default_suppressed, suppress
 from kogpt2.decoder import DTYPES, Decoder
+from kogpt2.flags import flag
 from kogpt2.sampling import apply_repetition_penalty, ban_repeated_ngrams, row_seed, select_tokens
 from kogpt2.tokenizer import Tokenizer
+from kogpt2.validate import check_bool, check_choice, check_int, check_number, is_int
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,6 @@ STRATEGIES = ("greedy", "sample")
 #: Padded prompt lengths; a batch is padded to the bucket of its longest prompt.
 PROMPT_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 DEFAULT_BATCH_SIZE = 64
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 #: The file of a model folder that holds its generation defaults (transformers' name and keys).
@@ -78,67 +71,56 @@ class GenerationConfig:
         seed: run seed; with the prompt and sample index it fixes each output.
     """
 
-    strategy: str = "sample"
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = DEFAULT_TOP_P
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    num_samples: int = 1
-    max_new_tokens: int = 100
-    min_new_tokens: int = 0
-    stop: tuple[str, ...] = ()
-    suppress_tokens: tuple[int, ...] | None = None
-    valid_utf8: bool = True
-    seed: int = 0
+    strategy: str = field(default="sample", metadata=flag("sample or greedy", choices=STRATEGIES, cli=False))
+    temperature: float = field(default=1.0, metadata=flag("divides the logits before sampling, > 0", metavar="T"))
+    top_k: int = field(default=0, metadata=flag("sample among the K best tokens (0 = no cut)", metavar="K"))
+    top_p: float = field(default=DEFAULT_TOP_P, metadata=flag("nucleus mass in (0, 1]", metavar="P"))
+    repetition_penalty: float = field(
+        default=1.0, metadata=flag("> 1 discourages tokens already in the prompt or output", metavar="R")
+    )
+    no_repeat_ngram_size: int = field(default=0, metadata=flag("never repeat an N-gram (0 = off)", metavar="N"))
+    num_samples: int = field(
+        default=1, metadata=flag("outputs per prompt", metavar="N", aliases=("--num-return-sequences",))
+    )
+    max_new_tokens: int = field(default=100, metadata=flag("budget per output, </s> included", metavar="N"))
+    min_new_tokens: int = field(default=0, metadata=flag("no </s> before N new tokens", metavar="N"))
+    stop: tuple[str, ...] = field(
+        default=(), metadata=flag("end a row once its continuation holds TEXT (finish_reason stop)", metavar="TEXT")
+    )
+    suppress_tokens: tuple[int, ...] | None = field(default=None, metadata=flag("ids never generated", cli=False))
+    valid_utf8: bool = field(default=True, metadata=flag("byte pieces only where valid UTF-8", cli=False))
+    seed: int = field(default=0, metadata=flag("run seed", metavar="S"))
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"GenerationConfig.strategy={self.strategy!r}: must be one of {STRATEGIES}")
-        if not _is_number(self.temperature) or self.temperature <= 0:
-            raise ValueError(f"GenerationConfig.temperature={self.temperature!r}: must be a finite number > 0")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"GenerationConfig.top_k={self.top_k!r}: must be an integer >= 0 (0 = no top-k cut)")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"GenerationConfig.top_p={self.top_p!r}: must be in (0, 1] (1.0 = no nucleus cut)")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(
-                f"GenerationConfig.repetition_penalty={self.repetition_penalty!r}: must be a finite number > 0 "
-                "(1.0 = none)"
-            )
-        if not _is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
-            raise ValueError(
-                f"GenerationConfig.no_repeat_ngram_size={self.no_repeat_ngram_size!r}: must be an integer >= 0 (0 = off)"
-            )
-        if not _is_int(self.num_samples) or self.num_samples < 1:
-            raise ValueError(f"GenerationConfig.num_samples={self.num_samples!r}: must be an integer >= 1")
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"GenerationConfig.max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
-        if not _is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
-                f"GenerationConfig.min_new_tokens={self.min_new_tokens!r}: must be an integer in [0, max_new_tokens]"
-            )
+        owner = "GenerationConfig"
+        check_choice(owner, "strategy", self.strategy, STRATEGIES)
+        check_number(owner, "temperature", self.temperature, gt=0)
+        check_int(owner, "top_k", self.top_k, low=0, note="0 = no top-k cut")
+        check_number(owner, "top_p", self.top_p, gt=0, le=1, note="1.0 = no nucleus cut")
+        check_number(owner, "repetition_penalty", self.repetition_penalty, gt=0, note="1.0 = none")
+        check_int(owner, "no_repeat_ngram_size", self.no_repeat_ngram_size, low=0, note="0 = off")
+        check_int(owner, "num_samples", self.num_samples, low=1)
+        check_int(owner, "max_new_tokens", self.max_new_tokens, low=1)
+        check_int(owner, "min_new_tokens", self.min_new_tokens, low=0, high=self.max_new_tokens)
         if isinstance(self.stop, str) or not all(isinstance(x, str) and x for x in self.stop):
-            raise ValueError(f"GenerationConfig.stop={self.stop!r}: must be a tuple of non-empty strings")
+            raise ValueError(f"{owner}.stop={self.stop!r}: must be a tuple of non-empty strings")
         object.__setattr__(self, "stop", tuple(self.stop))
         if self.suppress_tokens is not None:
-            if isinstance(self.suppress_tokens, str) or not all(_is_int(i) and i >= 0 for i in self.suppress_tokens):
+            if isinstance(self.suppress_tokens, str) or not all(is_int(i) and i >= 0 for i in self.suppress_tokens):
                 raise ValueError(
-                    f"GenerationConfig.suppress_tokens={self.suppress_tokens!r}: must be token ids >= 0, or None "
+                    f"{owner}.suppress_tokens={self.suppress_tokens!r}: must be token ids >= 0, or None "
                     "(every special piece but </s>)"
                 )
             object.__setattr__(self, "suppress_tokens", tuple(int(i) for i in self.suppress_tokens))
-        if not isinstance(self.valid_utf8, bool):
-            raise ValueError(f"GenerationConfig.valid_utf8={self.valid_utf8!r}: must be True or False")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"GenerationConfig.seed={self.seed!r}: must be an integer in [0, 2**63)")
+        check_bool(owner, "valid_utf8", self.valid_utf8)
+        check_int(owner, "seed", self.seed, low=0, high=2**63 - 1)
         if self.strategy == "greedy":
             if self.top_p == DEFAULT_TOP_P:  # the sampling default: greedy ignores it
                 object.__setattr__(self, "top_p", 1.0)
             for name, neutral in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):
                 if getattr(self, name) != neutral:
                     raise ValueError(
-                        f"GenerationConfig.{name}={getattr(self, name)!r} has no effect with strategy='greedy': "
+                        f"{owner}.{name}={getattr(self, name)!r} has no effect with strategy='greedy': "
                         f"leave it at {neutral!r} or use strategy='sample'"
                     )
 
@@ -350,7 +332,7 @@ class Generator:
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
-        if not _is_int(batch_size) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
         self.tokenizer = tokenizer
         self.decoder = Decoder(model, dtype)

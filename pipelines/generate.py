@@ -29,6 +29,7 @@ then not committed: the command exits 1 and a rerun redoes just those units).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -43,7 +44,10 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from kogpt2.generation import DEFAULT_BATCH_SIZE
+from kogpt2.decoder import DTYPES
+from kogpt2.flags import add_config_arguments, flag, given_values, read_config_file
+from kogpt2.generation import DEFAULT_BATCH_SIZE, GenerationConfig
+from kogpt2.validate import check_bool, check_choice, check_int, check_number
 from pipelines.common import (
     COMPLETED,
     RUN_FILE,
@@ -69,6 +73,8 @@ from pipelines.seeds import FORMATS, ValidateSeeds, read_seeds
 log = logging.getLogger(__name__)
 
 INFO_FILE = "info.json"
+#: The run's full, resolved settings: ``--config job.json`` repeats it.
+JOB_FILE = "job.json"
 #: Default target of rows per output file (and per work unit: the resume granularity).
 DEFAULT_ROWS_PER_FILE = 5000
 
@@ -78,67 +84,62 @@ DEFAULT_ROWS_PER_FILE = 5000
 
 @dataclass(frozen=True)
 class GenerateJob:
-    """Our flags, validated (Beam's options are kept apart)."""
+    """Our flags, validated (Beam's options are kept apart). Each field's flag is in its metadata."""
 
-    model: str
-    seeds: tuple[str, ...]
-    output: str
-    config: Any  # kogpt2.generation.GenerationConfig
-    seed_column: str = "seed"
-    batch_size: int = DEFAULT_BATCH_SIZE
-    dtype: str = "float32"
-    num_shards: int = 0  # 0: from --rows-per-file
-    rows_per_file: int = DEFAULT_ROWS_PER_FILE
-    max_seed_tokens: int = 0  # 0: the model's positions minus max_new_tokens
-    share_model_across_processes: bool = False
-    progress_seconds: float = 30.0
-    overwrite: bool = False
-    verbose: bool = False
+    model: str = field(metadata=flag("model folder (local or gs://)", metavar="DIR"))
+    seeds: tuple[str, ...] = field(
+        metadata=flag("seed files: .txt, .csv, .jsonl, .parquet", metavar="GLOB", required=True)
+    )
+    output: str = field(metadata=flag("output folder (local or gs://)", metavar="DIR"))
+    config: GenerationConfig = field(default_factory=GenerationConfig)  # the strategy flags build it
+    seed_column: str = field(default="seed", metadata=flag("column / key of .csv, .jsonl, .parquet seeds"))
+    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata=flag("rows decoded together", metavar="N"))
+    dtype: str = field(default="float32", metadata=flag("computation type", choices=DTYPES))
+    rows_per_file: int = field(
+        default=DEFAULT_ROWS_PER_FILE, metadata=flag("target rows per Parquet file, one work unit each", metavar="N")
+    )
+    num_shards: int = field(
+        default=0, metadata=flag("exact number of files instead (0 = from --rows-per-file)", metavar="N")
+    )
+    max_seed_tokens: int = field(default=0, metadata=flag("reject longer seeds (0 = the model's limit)", metavar="N"))
+    progress_seconds: float = field(default=30.0, metadata=flag("log progress every S seconds", metavar="S"))
+    share_model_across_processes: bool = field(
+        default=False, metadata=flag("one model per machine shared by all worker processes (GPU workers)")
+    )
+    overwrite: bool = field(default=False, metadata=flag("replace a different run's files in --output"))
+    verbose: bool = field(default=False, metadata=flag("show TensorFlow, Beam and transformers messages"))
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "rows_per_file"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)}: must be >= 1")
-        if self.num_shards < 0:
-            raise ValueError(f"--num-shards={self.num_shards}: must be >= 0 (0 = from --rows-per-file)")
-        if self.max_seed_tokens < 0:
-            raise ValueError(f"--max-seed-tokens={self.max_seed_tokens}: must be >= 0 (0 = the model's limit)")
-        if not self.progress_seconds > 0:
-            raise ValueError(f"--progress-seconds={self.progress_seconds}: must be > 0")
+        owner = "GenerateJob"
+        check_int(owner, "batch_size", self.batch_size, low=1)
+        check_choice(owner, "dtype", self.dtype, DTYPES)
+        check_int(owner, "rows_per_file", self.rows_per_file, low=1)
+        check_int(owner, "num_shards", self.num_shards, low=0, note="0 = from --rows-per-file")
+        check_int(owner, "max_seed_tokens", self.max_seed_tokens, low=0, note="0 = the model's limit")
+        check_number(owner, "progress_seconds", self.progress_seconds, gt=0)
+        for name in ("share_model_across_processes", "overwrite", "verbose"):
+            check_bool(owner, name, getattr(self, name))
         for path in self.seeds:
             if os.path.splitext(path)[1].lower() not in FORMATS:
                 raise ValueError(f"--seeds file {path}: unknown format; use one of {sorted(FORMATS)}")
 
+    def settings(self) -> dict[str, Any]:
+        """Every setting as a flat JSON object: what ``--config FILE`` reads back to repeat the run."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config"}
+        out["seeds"] = list(self.seeds)
+        return {**out, **self.config.describe()}
+
 
 def make_parser() -> argparse.ArgumentParser:
-    """Our flags; every ``--a-b`` also answers to ``--a_b``."""
+    """Our flags, built from :class:`GenerateJob` and the strategy fields; ``--a-b`` also answers to ``--a_b``."""
     from kogpt2.commands.generate import add_sampling_arguments
     from kogpt2.flags import add_underscore_spellings
 
     p = argparse.ArgumentParser(
         prog="python -m pipelines.generate", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="model folder (local or gs://)")
-    p.add_argument("--seeds", action="append", required=True, metavar="GLOB", help="seed files (repeatable)")
-    p.add_argument("--output", required=True, metavar="DIR", help="output folder (local or gs://)")
-    p.add_argument("--seed-column", default="seed", help="column / key of .csv, .jsonl, .parquet seeds")
-    p.add_argument(
-        "--rows-per-file",
-        type=int,
-        default=DEFAULT_ROWS_PER_FILE,
-        metavar="N",
-        help=f"target rows per Parquet file, one work unit each (default {DEFAULT_ROWS_PER_FILE})",
-    )
-    p.add_argument("--num-shards", type=int, default=0, metavar="N", help="exact number of files (overrides)")
-    p.add_argument("--max-seed-tokens", type=int, default=0, help="reject longer seeds (0 = model limit)")
-    p.add_argument("--progress-seconds", type=float, default=30.0, metavar="S", help="log progress every S s")
-    p.add_argument(
-        "--share-model-across-processes",
-        action="store_true",
-        help="one model per machine shared by all worker processes (big models)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a different run's files in --output")
-    p.add_argument("--verbose", action="store_true", help="show TensorFlow, Beam and transformers messages")
+    p.add_argument("--config", metavar="FILE", help="settings from a JSON file (a run's job.json); flags override")
+    add_config_arguments(p, GenerateJob, unset=True)
     add_sampling_arguments(p)
     add_underscore_spellings(p)
     return p
@@ -152,6 +153,8 @@ def _is_folder(path: str) -> bool:
 def parse_args(argv: Sequence[str] | None = None) -> tuple[GenerateJob, list[str]]:
     """Split our flags from Beam's (``parse_known_args``) and validate them.
 
+    Settings come from :class:`GenerateJob`'s defaults, then ``--config FILE``, then the flags.
+
     Raises:
         ValueError: an invalid flag value, or an option neither ours nor Beam's.
         FileNotFoundError: a ``--seeds`` pattern matches no file.
@@ -160,25 +163,23 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GenerateJob, list[str
     from kogpt2.flags import our_flags
 
     parser = make_parser()
-    args, beam_args = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, beam_args = parser.parse_known_args(argv)
     check_beam_args(beam_args, our_flags(parser))
-    job = GenerateJob(
-        model=args.model,
-        seeds=tuple(expand_globs(args.seeds, flag="--seeds")),
-        output=args.output,
-        config=config_from_args(args, local_copy(args.model) if _is_folder(args.model) else None),
-        seed_column=args.seed_column,
-        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
-        dtype=args.dtype,
-        num_shards=args.num_shards,
-        rows_per_file=args.rows_per_file,
-        max_seed_tokens=args.max_seed_tokens,
-        share_model_across_processes=args.share_model_across_processes,
-        progress_seconds=args.progress_seconds,
-        overwrite=args.overwrite,
-        verbose=args.verbose,
-    )
-    return job, beam_args
+    job_fields = [f.name for f in dataclasses.fields(GenerateJob) if f.name != "config"]
+    strategy_fields = [f.name for f in dataclasses.fields(GenerationConfig)]
+    settings = read_config_file(args.config, job_fields + strategy_fields) if args.config else {}
+    job_settings = {k: v for k, v in settings.items() if k in job_fields}
+    job_settings.update(given_values(args, job_fields))
+    missing = [f"--{n}" for n in ("model", "seeds", "output") if n not in job_settings]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    model = job_settings["model"]
+    if isinstance(job_settings["seeds"], str):
+        job_settings["seeds"] = (job_settings["seeds"],)
+    job_settings["seeds"] = tuple(expand_globs(job_settings["seeds"], flag="--seeds"))
+    config = config_from_args(args, local_copy(model) if _is_folder(model) else None, settings)
+    return GenerateJob(**job_settings, config=config), beam_args
 
 
 # -- 2. plan ---------------------------------------------------------------------------------
@@ -348,6 +349,7 @@ def finalize(stats: list[UnitStats], seeds_in: int, units: int, job: GenerateJob
     if leftovers:
         FileSystems.delete(leftovers)
     write_json(join(job.output, RUN_FILE), signature(job, plan))
+    write_json(join(job.output, JOB_FILE), job.settings())
     write_json(join(job.output, INFO_FILE), info)
     if not failed:
         write_text(join(job.output, COMPLETED), "")

@@ -358,3 +358,23 @@ def test_report_reads_a_remote_generation_folder(first_run):
         tf.io.gfile.copy(str(f), f"{remote}/{f.name}", overwrite=True)
     here, there = summarize_generations(str(first_run)), summarize_generations(remote)
     assert {**there, "folder": None} == {**here, "folder": None}
+
+
+def test_a_run_writes_its_settings_and_config_file_repeats_it(first_run, tiny_model_dir, seeds_dir, tmp_path):
+    from pipelines.generate import parse_args, run
+
+    settings = json.loads((first_run / "job.json").read_text())
+    assert settings["top_p"] == 0.9 and settings["num_samples"] == 2 and settings["num_shards"] == 2
+    assert settings["model"] == str(tiny_model_dir) and settings["strategy"] == "sample"
+    job, _ = parse_args(["--config", str(first_run / "job.json")])
+    assert job.settings() == settings  # the file alone gives the same job
+    again = dict(settings, output=str(tmp_path / "again"))
+    (tmp_path / "job.json").write_text(json.dumps(again))
+    assert run(["--config", str(tmp_path / "job.json")]) == 0
+    ours, reference = all_rows(tmp_path / "again"), all_rows(first_run)
+    assert ours.keys() == reference.keys() and all(ours[k]["text"] == reference[k]["text"] for k in ours)
+    job, _ = parse_args(["--config", str(tmp_path / "job.json"), "--top-p", "0.5", "--num_shards", "3"])
+    assert (job.config.top_p, job.num_shards, job.config.num_samples) == (0.5, 3, 2)  # flags override the file
+    (tmp_path / "bad.json").write_text(json.dumps({**settings, "top_pp": 0.5}))
+    with pytest.raises(ValueError, match="'top_pp' is not a setting; did you mean 'top_p'"):
+        parse_args(["--config", str(tmp_path / "bad.json")])

@@ -13,12 +13,19 @@ import json
 import sys
 from typing import IO, TYPE_CHECKING, Any
 
+from kogpt2.flags import add_config_arguments, given_values
+
 if TYPE_CHECKING:
     from kogpt2.generation import GenerationConfig, Sample
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    """The strategy flags shared by this command and the bulk pipeline (None = not given)."""
+    """The strategy flags, built from :class:`~kogpt2.generation.GenerationConfig`'s fields (None = not given).
+
+    Shared by this command and the bulk pipeline.
+    """
+    from kogpt2.generation import GenerationConfig
+
     g = p.add_argument_group(
         "strategy (defaults: sampling, top-p 0.95, 100 new tokens; the model folder's generation_config.json "
         "overrides them, these flags override both)"
@@ -30,73 +37,52 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument(
         "--do-sample", action="store_true", default=None, help="sample (transformers' spelling; the default)"
     )
-    g.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K best tokens (0 = no cut)")
-    g.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus mass in (0, 1] (default 0.95)")
-    g.add_argument("--temperature", type=float, default=None, metavar="T", help="> 0 (default 1.0)")
-    g.add_argument("--repetition-penalty", type=float, default=None, metavar="R", help="> 1 discourages repeats")
-    g.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N", help="never repeat an N-gram")
-    g.add_argument(
-        "--num-samples",
-        "--num-return-sequences",
-        dest="num_samples",
-        type=int,
-        default=None,
-        metavar="N",
-        help="outputs per prompt (default 1)",
-    )
-    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="budget per output (default 100)")
-    g.add_argument("--min-new-tokens", type=int, default=None, metavar="N", help="no </s> before N new tokens")
-    g.add_argument(
-        "--stop",
-        action="append",
-        default=None,
-        metavar="TEXT",
-        help="stop a row once its continuation holds TEXT (repeatable; finish_reason 'stop')",
-    )
-    g.add_argument("--seed", type=int, default=None, help="run seed (default 0)")
-    g.add_argument("--batch-size", type=int, default=None, metavar="N", help="rows decoded together (default 64)")
-    g.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], default="float32", help="computation type (default float32)"
-    )
+    add_config_arguments(g, GenerationConfig, unset=True)
 
 
-def config_from_args(args: argparse.Namespace, folder: Any = None) -> GenerationConfig:
-    """The validated config: library defaults < ``folder``'s ``generation_config.json`` < the flags given.
+def config_from_args(
+    args: argparse.Namespace, folder: Any = None, base: dict[str, Any] | None = None
+) -> GenerationConfig:
+    """The validated config: library defaults < ``folder``'s ``generation_config.json`` < ``base`` < the flags given.
+
+    Args:
+        args: parsed flags (:func:`add_sampling_arguments`).
+        folder: a model folder whose ``generation_config.json`` supplies defaults.
+        base: settings from a ``--config`` file.
 
     Raises:
         ValueError: ``--greedy`` combined with a sampling flag, or an invalid value.
     """
+    import dataclasses
+
     from kogpt2.generation import GenerationConfig
 
     if args.greedy:
         given = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "temperature") if getattr(args, k) is not None]
         if given:
             raise ValueError(f"--greedy cannot be combined with {', '.join(given)}")
-    strategy = "greedy" if args.greedy else ("sample" if args.do_sample else None)
-    return GenerationConfig.from_folder(
-        folder,
-        strategy=strategy,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        temperature=args.temperature,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        num_samples=args.num_samples,
-        max_new_tokens=args.max_new_tokens,
-        min_new_tokens=args.min_new_tokens,
-        stop=None if args.stop is None else tuple(args.stop),
-        seed=args.seed,
-    )
+    names = [f.name for f in dataclasses.fields(GenerationConfig)]
+    settings = {k: v for k, v in (base or {}).items() if k in names}
+    settings.update(given_values(args, names))
+    if args.greedy:
+        settings["strategy"] = "greedy"
+    elif args.do_sample:
+        settings["strategy"] = "sample"
+    return GenerationConfig.from_folder(folder, **settings)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from kogpt2.decoder import DTYPES
     from kogpt2.flags import add_underscore_spellings
+    from kogpt2.generation import DEFAULT_BATCH_SIZE
 
     p.add_argument("--model", required=True, metavar="DIR", help="model folder (kogpt2 or save_pretrained layout)")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="seed words or sentences")
     p.add_argument("--input", metavar="FILE", help="read prompts from FILE, one a line ('-': standard input)")
     p.add_argument("--jsonl", action="store_true", help="one JSON object per sample instead of its text")
     p.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N", help="rows decoded together")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="computation type (default float32)")
     add_sampling_arguments(p)
     add_underscore_spellings(p)
 
@@ -157,14 +143,14 @@ class _Bar:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kogpt2.generation import DEFAULT_BATCH_SIZE, BatchFailedError, Generator
+    from kogpt2.generation import BatchFailedError, Generator
     from kogpt2.model import load_model
 
     prompts = read_prompts(args, sys.stdin)
     folder = args.model
     config = config_from_args(args, folder)  # validate flags before loading TensorFlow
     model, tokenizer = load_model(folder)
-    gen = Generator(model, tokenizer, dtype=args.dtype, batch_size=args.batch_size or DEFAULT_BATCH_SIZE)
+    gen = Generator(model, tokenizer, dtype=args.dtype, batch_size=args.batch_size)
     rows = [(p, i) for p in prompts for i in range(config.num_samples)]
     unique = len(rows) if not config.greedy else len(set(prompts))
     bar = _Bar(len(rows), sys.stderr) if unique > gen.batch_size else None
