@@ -57,12 +57,14 @@ class RunTracker(_Callback):
         eval_steps: int = 0,
         scorer: Any = None,
         val_data: Any = None,
+        val_steps: int | None = None,
     ):
         super().__init__()
         self.state, self.backup, self.weights = state, backup, weights
         self.epochs, self.steps_per_epoch, self.patience = epochs, steps_per_epoch, patience
         self.max_seconds, self.started = max_seconds, started or time.monotonic()
         self.save_steps, self.eval_steps, self.scorer, self.val_data = save_steps, eval_steps, scorer, val_data
+        self.val_steps = val_steps
         self.manager = tf.train.CheckpointManager(checkpoint, join(backup, "ckpt"), max_to_keep=2)
         self._sleep = float(os.environ.get(STEP_SLEEP_ENV, "0") or 0)
         self._epoch = 0
@@ -128,7 +130,7 @@ class RunTracker(_Callback):
             self._save_step(epoch_steps)
 
     def _evaluate(self, epoch_steps: int) -> None:
-        scores = self.scorer.evaluate(self.val_data, verbose=0, return_dict=True)
+        scores = self.scorer.evaluate(self.val_data, steps=self.val_steps, verbose=0, return_dict=True)
         entry: dict[str, Any] = {
             "epoch": self._epoch + 1,
             "epoch_step": epoch_steps,

@@ -30,6 +30,7 @@ CURVES_FILE = "curves.png"
 LOGS_DIR = "logs"
 #: Files a finished run writes into ``--output`` (removed by ``overwrite``).
 OUTPUT_FILES = ("config.json", "generation_config.json", "tf_model.h5", "tokenizer.spiece", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json",
                 "kogpt2.json", HISTORY_FILE, CURVES_FILE)  # fmt: skip
 #: Published last, in this order: a folder without ``history.json`` is not a finished run, and one
 #: without ``config.json`` does not load, so a copy cut short never looks complete.

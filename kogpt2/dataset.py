@@ -243,6 +243,9 @@ def make_dataset(
     cache: bool | None = None,
     drop_remainder: bool = False,
     skip_batches: int = 0,
+    shard: tuple[int, int] | None = None,
+    shard_by: str = "data",
+    pad_to_batches: int | None = None,
 ) -> Any:
     """A ``tf.data`` pipeline of ``(inputs, targets)`` batches over one split.
 
@@ -266,6 +269,13 @@ def make_dataset(
         drop_remainder: drop each epoch's last partial batch (static shapes, e.g. for XLA).
         skip_batches: batches of ``first_epoch`` to leave out (already trained on before a
             mid-epoch resume); the rest of that epoch keeps its order. Training only.
+        shard: ``(workers, index)``: this worker's share (multi-worker training), by
+            ``shard_by``: ``file`` (files ``index::workers``) or ``data`` (after the shuffle,
+            which every worker does alike, examples ``index::workers``: the workers' batches of
+            a step together hold exactly the examples of one global batch).
+        pad_to_batches: end every epoch with empty batches (one row, all targets
+            :data:`IGNORE_ID`: no loss, no tokens) up to this many batches, so that workers with
+            shares of different sizes run the same number of steps.
 
     Returns:
         A ``tf.data.Dataset`` of ``(inputs (B, T-1) int32, targets (B, T-1) int32)``.
@@ -281,6 +291,13 @@ def make_dataset(
     files = shards.files(split)
     if not files:
         raise ShardError(f"{shards.folder}: no {split} shards")
+    workers, index = shard or (1, 0)
+    if shard_by not in ("file", "data"):
+        raise ValueError(f"shard_by={shard_by!r}: must be 'file' or 'data'")
+    if workers > 1 and shard_by == "file":
+        if len(files) < workers:
+            raise ValueError(f"shard_by='file': {len(files)} {split} files for {workers} workers")
+        files = files[index::workers]
     if cache is None:
         cache = shards.num_examples(split) * (shards.max_len * 3 + 32) < CACHE_LIMIT_BYTES
     parse = _parse_batch(shards.max_len)
@@ -291,11 +308,18 @@ def make_dataset(
         records = cached if cached is not None else _records(files, seed=epoch_seed if training else None)
         if training:
             records = _window_shuffle(records, shuffle_buffer, epoch_seed)
+        if workers > 1 and shard_by == "data":
+            records = records.shard(workers, index)
         batches = records.batch(batch_size, drop_remainder=drop_remainder)
+        skipped = tf.where(tf.equal(epoch, first_epoch), tf.constant(skip_batches, tf.int64), 0)
         if skip_batches:  # before parsing: skipped batches cost only their reading
-            batches = batches.skip(tf.where(tf.equal(epoch, first_epoch), tf.constant(skip_batches, tf.int64), 0))
+            batches = batches.skip(skipped)
         # Parse whole batches at once (vectorized), then shift.
-        return batches.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+        parsed = batches.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+        if pad_to_batches is None:
+            return parsed
+        empty = (tf.zeros([1, shards.max_len - 1], tf.int32), tf.fill([1, shards.max_len - 1], IGNORE_ID))
+        return parsed.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(pad_to_batches - skipped)
 
     if training:
         if epochs <= first_epoch:

@@ -26,8 +26,10 @@ from kogpt2.checkpointing import (
     BACKUP_DIR,
     HISTORY_FILE,
     LOGS_DIR,
+    STATE_FILE,
     RunState,
     TrainingFailed,
+    config_changes,
     join,
     prepare_output,
     publish,
@@ -35,7 +37,7 @@ from kogpt2.checkpointing import (
 )
 from kogpt2.curves import plot_curves, write_history
 from kogpt2.dataset import ShardSet, check_tokenizer, make_dataset, open_shards
-from kogpt2.distribute import STRATEGIES, make_strategy
+from kogpt2.distribute import STRATEGIES, InputPlan, Worker, make_strategy, plan_input, worker_of
 from kogpt2.evaluate import LMTrainer
 from kogpt2.model import PRESETS, load_model, model_fingerprint, new_model, read_model_info, save_model
 from kogpt2.paths import refuse_output_over_inputs
@@ -285,6 +287,8 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: list[Any] | 
             no model is saved and the last good checkpoint stays in ``output/backup``.
     """
     started = time.monotonic()
+    # MultiWorkerMirroredStrategy configures collectives: before any other TensorFlow work.
+    strategy = make_strategy(config.strategy) if config.strategy == "multi_worker" else None
     out = config.output.rstrip("/") or "/"  # a local path or a URL (gs://, ram://): written through tf.io.gfile
     refuse_output_over_inputs(config.output, _inputs_of(config))  # before anything is deleted
     shards = open_shards(config.data)
@@ -293,17 +297,46 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: list[Any] | 
     if shards.num_examples("train") == 0:
         raise ValueError(f"{shards.folder}: no training examples")
     policy = resolve_policy(config.mixed_precision)
-    state = prepare_output(out, config.to_dict(), shards.data_fingerprint, resume=config.resume,
-                           overwrite=config.overwrite, data=shards.folder)  # fmt: skip
+    strategy = strategy or make_strategy(config.strategy)
+    worker = worker_of(strategy)
+    if worker.chief:
+        state = prepare_output(out, config.to_dict(), shards.data_fingerprint, resume=config.resume,
+                               overwrite=config.overwrite, data=shards.folder)  # fmt: skip
+    else:  # writes nothing that could clash with the chief's: a scratch folder, deleted at the end
+        state, out = _worker_scratch(config, shards, worker)
     if state is None:
-        log.info("%s: run already finished; nothing to resume", out)
-        return TrainResult(_result_path(out), json.loads(read_text(join(out, HISTORY_FILE))))
+        log.info("%s: run already finished; nothing to resume", config.output)
+        return TrainResult(_result_path(config.output), json.loads(read_text(join(config.output, HISTORY_FILE))))
+    try:
+        return _run(config, state, out, shards, tokenizer, strategy, worker, policy, started, progress, callbacks)
+    finally:
+        if not worker.chief:
+            tf.io.gfile.rmtree(out)
+
+
+def _run(
+    config: TrainConfig,
+    state: RunState,
+    out: str,
+    shards: ShardSet,
+    tokenizer: Tokenizer,
+    strategy: Any,
+    worker: Worker,
+    policy: str,
+    started: float,
+    progress: bool,
+    callbacks: list[Any] | None,
+) -> TrainResult:
+    """Build, restore, fit, save: the body of :func:`train` once ``out`` is claimed."""
     state.starts += 1
     backup = join(out, BACKUP_DIR)
+    multi = config.strategy == "multi_worker"
+    train_plan = plan_input(shards, "train", config.batch_size, worker) if multi else None
+    has_val = shards.num_examples("validation") > 0
+    val_plan = plan_input(shards, "validation", config.batch_size, worker) if multi and has_val else None
     with dtype_policy(policy):
         keras.utils.set_random_seed(config.seed)  # preset weights, dropout (the shuffle order is stateless)
-        strategy = make_strategy(config.strategy)
-        steps_per_epoch = shards.steps("train", config.batch_size)
+        steps_per_epoch = train_plan.steps if train_plan else shards.steps("train", config.batch_size)
         with strategy.scope():
             lm = _build_model(config, tokenizer)
             optimizer = make_optimizer(
@@ -326,28 +359,29 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: list[Any] | 
             if state.checkpoint:
                 _restore(checkpoint, optimizer, state)
         if not state.finished:
-            val_ds = (
-                make_dataset(shards, "validation", config.batch_size) if shards.num_examples("validation") else None
-            )
+            val_ds = _input(strategy, worker, val_plan, shards, "validation", config) if has_val else None
+            val_steps = val_plan.steps if val_plan else None
             tracker = RunTracker(
                 state, backup, checkpoint, weights, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
                 patience=config.early_stopping_patience, max_seconds=config.max_seconds, started=started,
                 save_steps=config.save_steps, eval_steps=config.eval_steps, scorer=scorer, val_data=val_ds,
+                val_steps=val_steps,
             )  # fmt: skip
             fit_callbacks = [EpochSummaries(join(out, LOGS_DIR)), tracker, *(callbacks or [])]
             verbose = (1 if sys.stdout.isatty() else 2) if progress else 0
             for first, last, skip in _segments(state, config.epochs):
-                train_ds = make_dataset(shards, "train", config.batch_size, training=True, seed=config.seed,
-                                        first_epoch=first, epochs=last, skip_batches=skip,
-                                        shuffle_buffer=config.shuffle_buffer)  # fmt: skip
+                train_ds = _input(strategy, worker, train_plan, shards, "train", config, first, last, skip)
                 trainer.fit(train_ds, epochs=last, initial_epoch=first, steps_per_epoch=steps_per_epoch - skip,
-                            validation_data=val_ds, callbacks=fit_callbacks, verbose=verbose)  # fmt: skip
+                            validation_data=val_ds, validation_steps=val_steps, callbacks=fit_callbacks,
+                            verbose=verbose)  # fmt: skip
                 if state.failure or state.finished:
                     break
         if state.failure:
             _record_failure(out, config, state, shards, strategy, started)
         if not state.epochs:
             raise RuntimeError("training stopped before the first epoch ended")
+        if not worker.chief:
+            return TrainResult(_result_path(config.output), _history(config, state, shards, strategy, 0.0))
         if state.best_checkpoint:
             weights.read(state.best_checkpoint).assert_existing_objects_matched()
         else:  # no validation split: the last epoch is the result
@@ -374,6 +408,54 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: list[Any] | 
             publish(Path(staging), out)
     tf.io.gfile.rmtree(backup)
     return TrainResult(_result_path(out), history)
+
+
+def _worker_scratch(config: TrainConfig, shards: ShardSet, worker: Worker) -> tuple[RunState | None, str]:
+    """A non-chief worker's run state and scratch folder (tf.distribute's advice: write to a
+    temporary folder, deleted after). With ``--resume`` it starts from the chief's state and
+    checkpoint, which must then be on storage every worker reads (``gs://``)."""
+    gfile = tf.io.gfile
+    chief_state = join(config.output, BACKUP_DIR, STATE_FILE)
+    if config.resume and gfile.exists(chief_state):
+        state = RunState.load(chief_state)
+        changes = config_changes(state.config, config.to_dict())
+        if changes:
+            raise ValueError(f"--resume: {config.output} holds a run with other settings ({'; '.join(changes)})")
+        state.failure = None
+    elif config.resume and gfile.exists(join(config.output, HISTORY_FILE)):
+        return None, ""
+    else:
+        state = RunState(config=config.to_dict(), data_fingerprint=shards.data_fingerprint)
+    scratch = tempfile.mkdtemp(prefix=f"kogpt2-worker{worker.index}-")
+    gfile.makedirs(join(scratch, BACKUP_DIR))
+    return state, scratch
+
+
+def _input(
+    strategy: Any,
+    worker: Worker,
+    plan: InputPlan | None,
+    shards: ShardSet,
+    split: str,
+    config: TrainConfig,
+    first: int = 0,
+    last: int = 1,
+    skip: int = 0,
+) -> Any:
+    """The ``split`` input of ``fit``: one ``tf.data`` pipeline, or with a multi-worker ``plan``
+    this worker's share as per-replica batches (``distribute_datasets_from_function``)."""
+    training = split == "train"
+    kwargs: dict[str, Any] = {"seed": config.seed, "first_epoch": first, "epochs": last,
+                              "shuffle_buffer": config.shuffle_buffer} if training else {}  # fmt: skip
+    if plan is None:
+        return make_dataset(shards, split, config.batch_size, training=training, skip_batches=skip, **kwargs)
+
+    def per_worker(_: Any) -> Any:
+        return make_dataset(shards, split, plan.per_replica_batch, training=training, skip_batches=skip * worker.replicas,
+                            shard=(worker.count, worker.index), shard_by=plan.shard_by,
+                            pad_to_batches=plan.batches_per_worker, **kwargs)  # fmt: skip
+
+    return strategy.distribute_datasets_from_function(per_worker)
 
 
 def _result_path(out: str) -> Path | str:

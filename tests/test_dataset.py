@@ -128,3 +128,27 @@ def test_synthetic_dataset_matches_the_shard_batches() -> None:
     assert x.shape == y.shape == (8, 31)
     assert int(np.sum(y.numpy() != IGNORE_ID)) == 8 * 15
     assert x.numpy().max() < 400
+
+
+def test_worker_shares_cover_each_example_once_in_equal_steps(tmp_path: Path, tiny_tokenizer) -> None:
+    from kogpt2.distribute import Worker, plan_input
+
+    texts = make_sentences(45)
+    folder = write_test_shards(tmp_path / "s", tiny_tokenizer, texts[:37], texts[37:], max_len=32, num_shards=3)
+    shards = open_shards(str(folder))
+    full = sorted(x for x, _ in _rows(make_dataset(shards, "train", 8, training=True, seed=5)))
+    for count, by in ((2, "file"), (4, "data")):  # 3 files: enough for 2 workers, not for 4
+        plans = [plan_input(shards, "train", 8 * count, Worker(count, i, i == 0, 1)) for i in range(count)]
+        assert {p.shard_by for p in plans} == {by} and len({p.steps for p in plans}) == 1
+        rows, per_worker = [], []
+        for i, plan in enumerate(plans):
+            ds = make_dataset(shards, "train", plan.per_replica_batch, training=True, seed=5, shard=(count, i),
+                              shard_by=plan.shard_by, pad_to_batches=plan.batches_per_worker)  # fmt: skip
+            batches = list(ds)
+            per_worker.append(len(batches))
+            rows += [(list(x), list(y)) for xb, yb in batches for x, y in zip(xb.numpy(), yb.numpy(), strict=True)
+                     if (y != IGNORE_ID).any()]  # fmt: skip
+        assert per_worker == [plans[0].steps] * count  # padded with empty batches: no worker runs out early
+        assert sorted(x for x, _ in rows) == full  # every example once
+    with pytest.raises(ValueError, match="--batch-size 10: must be a multiple of the 4 replicas"):
+        plan_input(shards, "train", 10, Worker(4, 0, True, 1))

@@ -535,3 +535,56 @@ def test_remote_data_and_output_through_tf_gfile(
     assert again.history == result.history
     with pytest.raises(ValueError, match="lies inside an input"):
         train(_config(f"{remote}/shards", f"{remote}/shards/out", tiny_tokenizer), progress=False)
+
+
+# --- issue 13 item 1: multi-worker training ---------------------------------------------------------------------
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_two_workers_on_localhost_match_one_worker(tmp_path: Path, tiny_tokenizer, tiny_model_dir: Path) -> None:
+    # A dropout-free model and one train file (so the workers share it by data): the two
+    # workers' halves of each global batch are exactly one worker's batch.
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    (model / "config.json").write_text(json.dumps(cfg))
+    texts = make_sentences(64)
+    shards = write_test_shards(tmp_path / "shards", tiny_tokenizer, texts[:48], texts[48:], max_len=32, num_shards=1)
+    out = tmp_path / "out"
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    args = ["train", "--strategy", "multi_worker", "--data", shards, "--model", model, "--output", out,
+            "--epochs", 1, "--batch-size", 16, "--lr", 1e-3, "--early-stopping-patience", 0, "--quiet"]  # fmt: skip
+    procs = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        procs.append(subprocess.Popen([sys.executable, "-m", "kogpt2.cli", *map(str, args)], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "reads its share by data" in results[1][1]
+    multi = json.loads((out / "history.json").read_text())
+    assert multi["replicas"] == 2 and not (out / "backup").exists()
+    names = {p.name for p in out.iterdir()}  # the chief's model folder; the other worker wrote nothing here
+    assert {"config.json", "tf_model.h5", "history.json", "logs"} <= names and not [n for n in names if ".tmp" in n]
+    load_model(out)
+    single = train(_config(shards, tmp_path / "single", tiny_tokenizer, model=str(model), tokenizer=None, epochs=1,
+                           early_stopping_patience=0), progress=False).history  # fmt: skip
+    assert multi["steps"] == single["steps"] == 3 and multi["train_tokens"] == single["train_tokens"]
+    # Same global batches, global masked mean: the same losses as one worker.
+    assert multi["epochs"][0]["loss"] == pytest.approx(single["epochs"][0]["loss"], abs=1e-4)
+    assert multi["epochs"][0]["val_loss"] == pytest.approx(single["epochs"][0]["val_loss"], abs=1e-4)

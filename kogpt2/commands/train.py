@@ -49,7 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--xla", action="store_true", help="compile the train step with XLA (jit_compile)")
     p.add_argument("--steps-per-execution", type=int, default=1, help="train steps per tf.function call")
-    p.add_argument("--strategy", choices=["auto", "mirrored", "default"], default="auto", help="tf.distribute strategy")
+    p.add_argument(
+        "--strategy",
+        choices=["auto", "mirrored", "default", "multi_worker"],
+        default="auto",
+        help="tf.distribute strategy; multi_worker: MultiWorkerMirroredStrategy over the cluster in TF_CONFIG "
+        "(run the same command on every worker; the chief writes --output)",
+    )
     p.add_argument("--shuffle-buffer", type=int, default=10_000, help="examples in the shuffle buffer")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer of the shards, for preset training")
     p.add_argument("--max-seconds", type=float, default=None, help="time budget: stop after the epoch that passes it")
