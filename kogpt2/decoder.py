@@ -46,12 +46,14 @@ class Decoder:
         model: a built ``TFGPT2LMHeadModel`` (GPT-2 architecture).
         dtype: ``float32`` or ``bfloat16`` weights and matrix products (layer norms,
             softmax, the key/value cache and the logits stay float32).
+        scores: compute each step's log normalizer (``last_logz``) for log-probability
+            scores; False leaves it 0 (measures what scoring costs).
 
     Raises:
         ValueError: unknown dtype or an unsupported model configuration.
     """
 
-    def __init__(self, model: Any, dtype: str = "float32") -> None:
+    def __init__(self, model: Any, dtype: str = "float32", *, scores: bool = True) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
         tf = self._tf = import_tf()
@@ -63,6 +65,7 @@ class Decoder:
             if getattr(cfg, flag, False):
                 raise ValueError(f"model config {flag}=True is not supported by the decoder")
         self.dtype = dtype
+        self.scores = scores
         self.n_layer, self.n_head, self.n_embd = cfg.n_layer, cfg.n_head, cfg.n_embd
         self.head_dim = cfg.n_embd // cfg.n_head
         self.n_positions = cfg.n_positions
@@ -157,7 +160,8 @@ class Decoder:
         tf = self._tf
         h = self._ln(x, self._w["ln_f"])  # (B, E)
         logits = tf.cast(tf.matmul(h, self._w["head"]), tf.float32)  # (B, V)
-        return logits, tf.reduce_logsumexp(logits, axis=-1)  # (B, V), (B,)
+        logz = tf.reduce_logsumexp(logits, axis=-1) if self.scores else tf.zeros_like(logits[:, 0])
+        return logits, logz  # (B, V), (B,)
 
     def _prefill_fn(self, ids: Any, starts: Any, capacity: Any) -> Any:
         tf = self._tf

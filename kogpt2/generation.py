@@ -325,17 +325,24 @@ class Generator:
         tokenizer: its tokenizer.
         dtype: ``float32`` or ``bfloat16`` computation.
         batch_size: rows decoded together.
+        scores: compute ``Sample.logprob_sum`` / ``logprob_mean`` (False leaves them 0).
     """
 
     def __init__(
-        self, model: Any, tokenizer: Tokenizer, *, dtype: str = "float32", batch_size: int = DEFAULT_BATCH_SIZE
+        self,
+        model: Any,
+        tokenizer: Tokenizer,
+        *,
+        dtype: str = "float32",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        scores: bool = True,
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
         if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
         self.tokenizer = tokenizer
-        self.decoder = Decoder(model, dtype)
+        self.decoder = Decoder(model, dtype, scores=scores)
         self.dtype = dtype
         self.batch_size = int(batch_size)
         self.n_positions = int(model.config.n_positions)
