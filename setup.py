@@ -24,6 +24,7 @@ setup(
         "transformers>=4.57,<5",  # v5 removed the TF models
         "apache-beam==2.77.*",
         "sentencepiece>=0.2",
+        "google-crc32c>=1.5",  # TFRecord CRCs without TensorFlow (preprocessing workers)
         "tokenizers>=0.20",
         "pyarrow>=15",
         "numpy>=1.26",

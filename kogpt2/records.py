@@ -4,12 +4,25 @@ No TensorFlow here: :func:`serialize_example` writes the ``tf.train.Example`` pr
 buffer bytes directly (identical to TensorFlow's deterministic serialization, which the
 tests check), so Beam workers stay light and fast. The features are those of
 ``schemas/tfrecord_example.json``: ``input_ids`` (int64 [max_len]) and ``length`` (int64).
+
+The batch functions (:func:`flatten`, :func:`frame_flat`, :func:`truncate_flat`,
+:func:`tfrecord_examples`, :func:`tfrecord_frames`, :func:`pack_array`, :func:`split_masks`) do
+the same work on thousands of sequences at once, on flat numpy arrays of ids with their lengths,
+and give exactly the bytes of their one-at-a-time counterparts. TFRecord framing (length, masked
+CRC32C, data, masked CRC32C) is written here too (:func:`tfrecord_frame`), with
+``google-crc32c``: byte-identical to ``tf.io.TFRecordWriter``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import struct
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain
+from typing import Any
+
+import numpy as np
 
 from kogpt2.schemas import load_schema
 
@@ -234,3 +247,241 @@ def parse_example(data: bytes) -> dict[str, list[int]]:
                         values.append(v - (1 << 64) if v >= 1 << 63 else v)
             out[key] = values
     return out
+
+
+# --- batches of examples (numpy) ---------------------------------------------------------
+
+
+def fit_batch(seqs: Sequence[Sequence[int]], max_len: int, overflow: str = "truncate") -> tuple[list[int], list[Any]]:
+    """:func:`fit` over many framed sequences.
+
+    Returns:
+        ``(owners, pieces)``: the pieces in order, and for each the index of its sequence
+        (several per sequence with ``window``). Sequences that fit are passed through as they are.
+
+    Raises:
+        ValueError: unknown ``overflow``.
+    """
+    if overflow not in OVERFLOW_MODES:
+        raise ValueError(f"overflow={overflow!r}: must be one of {OVERFLOW_MODES}")
+    if all(len(s) <= max_len for s in seqs):
+        return list(range(len(seqs))), list(seqs)
+    owners: list[int] = []
+    pieces: list[Any] = []
+    for i, seq in enumerate(seqs):
+        fitted = [seq] if len(seq) <= max_len else fit(seq, max_len, overflow)
+        owners.extend([i] * len(fitted))
+        pieces.extend(fitted)
+    return owners, pieces
+
+
+_VARINT_MAX_BYTES = 5  # the vectorized path: values in [0, 2**35); others go one by one
+
+
+def flatten(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged sequences as one ``int64`` array of every id and the ``lengths``."""
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    return np.fromiter(chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum())), lengths
+
+
+def unflatten(flat: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+    """The inverse of :func:`flatten`."""
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    ids = flat.tolist()
+    return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def frame_flat(flat: np.ndarray, lengths: np.ndarray, bos_id: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`frame` over flattened sequences: ``<s>`` + ids + ``</s>`` each."""
+    framed_lengths = lengths + 2
+    ends = np.cumsum(framed_lengths)
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+    inner = np.ones(len(out), dtype=bool)
+    inner[ends - framed_lengths] = False
+    inner[ends - 1] = False
+    out[ends - framed_lengths] = bos_id
+    out[ends - 1] = eos_id
+    out[inner] = flat
+    return out, framed_lengths
+
+
+def truncate_flat(flat: np.ndarray, lengths: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`truncate` over flattened sequences: each keeps its first ``max_len`` ids."""
+    if not len(lengths) or int(lengths.max()) <= max_len:
+        return flat, lengths
+    starts = np.cumsum(lengths) - lengths
+    return flat[np.arange(len(flat)) - np.repeat(starts, lengths) < max_len], np.minimum(lengths, max_len)
+
+
+def _varints(values: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """Varints of non-negative values below 2**35, concatenated, and where each value's bytes start (and the end)."""
+    top = int(values.max()) if len(values) else 0
+    width = 1
+    while width < _VARINT_MAX_BYTES and top >= 1 << (7 * width):
+        width += 1
+    v: np.ndarray[Any, Any] = values.astype(np.uint32 if width <= 4 else np.uint64)
+    more = [v >= (1 << (7 * k)) for k in range(1, width)]  # the value needs byte k (k >= 1)
+    table = np.empty((len(v), width), dtype=np.uint8)
+    keep = np.empty((len(v), width), dtype=bool)
+    keep[:, 0] = True
+    for k in range(width):
+        byte = (v >> (7 * k)) & 0x7F
+        if k + 1 < width:
+            byte |= more[k].astype(v.dtype) << 7
+            keep[:, k + 1] = more[k]
+        table[:, k] = byte
+    starts = np.zeros(len(v) + 1, dtype=np.int64)
+    np.cumsum(keep.sum(axis=1), out=starts[1:])
+    return table[keep].tobytes(), starts
+
+
+def tfrecord_examples(flat: np.ndarray, lengths: np.ndarray, max_len: int, pad_id: int) -> list[bytes]:
+    """Framed TFRecords of padded examples, vectorized: ``tfrecord_frame(serialize_example(*pad(seq)))`` each.
+
+    Args:
+        flat: the ids of every sequence, concatenated (:func:`flatten`); none longer than ``max_len``.
+        lengths: each sequence's length.
+        max_len: ids per example; shorter sequences are padded with ``pad_id``.
+        pad_id: the padding id.
+
+    Returns:
+        One framed record per sequence, byte-identical to the one-at-a-time functions.
+    """
+    lens = lengths.tolist()
+    if not lens:
+        return []
+    if max(lens) > max_len:
+        raise ValueError(f"sequence of {max(lens)} tokens does not fit max_len={max_len}; fit() it first")
+    if len(flat) and (int(flat.min()) < 0 or int(flat.max()) >= 1 << (7 * _VARINT_MAX_BYTES)) or pad_id < 0:
+        return tfrecord_frames([serialize_example(*pad(seq, max_len, pad_id)) for seq in unflatten(flat, lengths)])
+    body, starts = _varints(flat)
+    value_bounds = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=value_bounds[1:])
+    bounds = starts[value_bounds].tolist()
+    pad_byte = _enc(pad_id)
+    pad_tails = [pad_byte * k for k in range(max_len + 1)]
+    suffixes: dict[int, bytes] = {}
+    prefixes: dict[tuple[int, int], bytes] = {}
+    import google_crc32c
+
+    crc32c = google_crc32c.value
+    heads: dict[int, bytes] = {}
+    out = []
+    for r, n in enumerate(lens):
+        suffix = suffixes.get(n)
+        if suffix is None:
+            suffix = suffixes[n] = _example_suffix(n)
+        a, b = bounds[r], bounds[r + 1]
+        packed = b - a + (max_len - n) * len(pad_byte)
+        prefix = prefixes.get((packed, n))
+        if prefix is None:
+            prefix = prefixes[(packed, n)] = _example_prefix(packed, len(suffix))
+        example = prefix + body[a:b] + pad_tails[max_len - n] + suffix
+        head = heads.get(len(example))
+        if head is None:
+            head = heads[len(example)] = tfrecord_frame(example)[:TFRECORD_HEAD]
+        crc = crc32c(example)
+        out.append(head + example + ((((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF).to_bytes(4, "little"))
+    return out
+
+
+def _example_prefix(packed_len: int, suffix_len: int) -> bytes:
+    """Everything of a serialized Example before its packed ``input_ids`` varints."""
+    int64_list_len = 1 + len(_enc(packed_len)) + packed_len
+    ids_feature_len = 1 + len(_enc(int64_list_len)) + int64_list_len
+    ids_entry_len = len(_INPUT_IDS_KEY) + len(_enc(ids_feature_len)) + ids_feature_len
+    features_len = 1 + len(_enc(ids_entry_len)) + ids_entry_len + suffix_len
+    return (
+        b"\x0a"
+        + _enc(features_len)
+        + b"\x0a"
+        + _enc(ids_entry_len)
+        + _INPUT_IDS_KEY
+        + _enc(ids_feature_len)
+        + b"\x1a"
+        + _enc(int64_list_len)
+        + b"\x0a"
+        + _enc(packed_len)
+    )
+
+
+def _example_suffix(length: int) -> bytes:
+    """Everything of a serialized Example after its ``input_ids``: the ``length`` feature entry."""
+    len_feature = _int64_feature((length,))
+    len_entry = _LENGTH_KEY + _enc(len(len_feature)) + len_feature
+    return b"\x0a" + _enc(len(len_entry)) + len_entry
+
+
+def pack_array(ids: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a stream of token ids into full ``max_len`` blocks (the streaming core of :func:`pack`).
+
+    Returns:
+        ``(blocks [n, max_len], rest)``: the full blocks, and the ids left over for the next call.
+    """
+    full = len(ids) // max_len
+    return ids[: full * max_len].reshape(full, max_len), ids[full * max_len :]
+
+
+# --- TFRecord framing -------------------------------------------------------------------
+
+_MASK_DELTA = 0xA282EAD8
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC32C of ``data``: ``((crc >> 15) | (crc << 17)) + 0xa282ead8`` (mod 2**32)."""
+    import google_crc32c
+
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def tfrecord_frame(data: bytes) -> bytes:
+    """One TFRecord: uint64 length, masked CRC of the length, the data, masked CRC of the data (little-endian)."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+#: Bytes TFRecord framing adds before a record's data, and after it.
+TFRECORD_HEAD, TFRECORD_TAIL = 12, 4
+
+
+def tfrecord_frames(records: Sequence[bytes]) -> list[bytes]:
+    """:func:`tfrecord_frame` of each record (the header of each length computed once)."""
+    import google_crc32c
+
+    value = google_crc32c.value
+    headers: dict[int, bytes] = {}
+    out = []
+    for data in records:
+        n = len(data)
+        head = headers.get(n)
+        if head is None:
+            length = struct.pack("<Q", n)
+            head = headers[n] = length + struct.pack("<I", masked_crc32c(length))
+        crc = value(data)
+        out.append(head + data + ((((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF).to_bytes(4, "little"))
+    return out
+
+
+def split_masks(
+    digests: Sequence[bytes], val_fraction: float, num_shards: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """:func:`assign_split` and :func:`assign_shard` over many digests.
+
+    Args:
+        digests: :func:`stable_hash` digests (16 bytes each).
+        val_fraction: validation share.
+        num_shards: shards of ``(train, validation)``.
+
+    Returns:
+        ``(splits, shards)``: per digest 0 (train) or 1 (validation), and its shard index in that split.
+    """
+    if not digests:
+        return [], []
+    words = np.frombuffer(b"".join(digests), dtype=">u8").reshape(len(digests), 2)
+    # an integer x is below the float f = val_fraction * 2**64 exactly when x < ceil(f)
+    threshold = math.ceil(val_fraction * 2**64)
+    splits = (words[:, 0] < np.uint64(threshold)).astype(np.int64) if threshold else np.zeros(len(digests), np.int64)
+    counts = np.asarray(num_shards, dtype=np.uint64)[splits]
+    shards = (words[:, 1] % np.maximum(counts, np.uint64(1))).astype(np.int64)
+    return splits.tolist(), shards.tolist()

@@ -10,6 +10,7 @@ import codecs
 import re
 import sys
 import unicodedata
+from collections.abc import Sequence
 from functools import lru_cache
 
 from kogpt2.tokenizer import normalize
@@ -116,6 +117,40 @@ def decode_line(raw: bytes, encoding: str, *, file_start: bool = False) -> str:
     return raw.decode(encoding)
 
 
+def decode_lines(
+    raws: Sequence[bytes], encoding: str, *, file_start: bool = False
+) -> tuple[list[str], dict[int, UnicodeDecodeError]]:
+    """:func:`decode_line` over many lines, decoding them in one call when they all decode.
+
+    Args:
+        raws: lines' bytes (without line endings, so without ``\\n``).
+        encoding: codec name (see :func:`check_encoding`).
+        file_start: ``raws[0]`` is the first line of its file (a UTF-8 BOM is dropped).
+
+    Returns:
+        ``(texts, errors)``: one text per line (``""`` for a line that does not decode), and the
+        decoding error of each such line by its index.
+    """
+    if file_start and raws and raws[0].startswith(codecs.BOM_UTF8):
+        raws = [raws[0][len(codecs.BOM_UTF8) :], *raws[1:]]
+    if raws and "sig" not in encoding:  # a -sig codec drops a BOM per call: decode line by line
+        try:
+            texts = b"\n".join(raws).decode(encoding).split("\n")
+        except UnicodeDecodeError:
+            pass
+        else:
+            if len(texts) == len(raws):  # no multi-byte sequence took a line end in
+                return texts, {}
+    texts, errors = [], {}
+    for i, raw in enumerate(raws):
+        try:
+            texts.append(raw.decode(encoding))
+        except UnicodeDecodeError as exc:
+            texts.append("")
+            errors[i] = exc
+    return texts, errors
+
+
 def escape_bytes(raw: bytes) -> str:
     """Printable ASCII (except ``\\``) as is, every other byte as ``\\xNN``: unambiguous and reversible."""
     return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw)
@@ -129,12 +164,25 @@ def unescape_bytes(text: str) -> bytes:
 @lru_cache(maxsize=1)
 def _removal_pattern() -> re.Pattern[str]:
     """Control characters that are not whitespace (Cc) and format characters (Cf: zero-width, BOM, bidi marks)."""
+    return re.compile("[" + re.escape("".join(_removed_chars(_CONTROL_PLANES))) + "]")
+
+
+#: Unicode planes holding every Cc and Cf character (BMP, SMP, SIP, TIP, SSP): planes 4-13 are
+#: unassigned and 15-16 private use. Scanning these alone makes the pattern 3x faster to build
+#: in each worker; a test checks it against a scan of every code point.
+_CONTROL_PLANES = (0, 1, 2, 3, 14)
+
+
+def _removed_chars(planes: Sequence[int]) -> list[str]:
+    """The Cc (not whitespace) and Cf characters of the given Unicode planes."""
     chars = []
-    for cp in range(sys.maxunicode + 1):
-        cat = unicodedata.category(chr(cp))
-        if cat == "Cf" or (cat == "Cc" and not chr(cp).isspace()):
-            chars.append(chr(cp))
-    return re.compile("[" + re.escape("".join(chars)) + "]")
+    for plane in planes:
+        for cp in range(plane << 16, min((plane + 1) << 16, sys.maxunicode + 1)):
+            ch = chr(cp)
+            cat = unicodedata.category(ch)
+            if cat == "Cf" or (cat == "Cc" and not ch.isspace()):
+                chars.append(ch)
+    return chars
 
 
 def normalize_text(text: str) -> str:

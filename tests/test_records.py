@@ -11,15 +11,26 @@ from kogpt2.records import (
     assign_shard,
     assign_split,
     fit,
+    fit_batch,
+    flatten,
     frame,
+    frame_flat,
+    masked_crc32c,
     pack,
+    pack_array,
     packing_efficiency,
     pad,
     parse_example,
     serialize_example,
     shard_name,
+    split_masks,
     stable_hash,
+    tfrecord_examples,
+    tfrecord_frame,
+    tfrecord_frames,
     truncate,
+    truncate_flat,
+    unflatten,
     windows,
 )
 from kogpt2.schemas import load_schema
@@ -129,3 +140,72 @@ def test_serialize_example_matches_tensorflow() -> None:
     parsed = tf.io.parse_single_example(serialize_example([BOS, 9, EOS, PAD], 3), tf_feature_spec(4))
     assert parsed["input_ids"].numpy().tolist() == [BOS, 9, EOS, PAD]
     assert int(parsed["length"]) == 3
+
+
+# --- batches (numpy) and TFRecord framing --------------------------------------------------
+
+
+def test_flat_frame_and_truncate() -> None:
+    flat, lengths = flatten([[7, 8], [], [9, 10, 11, 12]])
+    assert flat.tolist() == [7, 8, 9, 10, 11, 12] and lengths.tolist() == [2, 0, 4]
+    framed, framed_lengths = frame_flat(flat, lengths, BOS, EOS)
+    assert unflatten(framed, framed_lengths) == [[BOS, 7, 8, EOS], [BOS, EOS], [BOS, 9, 10, 11, 12, EOS]]
+    cut, cut_lengths = truncate_flat(framed, framed_lengths, 3)
+    assert unflatten(cut, cut_lengths) == [[BOS, 7, 8], [BOS, EOS], [BOS, 9, 10]]
+    assert fit_batch([[1, 2, 3, 4, 5], [6]], 2, "window") == ([0, 0, 1], [[1, 2], [3, 4], [6]])
+
+
+@pytest.mark.parametrize("top", [100, 50_000, 2**21 + 5, 2**34 + 3, 2**40])
+def test_tfrecord_examples_are_the_one_at_a_time_bytes(top: int) -> None:
+    seqs = [[BOS, EOS], [BOS, 5, top - 1, EOS], [BOS] + list(range(top - 6, top)) + [EOS], [top // 2] * 8]
+    flat, lengths = flatten(seqs)
+    expected = [tfrecord_frame(serialize_example(*pad(seq, 8, PAD))) for seq in seqs]
+    assert tfrecord_examples(flat, lengths, 8, PAD) == expected
+    assert tfrecord_frames([serialize_example(*pad(seq, 8, PAD)) for seq in seqs]) == expected
+    with pytest.raises(ValueError, match="max_len=7"):
+        tfrecord_examples(flat, lengths, 7, PAD)
+
+
+def test_split_masks_agree_with_assign_split_and_shard() -> None:
+    digests = [stable_hash(f"문장 {i}") for i in range(3000)]
+    for fraction, shards in ((0.0, (1, 1)), (0.1, (3, 1)), (0.5, (4, 7))):
+        splits, indices = split_masks(digests, fraction, shards)
+        assert splits == [int(assign_split(d, fraction) == "validation") for d in digests]
+        assert indices == [assign_shard(d, shards[v]) for d, v in zip(digests, splits, strict=True)]
+
+
+def test_pack_array_gives_the_full_blocks_of_pack() -> None:
+    import numpy as np
+
+    blocks, rest = pack_array(np.arange(11), 4)
+    assert blocks.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and rest.tolist() == [8, 9, 10]
+
+
+def test_masked_crc32c_known_value() -> None:
+    # TFRecord's masked CRC32C of b"" and of the 8-byte length 0 (TensorFlow's own test values)
+    assert masked_crc32c(b"") == 0xA282EAD8
+    assert tfrecord_frame(b"")[:12].hex() == "0000000000000000" + masked_crc32c(bytes(8)).to_bytes(4, "little").hex()
+
+
+def test_tfrecord_gzip_file_is_byte_identical_to_tensorflows(tmp_path) -> None:
+    from kogpt2.tf_setup import import_tf
+    from pipelines.sorted_shards import write_tfrecord
+
+    tf = import_tf()
+    examples = [serialize_example(*pad([BOS, *range(i % 300, i % 300 + i % 9), EOS], 12, PAD)) for i in range(5000)]
+    expected = tmp_path / "tf.tfrecord.gz"
+    with tf.io.TFRecordWriter(str(expected), options=tf.io.TFRecordOptions(compression_type="GZIP")) as writer:
+        for data in examples:
+            writer.write(data)
+    ours = tmp_path / "ours.tfrecord.gz"
+    framed = tfrecord_frames(examples)
+    result = write_tfrecord(str(ours), [framed[i : i + 777] for i in range(0, len(framed), 777)])
+    assert ours.read_bytes() == expected.read_bytes()
+    assert result == {"examples": 5000, "sha256": hashlib.sha256(b"".join(examples)).hexdigest()}
+    read = [r.numpy() for r in tf.data.TFRecordDataset(str(ours), compression_type="GZIP")]
+    assert read == examples
+    empty = tmp_path / "empty.tfrecord.gz"
+    with tf.io.TFRecordWriter(str(empty), options=tf.io.TFRecordOptions(compression_type="GZIP")):
+        pass
+    assert write_tfrecord(str(tmp_path / "e.gz"), [])["examples"] == 0
+    assert (tmp_path / "e.gz").read_bytes() == empty.read_bytes()

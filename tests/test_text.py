@@ -9,6 +9,7 @@ import pytest
 from kogpt2.text import (
     check_encoding,
     decode_line,
+    decode_lines,
     escape_bytes,
     filter_reason,
     normalize_text,
@@ -128,3 +129,31 @@ def test_split_sentences_loses_no_text() -> None:
 )
 def test_filter_reason(text: str, min_chars: int, reason: str | None) -> None:
     assert filter_reason(text, min_chars) == reason
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "cp949", "utf-8-sig"])
+def test_decode_lines_gives_decode_line_of_each_line(encoding: str) -> None:
+    good = ["그는 웃었다.", "", "ㅋㅋ 재밌네요", "abc"]
+    raws = [codecs.BOM_UTF8 + good[0].encode(encoding), *(t.encode(encoding) for t in good[1:])]
+    assert decode_lines(raws, encoding, file_start=True) == (
+        [decode_line(r, encoding, file_start=i == 0) for i, r in enumerate(raws)],
+        {},
+    )
+    bad = [raws[2], b"\xff\xfe broken", raws[3], b"\xb0"]  # a lone lead byte at a line end
+    texts, errors = decode_lines(bad, encoding)
+    assert texts == ["ㅋㅋ 재밌네요", "", "abc", ""] and sorted(errors) == [1, 3]
+    assert all(isinstance(e, UnicodeDecodeError) for e in errors.values())
+    assert decode_lines([], encoding) == ([], {})
+
+
+def test_decode_lines_keeps_a_bom_inside_the_file() -> None:
+    raws = [codecs.BOM_UTF8 + b"a", codecs.BOM_UTF8 + b"b"]
+    assert decode_lines(raws, "utf-8", file_start=True)[0] == ["a", "\ufeffb"]
+    assert decode_lines(raws, "utf-8")[0] == ["\ufeffa", "\ufeffb"]
+
+
+def test_removed_characters_are_found_in_the_planes_scanned() -> None:
+    from kogpt2 import text
+
+    assert text._removed_chars(range(17)) == text._removed_chars(text._CONTROL_PLANES)
+    assert normalize_text("a\u200bb\U000e0001c\x07d") == "abcd"
