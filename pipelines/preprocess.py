@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import uuid
 from collections import Counter
@@ -129,7 +131,7 @@ class PreprocessConfig:
     overwrite: bool = False
     max_line_bytes: int = MAX_LINE_BYTES
     allow_empty: bool = False
-    batch_size: int = 512
+    batch_size: int = 4096
     spill_mb: float = 32.0
 
     def __post_init__(self) -> None:
@@ -480,7 +482,7 @@ def build_pipeline(
         | "MatchFiles" >> fileio.MatchAll(fileio.EmptyMatchTreatment.DISALLOW)
         | "ReadMatches" >> fileio.ReadMatches(skip_directories=True)
         | "FileSizes" >> beam.Map(lambda f: (f.metadata.path, f.metadata.size_in_bytes))
-        | "PlanRanges" >> beam.FlatMapTuple(plan_ranges)
+        | "PlanRanges" >> beam.FlatMapTuple(functools.partial(_plan_ranges, workers=direct_workers(p.options)))
         | "SpreadRanges" >> beam.Reshuffle()
     )
     reader = ReadLines(config.batch_size, plan.files, config.max_line_bytes)
@@ -524,6 +526,29 @@ def build_pipeline(
         | "CollectRun" >> beam.CombineGlobally(CollectRun()).without_defaults()
         | "WriteInfo" >> beam.ParDo(WriteInfo(config, plan, target))
     )
+
+
+def direct_workers(options: PipelineOptions | None) -> int:
+    """Worker processes (threads) of a local run (``--direct_num_workers``, 0 = one per core); 0 on other runners."""
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    from pipelines.common import is_direct
+
+    if options is None or not is_direct(options):
+        return 0
+    workers = options.view_as(DirectOptions).direct_num_workers
+    return max(1, workers or (os.cpu_count() or 1))
+
+
+#: On a distributed runner, a compressed input is read in one part per this many bytes (at most MAX_PARTS).
+COMPRESSED_PART_BYTES = 32 << 20
+MAX_PARTS = 16
+
+
+def _plan_ranges(path: str, size: int, workers: int) -> list[tuple[str, int, int]]:
+    """:func:`pipelines.textio.plan_ranges`, a compressed file in one part per local worker (or per 32 MiB)."""
+    parts = workers or min(MAX_PARTS, max(1, math.ceil(size / COMPRESSED_PART_BYTES)))
+    return plan_ranges(path, size, compressed_parts=parts)
 
 
 def finished_info(config: PreprocessConfig) -> dict[str, Any]:

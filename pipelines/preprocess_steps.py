@@ -6,27 +6,44 @@ pure functions of :mod:`kogpt2.text` and :mod:`kogpt2.records`.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import apache_beam as beam
+import numpy as np
 
 from kogpt2 import records
 from kogpt2 import text as textlib
 from kogpt2.tokenizer import Tokenizer, load_tokenizer
 from pipelines.common import local_copy
 from pipelines.counters import Counters
-from pipelines.sorted_shards import ids_payload, run_record
+from pipelines.sorted_shards import run_record
 from pipelines.textio import REJECTED_FILE, rejected_entry
 
 if TYPE_CHECKING:
     from pipelines.preprocess import Plan, PreprocessConfig
 
 
+_TOKENIZERS: dict[tuple[str, int, int], Tokenizer] = {}
+
+
 def open_tokenizer(path: str) -> Tokenizer:
-    """Load a tokenizer from a local path, or from a local copy of a remote file (``gs://...``)."""
-    return load_tokenizer(local_copy(path))
+    """Load a tokenizer from a local path, or from a local copy of a remote file (``gs://...``).
+
+    Loaded once per process (and file version): the launcher and an in-process worker share it.
+    """
+    local = local_copy(path)
+    try:
+        st = os.stat(local)
+        key = (os.path.abspath(local), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return load_tokenizer(local)  # let the loader name the problem
+    if key not in _TOKENIZERS:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = load_tokenizer(local)
+    return _TOKENIZERS[key]
 
 
 # --- cleaning --------------------------------------------------------------------------
@@ -56,35 +73,39 @@ class CleanLines(beam.DoFn):
         path, start, first, lines = element
         rejected: list[bytes] = []
         out: list[Any] = []
-        empty = too_short = kept = candidates = split_total = split_short = 0
-        encoding, min_chars, split, dedup = self.encoding, self.min_chars, self.split, self.dedup
-        for index, raw in enumerate(lines, first):
-            try:
-                line = textlib.decode_line(raw, encoding, file_start=start == 0 and index == 0)
-            except UnicodeDecodeError as exc:
-                file_index = self.file_index.get(path, len(self.file_index))
-                rejected.append(run_record(*rejected_entry(file_index, path, start, index, exc, raw)))
-                continue
-            norm = textlib.normalize_text(line)
-            if not norm:
-                empty += 1
-                continue
-            if split:
-                sentences = textlib.split_sentences(norm)
-                good = [s for s in sentences if textlib.filter_reason(s, min_chars) is None]
-                split_total += len(sentences)
-                split_short += len(sentences) - len(good)
-            else:
-                good = [norm] if textlib.filter_reason(norm, min_chars) is None else []
-            if not good:
-                too_short += 1
-                continue
-            kept += 1
-            candidates += len(good)
-            if dedup:
-                out.extend((s, (path, start, index, j)) for j, s in enumerate(good))
-            else:
-                out.extend(good)
+        too_short = kept = candidates = split_total = split_short = 0
+        min_chars, split, dedup = self.min_chars, self.split, self.dedup
+        decoded, errors = textlib.decode_lines(lines, self.encoding, file_start=start == 0 and first == 0)
+        if errors:
+            file_index = self.file_index.get(path, len(self.file_index))
+            for k, exc in errors.items():
+                rejected.append(run_record(*rejected_entry(file_index, path, start, first + k, exc, lines[k])))
+        norms = [textlib.normalize_text(t) for t in decoded]
+        empty = norms.count("") - len(errors)
+        if not split and not dedup:
+            out = [t for t in norms if t and len(t) >= min_chars]
+            kept = candidates = len(out)
+            too_short = len(norms) - len(errors) - empty - kept
+        else:
+            for index, norm in enumerate(norms, first):
+                if not norm:
+                    continue
+                if split:
+                    sentences = textlib.split_sentences(norm)
+                    good = [s for s in sentences if textlib.filter_reason(s, min_chars) is None]
+                    split_total += len(sentences)
+                    split_short += len(sentences) - len(good)
+                else:
+                    good = [norm] if textlib.filter_reason(norm, min_chars) is None else []
+                if not good:
+                    too_short += 1
+                    continue
+                kept += 1
+                candidates += len(good)
+                if dedup:
+                    out.extend((s, (path, start, index, j)) for j, s in enumerate(good))
+                else:
+                    out.extend(good)
         stats = {
             "rejected": len(rejected),
             "rejected.undecodable": len(rejected),
@@ -144,7 +165,10 @@ class Dedup(beam.PTransform):
 
 
 class Tokenize(beam.DoFn):
-    """Encode a batch of texts: ``(stable_hash(text), <s> + ids + </s>)`` pairs. Tokenizer loaded in setup()."""
+    """Encode a batch of texts (SentencePiece's batch encode): ``(text hashes, <s> + ids + </s> lists)``.
+
+    The tokenizer is loaded in setup().
+    """
 
     def __init__(self, tokenizer_path: str):
         self.tokenizer_path = tokenizer_path
@@ -152,17 +176,30 @@ class Tokenize(beam.DoFn):
     def setup(self) -> None:
         self.tok = open_tokenizer(self.tokenizer_path)
 
-    def process(self, texts: list[str]) -> Iterator[list[tuple[bytes, list[int]]]]:
-        bos, eos = self.tok.bos_id, self.tok.eos_id
-        encoded = self.tok.encode_batch(texts)
-        yield [(records.stable_hash(t), records.frame(ids, bos, eos)) for t, ids in zip(texts, encoded, strict=True)]
+    def process(self, texts: list[str]) -> Iterator[tuple[list[bytes], np.ndarray, np.ndarray]]:
+        flat, lengths = records.flatten(self.tok.encode_batch(texts))
+        yield (
+            [records.stable_hash(t) for t in texts],
+            *records.frame_flat(flat, lengths, self.tok.bos_id, self.tok.eos_id),
+        )
+
+
+def window_indices(owners: list[int]) -> list[int]:
+    """The index of each piece within its sequence, for pieces listed by owning sequence: ``[0, 0, 1, 0] <- [0, 1, 1, 2]``."""
+    out, previous, k = [], None, 0
+    for owner in owners:
+        k = k + 1 if owner == previous else 0
+        previous = owner
+        out.append(k)
+    return out
 
 
 class MakeExamples(beam.DoFn):
-    """Assign split and shard by the text hash; fit, pad and serialize (or keep whole for packing).
+    """Assign split and shard by the text hash; fit, pad, serialize and frame as TFRecords, a batch at a time.
 
-    Main output: ``{shard file name: [run records]}`` per batch, keyed by the text hash and
-    window index. ``stats`` output.
+    With ``packing`` sentences stay whole (token ids) until :class:`~pipelines.sorted_shards.WriteShards`
+    packs them. Main output: ``{shard file name: [run records]}`` per batch, keyed by the text hash
+    and window index. ``stats`` output.
     """
 
     STATS = "stats"
@@ -179,34 +216,39 @@ class MakeExamples(beam.DoFn):
     def setup(self) -> None:
         self.counters = Counters()
 
-    def process(self, batch: list[tuple[bytes, list[int]]]) -> Iterator[Any]:
-        # Per split (0 = train, 1 = validation): tokens, <unk> tokens, sequences.
-        tokens, unks, sequences = [0, 0], [0, 0], [0, 0]
-        overflowed = 0
-        items: dict[str, list[bytes]] = defaultdict(list)
-        max_len, unk, pad_id, packing = self.max_len, self.unk_id, self.pad_id, self.packing
+    def process(self, batch: tuple[list[bytes], np.ndarray, np.ndarray]) -> Iterator[Any]:
+        digests, flat, lengths = batch
         names = (self.names["train"], self.names["validation"])
-        for digest, framed in batch:
-            v = records.SPLITS.index(records.assign_split(digest, self.val_fraction))
-            shards = names[v]
-            out = items[shards[records.assign_shard(digest, len(shards))] if len(shards) > 1 else shards[0]]
-            if packing:
-                out.append(run_record(digest + b"\0\0\0\0", ids_payload(framed)))
-                tokens[v] += len(framed)
-                unks[v] += framed.count(unk)
-                continue
-            if len(framed) <= max_len:
-                pieces = [framed]
+        splits, shards = records.split_masks(digests, self.val_fraction, (len(names[0]), len(names[1])))
+        max_len, packing = self.max_len, self.packing
+        overflowed = 0 if packing else int((lengths > max_len).sum())
+        if packing:  # whole sentences (int32 ids), packed into blocks by WriteShards
+            owners: Sequence[int] = range(len(digests))
+            windows = None
+            pieces, piece_lengths = flat, lengths
+            ends = (np.cumsum(lengths) * 4).tolist()
+            data = flat.astype(np.int32).tobytes()
+            payloads = [data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+        else:
+            if self.overflow == "truncate" or not overflowed:
+                owners, windows = range(len(digests)), None
+                pieces, piece_lengths = records.truncate_flat(flat, lengths, max_len)
             else:
-                overflowed += 1
-                pieces = records.fit(framed, max_len, self.overflow)
-            sequences[v] += len(pieces)
-            for k, piece in enumerate(pieces):
-                n = len(piece)
-                example = records.serialize_example(piece + [pad_id] * (max_len - n) if n < max_len else piece, n)
-                out.append(run_record(digest + k.to_bytes(4, "big"), example))
-                tokens[v] += n
-                unks[v] += piece.count(unk)
+                owned, fitted = records.fit_batch(records.unflatten(flat, lengths), max_len, self.overflow)
+                owners, windows = owned, window_indices(owned)
+                pieces, piece_lengths = records.flatten(fitted)
+            payloads = records.tfrecord_examples(pieces, piece_lengths, max_len, self.pad_id)
+        # per split (0 = train, 1 = validation): tokens, <unk> tokens, sequences
+        piece_split = np.asarray(splits, dtype=np.int64)[np.asarray(owners, dtype=np.int64)]
+        rows = np.repeat(np.arange(len(piece_lengths)), piece_lengths)
+        unk_split = piece_split[rows[pieces == self.unk_id]]
+        tokens = np.bincount(piece_split, weights=piece_lengths, minlength=2).astype(np.int64).tolist()
+        unks = np.bincount(unk_split, minlength=2).tolist()
+        sequences = [0, 0] if packing else np.bincount(piece_split, minlength=2).tolist()
+        items: dict[str, list[bytes]] = defaultdict(list)
+        for k, (o, payload) in enumerate(zip(owners, payloads, strict=True)):
+            window = b"\0\0\0\0" if windows is None else windows[k].to_bytes(4, "big")
+            items[names[splits[o]][shards[o]]].append(digests[o] + window + len(payload).to_bytes(4, "big") + payload)
         stats = {"truncated" if self.overflow == "truncate" else "windowed": overflowed}
         for v, split in enumerate(records.SPLITS):
             stats.update({f"tokens.{split}": tokens[v], f"unk.{split}": unks[v], f"sequences.{split}": sequences[v]})

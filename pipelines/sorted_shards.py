@@ -15,15 +15,19 @@ from __future__ import annotations
 import hashlib
 import heapq
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import uuid
+import zlib
 from array import array
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
@@ -208,8 +212,10 @@ class SpillRuns(beam.DoFn):
 class WriteShards(beam.DoFn):
     """Merge the sorted runs of one output file and write it (TFRecord shard or rejected JSONL).
 
-    Shard records hold serialized examples, or with ``packing`` token ids (:func:`ids_payload`)
-    packed into ``max_len`` blocks here; the rejected file's hold dead-letter payloads (:mod:`pipelines.textio`).
+    Shard records hold framed TFRecords (:func:`kogpt2.records.tfrecord_frames`), or with
+    ``packing`` token ids (:func:`ids_payload`) packed into ``max_len`` blocks here; the rejected
+    file's hold dead-letter payloads (:mod:`pipelines.textio`). No TensorFlow: the gzip TFRecord
+    file is written by :func:`write_tfrecord`.
 
     Input: ``(file name, [run refs, or None])``; side input: the line counts of every range.
     Output: ``{"name", "split", "examples", "sha256"}``.
@@ -231,40 +237,87 @@ class WriteShards(beam.DoFn):
         if name == REJECTED_FILE:
             yield {"name": name, "split": "rejected", **write_rejected(path, map(record_payload, stream), line_counts)}
             return
-        if self.packing:
-            seqs = (ids_from_payload(record_payload(rec)) for rec in stream)
-            examples: Iterable[bytes] = (
-                records.serialize_example(ids, n) for ids, n in records.pack(seqs, self.max_len, self.pad_id)
-            )
-        else:
-            examples = map(record_payload, stream)
-        yield {"name": name, "split": name.split("-", 1)[0], **write_tfrecord(path, examples)}
+        head = KEY_LEN + 4
+        chunks = (
+            pack_chunks(_chunks(stream), self.max_len, self.pad_id)
+            if self.packing
+            else ([rec[head:] for rec in chunk] for chunk in _chunks(stream))
+        )
+        yield {"name": name, "split": name.split("-", 1)[0], **write_tfrecord(path, chunks)}
 
 
-def write_tfrecord(path: str, examples: Iterable[bytes]) -> dict[str, Any]:
-    """Write serialized examples as a GZIP TFRecord file (through a local file for remote paths).
+def pack_chunks(chunks: Iterable[list[bytes]], max_len: int, pad_id: int) -> Iterator[list[bytes]]:
+    """Framed TFRecords of ``max_len`` blocks packed from chunks of run records holding token ids.
+
+    The same blocks as :func:`kogpt2.records.pack` over the sequences in order: only the last is padded.
+    """
+    rest = np.zeros(0, dtype=np.int64)
+    head = KEY_LEN + 4
+    for chunk in chunks:
+        ids = np.frombuffer(b"".join([rec[head:] for rec in chunk]), dtype=np.int32)
+        blocks, rest = records.pack_array(np.concatenate([rest, ids.astype(np.int64)]), max_len)
+        if len(blocks):
+            yield records.tfrecord_examples(blocks.reshape(-1), np.full(len(blocks), max_len), max_len, pad_id)
+    if len(rest):
+        yield records.tfrecord_examples(rest, np.array([len(rest)]), max_len, pad_id)
+
+
+#: gzip as ``tf.io.TFRecordWriter(path, "GZIP")`` writes it: zlib's default level, memLevel 9, a gzip wrapper.
+GZIP_LEVEL, GZIP_WBITS, GZIP_MEM_LEVEL = zlib.Z_DEFAULT_COMPRESSION, 16 + zlib.MAX_WBITS, 9
+
+
+def write_tfrecord(path: str, chunks: Iterable[Sequence[bytes]]) -> dict[str, Any]:
+    """Write framed TFRecords as a GZIP TFRecord file, without TensorFlow (byte-identical to its writer).
+
+    Compression and writing run in a thread (zlib releases the GIL) while the caller merges
+    and frames the next chunk. Remote paths are written through a local file.
+
+    Args:
+        path: the file to write (any Beam filesystem).
+        chunks: lists of :func:`kogpt2.records.tfrecord_frame` records, in file order.
 
     Returns:
-        ``{"examples": count, "sha256": of the serialized examples concatenated}``.
+        ``{"examples": count, "sha256": of the serialized examples (the records' data) concatenated}``.
     """
-    from kogpt2.tf_setup import import_tf
-
-    tf = import_tf()
     local = FileSystems.get_scheme(path) in (None, "file")
     target = path
     if not local:
         fd, target = tempfile.mkstemp(suffix=".tfrecord.gz")
         os.close(fd)
-    if local:
+    else:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    head, tail = records.TFRECORD_HEAD, records.TFRECORD_TAIL
     digest = hashlib.sha256()
     count = 0
-    with tf.io.TFRecordWriter(target, options=tf.io.TFRecordOptions(compression_type="GZIP")) as writer:
-        for chunk in _chunks(examples):
-            for data in chunk:
-                writer.write(data)
-            digest.update(b"".join(chunk))  # serialized Examples are self-delimiting
+    pending: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+    failed: list[BaseException] = []
+
+    def compress() -> None:
+        try:
+            gz = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, GZIP_WBITS, GZIP_MEM_LEVEL)
+            with open(target, "wb") as f:
+                while (data := pending.get()) is not None:
+                    f.write(gz.compress(data))
+                f.write(gz.flush())
+        except BaseException as exc:  # handed to the caller's thread
+            failed.append(exc)
+            while pending.get() is not None:
+                pass
+
+    writer = threading.Thread(target=compress, name=f"write {os.path.basename(path)}", daemon=True)
+    writer.start()
+    try:
+        for chunk in chunks:
+            if failed:
+                break
+            pending.put(b"".join(chunk))
+            digest.update(b"".join([rec[head:-tail] for rec in chunk]))  # serialized Examples are self-delimiting
             count += len(chunk)
+    finally:
+        pending.put(None)
+        writer.join()
+    if failed:
+        raise failed[0]
     if not local:
         with open(target, "rb") as src, FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)

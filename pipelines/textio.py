@@ -44,6 +44,8 @@ REJECT_REASONS = ("undecodable", "too_long", "corrupt_input")
 #: The line index of a file-level dead letter: it sorts after every line of its file.
 FILE_LEVEL = (1 << 64) - 1
 _READ_CHUNK = 1 << 16
+#: Lines of one block of a compressed file read in interleaved parts (:func:`plan_ranges`).
+PART_LINES = 1 << 14
 _EOL = re.compile(rb"[\r\n]")
 #: Compressed inputs read with Python's decompressors, which raise on a truncated or corrupt stream.
 _CHECKED = {
@@ -70,15 +72,26 @@ def match_files(patterns: Sequence[str]) -> dict[str, int]:
 
 
 def plan_ranges(
-    path: str, size: int, *, parts: int = 16, min_bytes: int = 1 << 20, max_bytes: int = 64 << 20
+    path: str,
+    size: int,
+    *,
+    parts: int = 16,
+    min_bytes: int = 1 << 20,
+    max_bytes: int = 64 << 20,
+    compressed_parts: int = 1,
 ) -> list[tuple[str, int, int]]:
     """Cut a file into byte ranges ``(path, start, end)`` read in parallel.
 
-    A line belongs to the range it starts in. Compressed files (by extension) are one range
-    with ``end = -1`` (read to the end). Ranges depend only on the size: deterministic.
+    A line belongs to the range it starts in. A compressed file (by extension) cannot be cut
+    into byte ranges: it is read in ``compressed_parts`` interleaved parts ``(path, part, -compressed_parts)``,
+    each decompressing the whole file and keeping every ``compressed_parts``-th block of
+    :data:`PART_LINES` lines (decompressing is a small share of the work; cleaning and encoding
+    the lines is then shared). With one part that is ``(path, 0, -1)``. Ranges depend only on
+    the size and the part count, and the lines are the same whatever the part count.
     """
     if CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED:
-        return [(path, 0, -1)]
+        k = max(1, compressed_parts)
+        return [(path, part, -k) for part in range(k)]
     step = min(max_bytes, max(min_bytes, -(-size // parts)))
     return [(path, start, min(start + step, size)) for start in range(0, size, step)]
 
@@ -131,6 +144,115 @@ def iter_lines(f: IO[bytes], max_bytes: int, chunk: int = _READ_CHUNK) -> Iterat
     if parts:
         line = b"".join(parts)
         yield length, line if length <= max_bytes else line[:PREFIX_BYTES], length
+
+
+def read_chunks(f: IO[bytes], chunk: int = _READ_CHUNK) -> Iterator[bytes]:
+    """The bytes of a stream, one underlying read at a time (``read1``: a decompression error loses only its block)."""
+    read = getattr(f, "read1", f.read)
+    while True:
+        buf = read(chunk)
+        if not buf:
+            return
+        yield buf
+
+
+def range_chunks(f: IO[bytes], pos: int, end: int, chunk: int = _READ_CHUNK) -> Iterator[bytes]:
+    """The bytes of the lines that start in ``[pos, end)``: up to ``end``, then the rest of the line over it.
+
+    ``f`` is positioned at ``pos``, a line start (:func:`skip_to_line_start`).
+    """
+    left = end - pos
+    last = b""
+    while left > 0:
+        buf = f.read(min(chunk, left))
+        if not buf:
+            return
+        left -= len(buf)
+        last = buf[-1:]
+        yield buf
+    if not last or last == b"\n":
+        return
+    if last == b"\r":  # a line end, perhaps the first half of \r\n
+        if f.read(1) == b"\n":
+            yield b"\n"
+        return
+    while True:  # the line running over ``end`` belongs to this range
+        buf = f.read(chunk)
+        if not buf:
+            return
+        m = _EOL.search(buf)
+        if m is None:
+            yield buf
+            continue
+        stop = m.end()
+        if buf[m.start()] == 0x0D:
+            if stop == len(buf):
+                yield buf
+                if f.read(1) == b"\n":
+                    yield b"\n"
+                return
+            if buf[stop] == 0x0A:
+                stop += 1
+        yield buf[:stop]
+        return
+
+
+def iter_line_blocks(chunks: Iterable[bytes], max_bytes: int) -> Iterator[tuple[list[bytes], dict[int, int]]]:
+    """Split a stream of byte chunks into lines ending at ``\n``, ``\r\n`` or a lone ``\r``, a block at a time.
+
+    The same lines as :func:`iter_lines`, split with ``bytes.splitlines`` (whose line ends are exactly
+    these three) a chunk at a time; memory stays within ``max_bytes`` plus one chunk.
+
+    Yields:
+        ``(lines, too_long)`` per chunk holding a line end (and once at the end for a last line
+        without one): the lines, and ``{index in lines: length}`` of the lines over ``max_bytes``,
+        which hold only their first :data:`PREFIX_BYTES` bytes.
+    """
+    carry: list[bytes] = []  # the start of the current line (at most ``cap`` bytes of it)
+    kept = length = 0
+    cap = max(max_bytes + 1, PREFIX_BYTES)
+    after_cr = False
+    for chunk in chunks:
+        if after_cr and chunk[:1] == b"\n":  # the second half of a \r\n split between chunks
+            chunk = chunk[1:]
+        after_cr = False
+        last = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
+        if last < 0:  # no line end: all of it continues the current line
+            length += len(chunk)
+            if kept < cap and chunk:
+                carry.append(chunk[: cap - kept])
+                kept += len(carry[-1])
+            continue
+        after_cr = last == len(chunk) - 1 and chunk[last] == 0x0D
+        head, tail = chunk[: last + 1], chunk[last + 1 :]
+        first_length = -1
+        if length:  # the first line of the chunk ends the carried one
+            m = _EOL.search(head)
+            assert m is not None
+            stop = m.start()
+            length += stop
+            if kept < cap:
+                carry.append(head[: min(stop, cap - kept)])
+            first_length = length
+            lines = [b"".join(carry), *head[stop + (2 if head[stop : stop + 2] == b"\r\n" else 1) :].splitlines()]
+        else:
+            lines = head.splitlines()
+        too_long: dict[int, int] = {}
+        if first_length > max_bytes:
+            too_long[0] = first_length
+        if max(map(len, lines)) > max_bytes:
+            too_long.update(
+                (i, len(line)) for i, line in enumerate(lines) if len(line) > max_bytes and i not in too_long
+            )
+        for i in too_long:
+            lines[i] = lines[i][:PREFIX_BYTES]
+        yield lines, too_long
+        length = len(tail)
+        carry = [tail[:cap]] if tail else []
+        kept = len(carry[0]) if carry else 0
+    if length:
+        line = b"".join(carry)
+        yield ([line[:PREFIX_BYTES]], {0: length}) if length > max_bytes else ([line], {})
 
 
 def skip_to_line_start(f: IO[bytes], start: int) -> int:
@@ -201,10 +323,13 @@ def open_input(path: str, whole: bool) -> tuple[IO[bytes], _SourceWatch | None]:
 
 
 class ReadLines(beam.DoFn):
-    """Read a byte range of a file as lines of bytes, in batches.
+    """Read a byte range of a file (or a part of a compressed file) as lines of bytes, in batches.
 
-    Main output: ``(path, range_start, first_index, [line bytes...])`` (line endings removed).
-    ``line_counts`` output: ``(path, range_start, lines in the range)``: every line, too-long
+    Main output: ``(path, segment_start, first_index, [line bytes...])`` (line endings removed).
+    A segment is a byte range of a plain file (``segment_start`` its first byte), or a block of
+    :data:`PART_LINES` lines of a compressed file (``segment_start`` its first line number); line
+    ``first_index + k`` of a segment is numbered by the segments before it (:func:`write_rejected`).
+    ``line_counts`` output: ``(path, segment_start, lines in the segment)``: every line, too-long
     ones included. ``rejected`` output: ``{rejected file name: [run records]}`` of too-long lines
     and corrupt files. ``stats`` output: count dicts.
     """
@@ -225,48 +350,85 @@ class ReadLines(beam.DoFn):
         from pipelines.sorted_shards import run_record  # sorted_shards imports this module
 
         path, start, end = rng
+        whole = end < 0
+        part, parts = (start, -end) if whole else (0, 1)
         file_index = self.file_index.get(path, len(self.file_index))
-        limit = self.max_line_bytes
-        n = first = too_long = 0
-        batch: list[bytes] = []
+        limit, size = self.max_line_bytes, self.batch_size
+        n = too_long = 0  # lines of the range (of the whole file when ``whole``), those over the limit
+        segments: dict[int, int] = {}  # segment start -> lines read in it (this reader's segments)
         rejected: list[bytes] = []
         stats: dict[str, int] = {}
-        f, watch = open_input(path, whole=end < 0)
+        batch: list[bytes] = []
+        seg = first = 0  # the pending batch: its segment and the index of its first line there
+        f, watch = open_input(path, whole=whole)
         try:
-            pos = skip_to_line_start(f, start) if end >= 0 else 0
-            for consumed, line, length in iter_lines(f, limit):
-                if 0 <= end <= pos:
-                    break
-                pos += consumed
-                if length > limit:
-                    if batch:
-                        yield path, start, first, batch
-                        batch = []
-                    rejected.append(run_record(*too_long_entry(file_index, path, start, n, line, length, limit)))
-                    too_long += 1
-                    first = n + 1
-                else:
-                    batch.append(line)
-                    if len(batch) >= self.batch_size:
-                        yield path, start, first, batch
-                        first, batch = n + 1, []
-                n += 1
+            if whole:
+                chunks = read_chunks(f)
+            else:
+                pos = skip_to_line_start(f, start)
+                chunks = range_chunks(f, pos, end)
+            for lines, long in iter_line_blocks(chunks, limit):
+                i = 0
+                while i < len(lines):
+                    if whole:
+                        block = n // PART_LINES
+                        take = min(len(lines) - i, (block + 1) * PART_LINES - n)
+                        owned, seg_start, index = block % parts == part, block * PART_LINES, n % PART_LINES
+                    else:
+                        take, owned, seg_start, index = len(lines) - i, True, start, n
+                    if owned:
+                        segments[seg_start] = segments.get(seg_start, 0) + take
+                        if batch and seg_start != seg:
+                            yield path, seg, first, batch
+                            batch = []
+                        if not batch:
+                            seg, first = seg_start, index
+                        rows = lines[i : i + take]
+                        bad = sorted(k - i for k in long if i <= k < i + take) if long else []
+                        if bad:  # a too-long line splits the batch around it
+                            done = 0
+                            for k in bad:
+                                batch.extend(rows[done:k])
+                                if batch:
+                                    yield path, seg, first, batch
+                                    batch = []
+                                entry = too_long_entry(
+                                    file_index, path, seg_start, index + k, rows[k], long[i + k], limit
+                                )
+                                rejected.append(run_record(*entry))
+                                too_long += 1
+                                done, first = k + 1, index + k + 1
+                            batch.extend(rows[done:])
+                        else:
+                            batch.extend(rows)
+                        while len(batch) >= size:
+                            yield path, seg, first, batch[:size]
+                            batch, first = batch[size:], first + size
+                    n += take
+                    i += take
         except _CORRUPT_ERRORS as exc:
             if watch is None or watch.failed:
                 raise
-            detail = f"{type(exc).__name__}: {exc}; the {n} lines read before it are kept, the rest of the file is lost"
-            rejected.append(run_record(*file_entry(file_index, path, "corrupt_input", detail)))
-            stats = {"corrupt_inputs": 1, f"corrupt_input:{path}": 1}
+            if part == 0:
+                detail = (
+                    f"{type(exc).__name__}: {exc}; the {n} lines read before it are kept, the rest of the file is lost"
+                )
+                rejected.append(run_record(*file_entry(file_index, path, "corrupt_input", detail)))
+                stats = {"corrupt_inputs": 1, f"corrupt_input:{path}": 1}
         finally:
             f.close()
         if batch:
-            yield path, start, first, batch
-        counts = {"lines_read": n, "rejected": too_long, "rejected.too_long": too_long}
+            yield path, seg, first, batch
+        read = sum(segments.values())
+        counts = {"lines_read": read, "rejected": too_long, "rejected.too_long": too_long}
         self.counters.add({**counts, "corrupt_inputs": stats.get("corrupt_inputs", 0)})
         if rejected:
             yield beam.pvalue.TaggedOutput(self.REJECTED, {REJECTED_FILE: rejected})
         yield beam.pvalue.TaggedOutput(self.STATS, {"rejected": too_long, "rejected.too_long": too_long, **stats})
-        yield beam.pvalue.TaggedOutput(self.LINE_COUNTS, (path, start, n))
+        if not whole:
+            segments = {start: n}
+        for seg_start, count in sorted(segments.items()):
+            yield beam.pvalue.TaggedOutput(self.LINE_COUNTS, (path, seg_start, count))
 
 
 def _entry(file_index: int, path: str, start: int, index: int, payload: dict[str, Any]) -> tuple[bytes, bytes]:

@@ -576,11 +576,12 @@ def test_real_tokenizer_and_novel(tmp_path: Path, v1_tokenizer_path: Path, novel
 def read_range_outputs(reader: textio.ReadLines, rng: tuple[str, int, int]) -> dict[str, list[Any]]:
     """Run ReadLines.process on one range: lines (index, bytes), dead letters, stats, line count."""
     reader.setup()
-    out: dict[str, list[Any]] = {"lines": [], "rejected": [], "stats": [], "line_counts": []}
+    out: dict[str, list[Any]] = {"lines": [], "located": [], "rejected": [], "stats": [], "line_counts": []}
     for item in reader.process(rng):
         if isinstance(item, tuple):
-            _, _, first, batch = item
+            _, start, first, batch = item
             out["lines"] += [(first + k, raw) for k, raw in enumerate(batch)]
+            out["located"] += [(start, first + k, raw) for k, raw in enumerate(batch)]
         elif item.tag == textio.ReadLines.REJECTED:
             out["rejected"] += [json.loads(sorted_shards.record_payload(r)) for r in item.value[textio.REJECTED_FILE]]
         else:
@@ -646,6 +647,68 @@ def test_read_ranges_with_lone_cr_and_too_long_lines_count_every_line_once(tmp_p
         assert got == [line.encode() for i, line in enumerate(lines) if i != 40]
         assert [(r["reason"], r["raw"]) for r in rejected] == [("too_long", escape_bytes(lines[40].encode()[:64]))]
         assert "1200 bytes" in rejected[0]["detail"]
+
+
+def test_line_blocks_are_the_lines_of_iter_lines() -> None:
+    import io
+    import random
+
+    rng = random.Random(0)
+    pieces = [b"a", b"bb", b"\r", b"\n", b"\r\n", b"xyz" * 4, b"\xea\xb0\x80"]
+    for _ in range(400):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randrange(12)))
+        limit, chunk = rng.choice([1, 3, 8, 100]), rng.choice([1, 2, 3, 5, 64])
+        expected = [(line, n) for _, line, n in textio.iter_lines(io.BytesIO(data), limit)]
+        chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+        got = [
+            (line, long.get(i, len(line)))
+            for lines, long in textio.iter_line_blocks(chunks, limit)
+            for i, line in enumerate(lines)
+        ]
+        assert got == expected, (data, limit, chunk)
+
+
+def test_a_compressed_file_read_in_parts_gives_every_line_once(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(textio, "PART_LINES", 7)
+    lines = [f"{i} 문장" for i in range(100)]
+    lines[30] = "긴" * 400  # over the limit, in the fifth block
+    data = "".join(line + ("\r\n" if i % 2 else "\n") for i, line in enumerate(lines)).encode()
+    path = tmp_path / "a.txt.gz"
+    path.write_bytes(gzip.compress(data))
+    for parts in (1, 2, 3):
+        ranges = textio.plan_ranges(str(path), path.stat().st_size, compressed_parts=parts)
+        assert ranges == [(str(path), p, -parts) for p in range(parts)]
+        got, rejected, counts = [], [], []
+        for rng in ranges:
+            out = read_range_outputs(textio.ReadLines(3, [str(path)], max_line_bytes=1000), rng)
+            got += out["located"]
+            rejected += out["rejected"]
+            counts += out["line_counts"]
+        # segments are blocks of 7 lines, numbered by their first line
+        assert sorted((start + index, raw) for start, index, raw in got) == [
+            (i, line.encode()) for i, line in enumerate(lines) if i != 30
+        ]
+        assert sorted(counts) == [(str(path), s, min(7, 100 - s)) for s in range(0, 100, 7)]
+        assert [(r["reason"], r["start"] + r["index"]) for r in rejected] == [("too_long", 30)]
+        written = textio.write_rejected(str(tmp_path / f"r{parts}.jsonl"), [json.dumps(r) for r in rejected], counts)
+        assert written["examples"] == 1
+        assert json.loads((tmp_path / f"r{parts}.jsonl").read_text())["line"] == 31
+
+
+def test_the_command_never_imports_tensorflow(tmp_path: Path, tiny_tokenizer) -> None:
+    src = tmp_path / "a.txt.gz"
+    src.write_bytes(gzip.compress(("\n".join(make_sentences(40)) + "\n").encode()))
+    out = tmp_path / "out"
+    code = (
+        "import sys; from pipelines import preprocess; "
+        f"assert preprocess.main({argv([src], tiny_tokenizer, out, '--packing')!r}) == 0; "
+        "print('tensorflow' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("False")
 
 
 def test_truncated_gzip_is_a_corrupt_input_dead_letter(tmp_path: Path) -> None:
