@@ -162,7 +162,10 @@ class Progress:
             self.first = (now, done)
         t0, d0 = self.first
         rate = (done - d0) / (now - t0) if now > t0 else 0.0
-        eta = f"{(self.total - done) / rate:.0f} s" if rate > 0 else "unknown"
+        if done >= self.total:
+            eta = "0 s"
+        else:
+            eta = f"{(self.total - done) / rate:.0f} s" if rate > 0 else "unknown"
         log.info(
             "progress: %d of %d rows (%.1f%%), this worker %.0f tokens/s, ETA %s",
             done,

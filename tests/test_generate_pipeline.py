@@ -378,3 +378,14 @@ def test_a_run_writes_its_settings_and_config_file_repeats_it(first_run, tiny_mo
     (tmp_path / "bad.json").write_text(json.dumps({**settings, "top_pp": 0.5}))
     with pytest.raises(ValueError, match="'top_pp' is not a setting; did you mean 'top_p'"):
         parse_args(["--config", str(tmp_path / "bad.json")])
+
+
+@pytest.mark.slow
+def test_one_model_shared_by_the_worker_processes_gives_the_same_rows(first_run, tiny_model_dir, seeds_dir, tmp_path):
+    """--share-model-across-processes: the model lives in one server process (Beam's multi_process_shared)."""
+    from pipelines.generate import run
+
+    out = tmp_path / "shared"
+    assert run(argv(tiny_model_dir, seeds_dir / "*", out, "--share-model-across-processes")) == 0
+    ours, reference = all_rows(out), all_rows(first_run)
+    assert ours.keys() == reference.keys() and all(ours[k]["text"] == reference[k]["text"] for k in ours)
