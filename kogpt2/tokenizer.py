@@ -23,6 +23,8 @@ SPIECE_SUFFIXES = (".spiece", ".model")
 SPECIAL_PIECES = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
 #: The KoGPT2 v1 ids of the special pieces; trained tokenizers use the same.
 SPECIAL_IDS = {"bos": 0, "eos": 1, "pad": 3, "unk": 5}
+#: Key of ``tokenizer_config.json`` naming the SentencePiece file its ``tokenizer.json`` was converted from.
+CONVERTED_FROM_KEY = "kogpt2_converted_from"
 
 
 class TokenizerError(ValueError):
@@ -261,7 +263,9 @@ class SentencePieceTokenizer(Tokenizer):
         # Encoding runs on a copy where the special pieces text could match are UNUSED (control
         # pieces never match text; <unk> stays: it is how unknown characters are spelled).
         matchable = frozenset(i for i in self.special_ids if not sp.is_control(i) and i != self.unk_id)
-        self._encoder = spm.SentencePieceProcessor(model_proto=mark_pieces_unused(data, matchable)) if matchable else sp
+        #: The model proto encoding runs on (``kogpt2.hf_export`` converts this one).
+        self.encoder_proto = mark_pieces_unused(data, matchable) if matchable else data
+        self._encoder = spm.SentencePieceProcessor(model_proto=self.encoder_proto) if matchable else sp
 
     @property
     def vocab_size(self) -> int:
@@ -349,14 +353,31 @@ class HFJsonTokenizer(Tokenizer):
         return str(self._tok.id_to_token(int(token_id)))
 
 
+def _converted_from(folder: Path) -> Path | None:
+    """The SentencePiece file a folder's ``tokenizer.json`` was converted from (``kogpt2 export``), if present."""
+    import json
+
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        name = config[CONVERTED_FROM_KEY]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    source = folder / Path(str(name)).name
+    return source if source.suffix in SPIECE_SUFFIXES and source.is_file() else None
+
+
 def find_tokenizer_file(folder: Path) -> Path:
     """Return the tokenizer file inside a model folder.
+
+    A ``tokenizer.json`` wins over SentencePiece files, unless ``tokenizer_config.json`` says it
+    was converted from one of them (the Hugging Face files :func:`kogpt2.hf_export.write_hf_tokenizer`
+    adds): then the SentencePiece file is the tokenizer, and its fingerprint is the folder's.
 
     Raises:
         TokenizerError: the folder holds no tokenizer, or several candidates.
     """
     if (folder / "tokenizer.json").is_file():
-        return folder / "tokenizer.json"
+        return _converted_from(folder) or folder / "tokenizer.json"
     candidates = sorted(p for p in folder.iterdir() if p.suffix in SPIECE_SUFFIXES and p.is_file())
     if (folder / "tokenizer.spiece") in candidates:
         return folder / "tokenizer.spiece"

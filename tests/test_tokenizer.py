@@ -128,6 +128,23 @@ def test_hf_tokenizer_json_folder(tmp_path: Path, tiny_corpus: Path) -> None:
     assert len(tok.fingerprint) == 64
 
 
+def test_converted_tokenizer_json_defers_to_its_sentencepiece_file(
+    tmp_path: Path, tiny_corpus: Path, tiny_tokenizer
+) -> None:
+    """A tokenizer.json that tokenizer_config.json marks as converted from a .spiece (what
+    save_model and `kogpt2 export` write) does not replace it: the .spiece and its fingerprint
+    stay the folder's tokenizer. An HF folder's own tokenizer.json still wins."""
+    folder = _hf_tokenizer_folder(tmp_path, tiny_corpus)
+    shutil.copy(tiny_tokenizer.path, folder / "tokenizer.spiece")
+    assert isinstance(load_tokenizer(folder), HFJsonTokenizer)  # no marker: tokenizer.json wins, as before
+    marker = {"kogpt2_converted_from": {"file": "tokenizer.spiece", "fingerprint": tiny_tokenizer.fingerprint}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(marker))
+    tok = load_tokenizer(folder)
+    assert isinstance(tok, SentencePieceTokenizer) and tok.fingerprint == tiny_tokenizer.fingerprint
+    (folder / "tokenizer.spiece").unlink()  # the named file is gone: tokenizer.json is what there is
+    assert isinstance(load_tokenizer(folder), HFJsonTokenizer)
+
+
 def test_tokenizer_pickles_by_path(tiny_tokenizer) -> None:
     import pickle
 
