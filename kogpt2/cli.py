@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("kogpt2.commands.evaluate", "loss and perplexity of a model on a shard split"),
     "generate": ("kogpt2.commands.generate", "continue seed words with a model"),
     "report": ("kogpt2.commands.report", "build report.html for a run folder"),
+    "export": ("kogpt2.commands.export", "add Hugging Face tokenizer files to a model folder (AutoTokenizer opens it)"),
 }
 
 
