@@ -272,8 +272,11 @@ def save_model(model: Any, tokenizer: Tokenizer, folder: str | Path, info: dict[
     """Save a self-describing model folder.
 
     Writes ``save_pretrained`` output (``config.json``, ``tf_model.h5``), the tokenizer
-    file and ``kogpt2.json`` (tokenizer facts, model shape, library versions and the
-    caller's ``info``: data fingerprint, steps, ...). Weight files the folder held before
+    file, the Hugging Face tokenizer files (``tokenizer.json`` converted from a SentencePiece
+    tokenizer, ``tokenizer_config.json``, ``special_tokens_map.json``: ``AutoTokenizer`` opens
+    the folder and encodes as ``load_tokenizer`` does), ``generation_config.json`` (the
+    project's generation defaults) and ``kogpt2.json`` (tokenizer facts, model shape, library
+    versions and the caller's ``info``: data fingerprint, steps, ...). Weight files the folder held before
     (``model.safetensors``, ``pytorch_model.bin``, shards, ...) are removed once the new
     weights are written, so the folder holds one weight file and ``kogpt2.json``'s
     fingerprint is of the file that loads.
@@ -296,6 +299,7 @@ def save_model(model: Any, tokenizer: Tokenizer, folder: str | Path, info: dict[
         stale.unlink()  # old weights would shadow the new ones (from_pretrained prefers safetensors)
     tokenizer.save(out)
     cfg = model.config
+    _write_hf_files(tokenizer, out, cfg.n_positions)
     record = {
         "format_version": 1,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -314,6 +318,29 @@ def save_model(model: Any, tokenizer: Tokenizer, folder: str | Path, info: dict[
     }
     (out / INFO_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
     return out
+
+
+def _write_hf_files(tokenizer: Tokenizer, folder: Path, n_positions: int | None) -> None:
+    """Write the Hugging Face tokenizer files and ``generation_config.json`` into a model folder.
+
+    A tokenizer that cannot be converted exactly is logged and gets no ``tokenizer.json`` (stale
+    Hugging Face files are removed): the folder still loads with :func:`load_model`.
+    """
+    from kogpt2.generation import GenerationConfig, write_generation_config
+    from kogpt2.hf_export import HF_TOKENIZER_FILES, HFExportError, write_hf_tokenizer
+
+    try:
+        write_hf_tokenizer(tokenizer, folder, model_max_length=n_positions)
+    except HFExportError as exc:
+        msg = f"{folder}: no Hugging Face tokenizer files written ({exc}); load the folder with kogpt2.model.load_model"
+        warnings.warn(msg, stacklevel=3)
+        log.warning(msg)
+        for name in HF_TOKENIZER_FILES:
+            stale = folder / name
+            if stale.is_file() and stale.resolve() != tokenizer.path.resolve():
+                stale.unlink()
+    special = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    write_generation_config(folder, GenerationConfig(), special)
 
 
 def _stamp(path: Path) -> tuple[int, int, int]:

@@ -203,3 +203,71 @@ def test_model_vocabulary_larger_than_the_tokenizers_is_refused(tmp_path: Path, 
     tiny_tokenizer.save(tmp_path)
     with pytest.raises(ModelLoadError, match=f"{tiny_tokenizer.vocab_size + 100}.*{tiny_tokenizer.vocab_size}"):
         load_model(tmp_path)
+
+
+def test_saved_folder_opens_with_autotokenizer_and_hf_pipeline(tiny_model_dir: Path, tiny_tokenizer) -> None:
+    """save_model writes the HF tokenizer files and generation_config.json; kogpt2.json is unchanged."""
+    from transformers import AutoTokenizer, pipeline
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        assert (tiny_model_dir / name).is_file(), name
+    hf = AutoTokenizer.from_pretrained(str(tiny_model_dir), local_files_only=True)
+    text = "그날 밤 그는 </s> 웃었다"
+    assert hf(text)["input_ids"] == tiny_tokenizer.encode(text)  # no <s> added; </s> typed is text
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (0, 1, 3, 5)
+    gen = json.loads((tiny_model_dir / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (0, 1, 3)
+    info = read_model_info(tiny_model_dir)
+    assert info["tokenizer"]["file"] == "tokenizer.spiece"
+    assert info["tokenizer"]["fingerprint"] == tiny_tokenizer.fingerprint
+    assert info["model"]["fingerprint"] == model_fingerprint(tiny_model_dir)
+
+    gen_pipe = pipeline("text-generation", model=str(tiny_model_dir), framework="tf", dtype=None)
+    out = gen_pipe("그날 밤", max_new_tokens=3, do_sample=False)
+    assert out[0]["generated_text"].startswith("그날 밤")
+
+
+def test_folder_loads_with_or_without_the_hf_files(tmp_path: Path, tiny_model_dir: Path, tiny_tokenizer) -> None:
+    shutil.copytree(tiny_model_dir, tmp_path / "with")
+    shutil.copytree(tiny_model_dir, tmp_path / "without")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        (tmp_path / "without" / name).unlink()
+    ids = tiny_tokenizer.encode("아침이 밝았다")
+    logits = []
+    for folder in (tmp_path / "with", tmp_path / "without"):
+        model, tok = load_model(folder)
+        assert tok.fingerprint == tiny_tokenizer.fingerprint and tok.path.name == "tokenizer.spiece"
+        logits.append(_logits(model, ids))
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-6)
+
+
+def test_save_model_replaces_hf_files_of_another_tokenizer(
+    tmp_path: Path, tiny_model_dir: Path, tiny_tokenizer
+) -> None:
+    """Saving over a folder whose tokenizer.json came from elsewhere leaves the saved tokenizer in charge."""
+    from kogpt2.model import save_model
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    model, _ = load_model(tiny_model_dir)
+    save_model(model, tiny_tokenizer, tmp_path)
+    _, tok = load_model(tmp_path)
+    assert tok.fingerprint == tiny_tokenizer.fingerprint
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["type"] == "Unigram"
+
+
+def test_a_tokenizer_saved_under_another_name_stays_the_folders_tokenizer(
+    tmp_path: Path, tiny_model_dir: Path, tiny_tokenizer
+) -> None:
+    """A v1-style gpt2_kor_tokenizer.spiece is saved as tokenizer.spiece; tokenizer_config.json names the copy."""
+    from kogpt2.model import save_model
+    from kogpt2.tokenizer import SentencePieceTokenizer, load_tokenizer
+
+    shutil.copy(tiny_tokenizer.path, tmp_path / "gpt2_kor_tokenizer.spiece")
+    v1_named = load_tokenizer(tmp_path / "gpt2_kor_tokenizer.spiece")
+    model, _ = load_model(tiny_model_dir)
+    save_model(model, v1_named, tmp_path / "out")
+    tok = load_tokenizer(tmp_path / "out")
+    assert isinstance(tok, SentencePieceTokenizer) and tok.path.name == "tokenizer.spiece"
+    config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert config["kogpt2_converted_from"] == {"file": "tokenizer.spiece", "fingerprint": tiny_tokenizer.fingerprint}
