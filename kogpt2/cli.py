@@ -1,7 +1,7 @@
 """The ``kogpt2`` command: one subcommand per module in :mod:`kogpt2.commands`.
 
-Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
-``run(args) -> int``. Modules are imported only when their command runs, so
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; its one-line
+help lives in :data:`COMMANDS`. Modules are imported only when their command runs, so
 ``kogpt2 --help`` stays fast.
 """
 
@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("kogpt2.commands.train", "fine-tune or train GPT-2 from preprocessed shards"),
     "evaluate": ("kogpt2.commands.evaluate", "loss and perplexity of a model on a shard split"),
     "generate": ("kogpt2.commands.generate", "continue seed words with a model"),
-    "report": ("kogpt2.commands.report", "build report.html for a run folder"),
+    "report": ("kogpt2.commands.report", "build report.html for a run folder, or summarize a generation folder"),
     "export": ("kogpt2.commands.export", "add Hugging Face tokenizer files to a model folder (AutoTokenizer opens it)"),
 }
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "add tokenizer.json, tokenizer_config.json and special_tokens_map.json to a model folder"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(

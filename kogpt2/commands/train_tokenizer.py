@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import glob
 
-HELP = "train a SentencePiece tokenizer on a corpus"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
