@@ -333,6 +333,10 @@ def _run(
     multi = config.strategy == "multi_worker"
     train_plan = plan_input(shards, "train", config.batch_size, worker) if multi else None
     has_val = shards.num_examples("validation") > 0
+    if config.eval_steps and not has_val:
+        log.warning(
+            "--eval-steps %d: %s has no validation split; nothing to evaluate", config.eval_steps, shards.folder
+        )
     val_plan = plan_input(shards, "validation", config.batch_size, worker) if multi and has_val else None
     with dtype_policy(policy):
         keras.utils.set_random_seed(config.seed)  # preset weights, dropout (the shuffle order is stateless)

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -478,7 +479,9 @@ def test_lr_schedules_warm_up_then_decay_to_zero() -> None:
         learning_rate(1.0, 0, 10, "step")
 
 
-def test_schedule_and_precision_flags(tmp_path: Path, tiny_shards: Path, tiny_tokenizer) -> None:
+def test_schedule_and_precision_flags(
+    tmp_path: Path, tiny_shards: Path, tiny_tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
     from kogpt2.cli import build_parser
     from kogpt2.commands.train import config_from_args
 
@@ -491,6 +494,12 @@ def test_schedule_and_precision_flags(tmp_path: Path, tiny_shards: Path, tiny_to
     assert TrainConfig(data="d", model="tiny", output="o", mixed_precision=True).mixed_precision == "auto"
     with pytest.raises(ValueError, match=r"TrainConfig\.mixed_precision='fp8'"):
         TrainConfig(data="d", model="tiny", output="o", mixed_precision="fp8")
+    from kogpt2.precision import resolve_policy
+
+    with caplog.at_level(logging.INFO, logger="kogpt2.precision"):
+        assert resolve_policy("no", has_gpu=False) == "float32"
+    assert "off by default on CPU" in caplog.text and "--mixed-precision bf16" in caplog.text  # says why
+    assert resolve_policy("auto", has_gpu=True) == "mixed_float16" and resolve_policy("bf16") == "mixed_bfloat16"
     if not tf.config.list_physical_devices("GPU"):
         out = tmp_path / "fp16"
         rc, _, stderr = _cli("train", "--data", tiny_shards, "--model", "tiny", "--tokenizer", tiny_tokenizer.path,
