@@ -597,3 +597,32 @@ def test_two_workers_on_localhost_match_one_worker(tmp_path: Path, tiny_tokenize
     # Same global batches, global masked mean: the same losses as one worker.
     assert multi["epochs"][0]["loss"] == pytest.approx(single["epochs"][0]["loss"], abs=1e-4)
     assert multi["epochs"][0]["val_loss"] == pytest.approx(single["epochs"][0]["val_loss"], abs=1e-4)
+
+
+def test_a_copy_cut_short_does_not_look_finished_and_resume_completes_it(
+    tmp_path: Path, tiny_shards: Path, tiny_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kogpt2.checkpointing as checkpointing
+
+    real_copy = checkpointing._copy_file
+
+    def preempted(src: str, dst: str) -> None:
+        if dst.endswith("/kogpt2.json"):
+            raise OSError("preempted while copying")
+        real_copy(src, dst)
+
+    monkeypatch.setattr(checkpointing, "_copy_file", preempted)
+    remote = f"ram://kogpt2-{tmp_path.name}/model"
+    config = _config(tiny_shards, remote, tiny_tokenizer, epochs=1)  # type: ignore[arg-type]
+    with pytest.raises(OSError, match="preempted"):
+        train(config, progress=False)
+    gfile = tf.io.gfile
+    assert gfile.exists(f"{remote}/config.json") and not gfile.exists(f"{remote}/history.json")
+    assert gfile.exists(f"{remote}/backup/state.json")  # still resumable
+    rc, _, stderr = _cli("train", "--data", tiny_shards, "--model", "tiny", "--tokenizer", tiny_tokenizer.path,
+                         "--output", remote, "--epochs", 1, "--lr", 1e-3)  # fmt: skip
+    assert rc == 2 and "interrupted run" in stderr  # not taken for a finished one
+    monkeypatch.setattr(checkpointing, "_copy_file", real_copy)
+    history = train(dataclasses.replace(config, resume=True), progress=False).history
+    assert history["epochs_run"] == 1 and history["starts"] == 2 and gfile.exists(f"{remote}/history.json")
+    assert not gfile.exists(f"{remote}/backup")
