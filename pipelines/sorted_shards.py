@@ -15,10 +15,8 @@ from __future__ import annotations
 import hashlib
 import heapq
 import os
-import queue
 import shutil
 import tempfile
-import threading
 import uuid
 import zlib
 from array import array
@@ -262,15 +260,92 @@ def pack_chunks(chunks: Iterable[list[bytes]], max_len: int, pad_id: int) -> Ite
         yield records.tfrecord_examples(rest, np.array([len(rest)]), max_len, pad_id)
 
 
-#: gzip as ``tf.io.TFRecordWriter(path, "GZIP")`` writes it: zlib's default level, memLevel 9, a gzip wrapper.
-GZIP_LEVEL, GZIP_WBITS, GZIP_MEM_LEVEL = zlib.Z_DEFAULT_COMPRESSION, 16 + zlib.MAX_WBITS, 9
+#: gzip as ``tf.io.TFRecordWriter(path, "GZIP")`` writes it: zlib's default level, memLevel 9.
+GZIP_LEVEL, GZIP_MEM_LEVEL = zlib.Z_DEFAULT_COMPRESSION, 9
+#: The gzip header zlib writes (no name, mtime 0, OS Unix): the same bytes on every run.
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03"
+#: Uncompressed bytes per independently compressed block (a smaller file is one block).
+GZIP_BLOCK = 4 << 20
+_WINDOW = 1 << 15
+#: Threads compressing the blocks of one file (zlib releases the GIL while it compresses).
+GZIP_THREADS = 2
+
+
+def deflate_block(data: bytes, window: bytes, last: bool) -> bytes:
+    """One block of a gzip member's deflate stream: primed with the ``window`` (32 KiB) before it.
+
+    A block ends with a sync flush (byte-aligned, so blocks concatenate into one stream), the
+    last with the end of the stream.
+    """
+    if window:
+        z = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS, GZIP_MEM_LEVEL, zdict=window)
+    else:
+        z = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS, GZIP_MEM_LEVEL)
+    return z.compress(data) + z.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+
+class GzipBlockWriter:
+    """Write one gzip member, compressing blocks of :data:`GZIP_BLOCK` bytes on several threads.
+
+    The blocks are cut at fixed offsets of the uncompressed stream and each is primed with the
+    32 KiB before it (as pigz does), so the file is the same bytes whatever the threads or the
+    sizes written; a file of one block is byte-identical to zlib's (and TensorFlow's) gzip. Any
+    gzip reader reads it (``tf.data.TFRecordDataset(..., "GZIP")``, ``gzip``).
+    """
+
+    def __init__(self, f: Any, threads: int = GZIP_THREADS):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.f = f
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="gzip")
+        self.pending: Any = deque()
+        self.limit = 2 * max(1, threads)
+        self.parts: list[bytes] = []
+        self.buffered = 0
+        self.window = b""
+        self.crc = 0
+        self.size = 0
+        f.write(GZIP_HEADER)
+
+    def write(self, data: bytes) -> None:
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        self.parts.append(data)
+        self.buffered += len(data)
+        if self.buffered >= GZIP_BLOCK:
+            joined = b"".join(self.parts)
+            cut = len(joined) - len(joined) % GZIP_BLOCK
+            for start in range(0, cut, GZIP_BLOCK):
+                self._submit(joined[start : start + GZIP_BLOCK], last=False)
+            self.parts, self.buffered = [joined[cut:]], len(joined) - cut
+
+    def _submit(self, block: bytes, last: bool) -> None:
+        self.pending.append(self.pool.submit(deflate_block, block, self.window, last))
+        self.window = (self.window + block)[-_WINDOW:]
+        while len(self.pending) > self.limit:
+            self.f.write(self.pending.popleft().result())
+
+    def abort(self) -> None:
+        """Stop without finishing the file (an error upstream)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        """Compress what is left, end the stream and write the gzip trailer (CRC-32, size)."""
+        try:
+            self._submit(b"".join(self.parts), last=True)
+            while self.pending:
+                self.f.write(self.pending.popleft().result())
+            self.f.write(self.crc.to_bytes(4, "little") + (self.size & 0xFFFFFFFF).to_bytes(4, "little"))
+        finally:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def write_tfrecord(path: str, chunks: Iterable[Sequence[bytes]]) -> dict[str, Any]:
-    """Write framed TFRecords as a GZIP TFRecord file, without TensorFlow (byte-identical to its writer).
+    """Write framed TFRecords as a GZIP TFRecord file, without TensorFlow.
 
-    Compression and writing run in a thread (zlib releases the GIL) while the caller merges
-    and frames the next chunk. Remote paths are written through a local file.
+    Blocks are compressed on :data:`GZIP_THREADS` threads (:class:`GzipBlockWriter`) while the
+    caller merges and frames the next records. Remote paths are written through a local file.
 
     Args:
         path: the file to write (any Beam filesystem).
@@ -289,35 +364,17 @@ def write_tfrecord(path: str, chunks: Iterable[Sequence[bytes]]) -> dict[str, An
     head, tail = records.TFRECORD_HEAD, records.TFRECORD_TAIL
     digest = hashlib.sha256()
     count = 0
-    pending: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
-    failed: list[BaseException] = []
-
-    def compress() -> None:
+    with open(target, "wb") as f:
+        gz = GzipBlockWriter(f)
         try:
-            gz = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, GZIP_WBITS, GZIP_MEM_LEVEL)
-            with open(target, "wb") as f:
-                while (data := pending.get()) is not None:
-                    f.write(gz.compress(data))
-                f.write(gz.flush())
-        except BaseException as exc:  # handed to the caller's thread
-            failed.append(exc)
-            while pending.get() is not None:
-                pass
-
-    writer = threading.Thread(target=compress, name=f"write {os.path.basename(path)}", daemon=True)
-    writer.start()
-    try:
-        for chunk in chunks:
-            if failed:
-                break
-            pending.put(b"".join(chunk))
-            digest.update(b"".join([rec[head:-tail] for rec in chunk]))  # serialized Examples are self-delimiting
-            count += len(chunk)
-    finally:
-        pending.put(None)
-        writer.join()
-    if failed:
-        raise failed[0]
+            for chunk in chunks:
+                gz.write(b"".join(chunk))
+                digest.update(b"".join([rec[head:-tail] for rec in chunk]))  # serialized Examples are self-delimiting
+                count += len(chunk)
+        except BaseException:
+            gz.abort()
+            raise
+        gz.close()
     if not local:
         with open(target, "rb") as src, FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)

@@ -187,7 +187,7 @@ def test_masked_crc32c_known_value() -> None:
     assert tfrecord_frame(b"")[:12].hex() == "0000000000000000" + masked_crc32c(bytes(8)).to_bytes(4, "little").hex()
 
 
-def test_tfrecord_gzip_file_is_byte_identical_to_tensorflows(tmp_path) -> None:
+def test_tfrecord_gzip_file_is_byte_identical_to_tensorflows(tmp_path, monkeypatch) -> None:
     from kogpt2.tf_setup import import_tf
     from pipelines.sorted_shards import write_tfrecord
 
@@ -204,6 +204,18 @@ def test_tfrecord_gzip_file_is_byte_identical_to_tensorflows(tmp_path) -> None:
     assert result == {"examples": 5000, "sha256": hashlib.sha256(b"".join(examples)).hexdigest()}
     read = [r.numpy() for r in tf.data.TFRecordDataset(str(ours), compression_type="GZIP")]
     assert read == examples
+    # a file of many blocks (compressed on threads): the same bytes however it is written, read by TensorFlow
+    import gzip
+
+    from pipelines import sorted_shards
+
+    monkeypatch.setattr(sorted_shards, "GZIP_BLOCK", 10_000)
+    many = [tmp_path / f"many-{size}.tfrecord.gz" for size in (1, 333, 5000)]
+    for path, size in zip(many, (1, 333, 5000), strict=True):
+        write_tfrecord(str(path), [framed[i : i + size] for i in range(0, len(framed), size)])
+    assert many[0].read_bytes() == many[1].read_bytes() == many[2].read_bytes() != expected.read_bytes()
+    assert gzip.decompress(many[0].read_bytes()) == gzip.decompress(expected.read_bytes()) == b"".join(framed)
+    assert [r.numpy() for r in tf.data.TFRecordDataset(str(many[0]), compression_type="GZIP")] == examples
     empty = tmp_path / "empty.tfrecord.gz"
     with tf.io.TFRecordWriter(str(empty), options=tf.io.TFRecordOptions(compression_type="GZIP")):
         pass
