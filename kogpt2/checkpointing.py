@@ -91,8 +91,15 @@ class RunState:
         return self.stopped_early or self.stopped_by_time or len(self.epochs) >= int(self.config["epochs"])
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for settings a resumed run may not change."""
+def config_changes(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+    """``key: old -> new`` for settings a resumed run may not change.
+
+    A setting missing from ``old`` (a run started by an earlier release) counts as its value
+    in ``defaults``; the old boolean ``mixed_precision`` counts as ``auto``/``no``.
+    """
+    old = {**(defaults or {}), **old}
+    if isinstance(old.get("mixed_precision"), bool):
+        old["mixed_precision"] = "auto" if old["mixed_precision"] else "no"
     return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in RESUMABLE_CHANGES and old.get(k) != v]
 
 
@@ -135,7 +142,14 @@ def publish(staging: Path, out: str, *, copy: Callable[[str, str], None] | None 
 
 
 def prepare_output(
-    out: str, config: dict[str, Any], data_fingerprint: str, *, resume: bool, overwrite: bool, data: str
+    out: str,
+    config: dict[str, Any],
+    data_fingerprint: str,
+    *,
+    resume: bool,
+    overwrite: bool,
+    data: str,
+    defaults: dict[str, Any] | None = None,
 ) -> RunState | None:
     """Check ``out`` (local or remote) against ``resume``/``overwrite``; return the run state,
     or None if the run already finished.
@@ -150,7 +164,7 @@ def prepare_output(
     if gfile.exists(state_path):
         state = RunState.load(state_path)
         if resume:
-            changes = config_changes(state.config, config)
+            changes = config_changes(state.config, config, defaults)
             if changes:
                 raise ValueError(f"--resume: {out} holds a run with other settings ({'; '.join(changes)})")
             if state.data_fingerprint != data_fingerprint:
@@ -169,7 +183,7 @@ def prepare_output(
     elif gfile.exists(join(out, HISTORY_FILE)) and not overwrite:
         if resume:
             done = json.loads(read_text(join(out, HISTORY_FILE)))
-            changes = config_changes(done.get("config", {}), config)
+            changes = config_changes(done.get("config", {}), config, defaults)
             if changes:
                 raise ValueError(f"--resume: {out} holds a finished run with other settings ({'; '.join(changes)})")
             return None

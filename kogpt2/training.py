@@ -17,7 +17,7 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -301,7 +301,7 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: list[Any] | 
     worker = worker_of(strategy)
     if worker.chief:
         state = prepare_output(out, config.to_dict(), shards.data_fingerprint, resume=config.resume,
-                               overwrite=config.overwrite, data=shards.folder)  # fmt: skip
+                               overwrite=config.overwrite, data=shards.folder, defaults=_defaults())  # fmt: skip
     else:  # writes nothing that could clash with the chief's: a scratch folder, deleted at the end
         state, out = _worker_scratch(config, shards, worker)
     if state is None:
@@ -422,7 +422,7 @@ def _worker_scratch(config: TrainConfig, shards: ShardSet, worker: Worker) -> tu
     chief_state = join(config.output, BACKUP_DIR, STATE_FILE)
     if config.resume and gfile.exists(chief_state):
         state = RunState.load(chief_state)
-        changes = config_changes(state.config, config.to_dict())
+        changes = config_changes(state.config, config.to_dict(), _defaults())
         if changes:
             raise ValueError(f"--resume: {config.output} holds a run with other settings ({'; '.join(changes)})")
         state.failure = None
@@ -464,6 +464,11 @@ def _input(
 
 def _result_path(out: str) -> Path | str:
     return out if "://" in out else Path(out)
+
+
+def _defaults() -> dict[str, Any]:
+    """Each setting's default: what a run started by an earlier release, without it, used."""
+    return {f.name: f.default for f in fields(TrainConfig)}
 
 
 def _inputs_of(config: TrainConfig) -> list[str]:

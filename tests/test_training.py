@@ -626,3 +626,13 @@ def test_a_copy_cut_short_does_not_look_finished_and_resume_completes_it(
     history = train(dataclasses.replace(config, resume=True), progress=False).history
     assert history["epochs_run"] == 1 and history["starts"] == 2 and gfile.exists(f"{remote}/history.json")
     assert not gfile.exists(f"{remote}/backup")
+
+
+def test_a_run_started_by_an_earlier_release_still_resumes(tmp_path: Path) -> None:
+    from kogpt2.checkpointing import config_changes
+    from kogpt2.training import _defaults
+
+    new = TrainConfig(data="d", model="tiny", output=str(tmp_path), resume=True).to_dict()
+    old = {k: v for k, v in new.items() if k not in ("save_steps", "eval_steps")} | {"mixed_precision": False}
+    assert config_changes(old, new, _defaults()) == []  # settings it did not have count as their defaults
+    assert config_changes({**old, "mixed_precision": True}, new, _defaults()) == ["mixed_precision: 'auto' -> 'no'"]
