@@ -358,31 +358,42 @@ def tfrecord_examples(flat: np.ndarray, lengths: np.ndarray, max_len: int, pad_i
     value_bounds = np.zeros(len(lens) + 1, dtype=np.int64)
     np.cumsum(lengths, out=value_bounds[1:])
     bounds = starts[value_bounds].tolist()
-    pad_byte = _enc(pad_id)
-    pad_tails = [pad_byte * k for k in range(max_len + 1)]
-    suffixes: dict[int, bytes] = {}
-    prefixes: dict[tuple[int, int], bytes] = {}
+    parts = _PARTS.setdefault((max_len, pad_id), {})
     import google_crc32c
 
     crc32c = google_crc32c.value
-    heads: dict[int, bytes] = {}
+    width = max_len + 1
     out = []
     for r, n in enumerate(lens):
-        suffix = suffixes.get(n)
-        if suffix is None:
-            suffix = suffixes[n] = _example_suffix(n)
         a, b = bounds[r], bounds[r + 1]
-        packed = b - a + (max_len - n) * len(pad_byte)
-        prefix = prefixes.get((packed, n))
-        if prefix is None:
-            prefix = prefixes[(packed, n)] = _example_prefix(packed, len(suffix))
-        example = prefix + body[a:b] + pad_tails[max_len - n] + suffix
-        head = heads.get(len(example))
-        if head is None:
-            head = heads[len(example)] = tfrecord_frame(example)[:TFRECORD_HEAD]
+        key = (b - a) * width + n
+        known = parts.get(key)
+        if known is None:
+            known = parts[key] = _example_parts(b - a, n, max_len, pad_id)
+        prefix, tail, head = known
+        example = prefix + body[a:b] + tail
         crc = crc32c(example)
         out.append(head + example + ((((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF).to_bytes(4, "little"))
     return out
+
+
+#: ``(max_len, pad_id) -> {key: (prefix, tail, TFRecord header)}``: what a padded example adds around its ids.
+_PARTS: dict[tuple[int, int], dict[int, tuple[bytes, bytes, bytes]]] = {}
+
+
+def _example_parts(body_len: int, length: int, max_len: int, pad_id: int) -> tuple[bytes, bytes, bytes]:
+    """The bytes around the varints (``body_len`` bytes) of a padded example's real ids.
+
+    Returns:
+        ``(prefix, tail, header)``: the Example up to its first id, the padding and ``length``
+        feature after the real ids, and the TFRecord header of the whole.
+    """
+    pad_byte = _enc(pad_id)
+    suffix = _example_suffix(length)
+    packed = body_len + (max_len - length) * len(pad_byte)
+    prefix = _example_prefix(packed, len(suffix))
+    tail = pad_byte * (max_len - length) + suffix
+    return prefix, tail, tfrecord_frame(b"\0" * (len(prefix) + body_len + len(tail)))[:TFRECORD_HEAD]
 
 
 def _example_prefix(packed_len: int, suffix_len: int) -> bytes:
