@@ -12,8 +12,8 @@ Sorting the raw record bytes sorts by key (ties, equal keys, by length and paylo
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-import heapq
 import os
 import shutil
 import tempfile
@@ -40,6 +40,8 @@ MAX_FANIN = 64
 KEY_LEN = 20
 _RECORD_OVERHEAD = 48  # bytes of Python object per buffered record
 _CHUNK = 4096  # records joined per write
+#: Bytes read from a sorted run at a time when merging.
+READ_BLOCK = 1 << 20
 
 #: A sorted run section: (run file path, offset, bytes, records).
 RunRef = tuple[str, int, int, int]
@@ -113,10 +115,11 @@ def _write_records(f: Any, recs: Iterable[bytes]) -> tuple[int, int]:
     return nbytes, count
 
 
-def _read_records(ref: RunRef, block: int = 1 << 20) -> Iterator[bytes]:
-    """Stream the records of one sorted run section ``(path, offset, bytes, records)``."""
+def _read_blocks(ref: RunRef, block: int = 0) -> Iterator[list[bytes]]:
+    """The records of one sorted run section ``(path, offset, bytes, records)``, a read block at a time."""
     path, offset, nbytes, _ = ref
     head = KEY_LEN + 4
+    block = block or READ_BLOCK
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         f.seek(offset)
         left = nbytes
@@ -128,27 +131,69 @@ def _read_records(ref: RunRef, block: int = 1 << 20) -> Iterator[bytes]:
             left -= len(chunk)
             buf += chunk
             pos, n = 0, len(buf)
+            recs = []
             while pos + head <= n:
                 end = pos + head + int.from_bytes(buf[pos + KEY_LEN : pos + head], "big")
                 if end > n:
                     break
-                yield buf[pos:end]
+                recs.append(buf[pos:end])
                 pos = end
+            if recs:
+                yield recs
             buf = buf[pos:]
         if buf:
             raise OSError(f"{path}: truncated record at the end of a sorted run")
 
 
-def _merge(refs: Sequence[RunRef]) -> Iterator[bytes]:
-    return heapq.merge(*(_read_records(r) for r in refs))
+def _read_records(ref: RunRef, block: int = 0) -> Iterator[bytes]:
+    """Stream the records of one sorted run section ``(path, offset, bytes, records)``."""
+    for recs in _read_blocks(ref, block):
+        yield from recs
 
 
-def merge_runs(refs: Sequence[RunRef], prefix: str) -> Iterator[bytes]:
-    """The records of sorted runs, merged in order.
+def merge_blocks(refs: Sequence[RunRef]) -> Iterator[list[bytes]]:
+    """The records of sorted run sections, merged in order, in lists.
 
-    More than MAX_FANIN runs are first merged in groups into new runs under ``prefix``
-    (bounded open files).
+    A block at a time from each run: every record up to the smallest of the blocks' last records
+    is taken from each and sorted together (``list.sort`` merges sorted sequences in C), so no
+    Python code runs per record.
     """
+    active: list[tuple[list[bytes], int, Iterator[list[bytes]]]] = []
+    for ref in refs:
+        blocks = _read_blocks(ref)
+        first = next(blocks, None)
+        if first:
+            active.append((first, 0, blocks))
+    while active:
+        if len(active) == 1:
+            recs, i, blocks = active[0]
+            yield recs[i:] if i else recs
+            yield from blocks
+            return
+        bound = min(recs[-1] for recs, _, _ in active)
+        out: list[bytes] = []
+        refill = []
+        for recs, i, blocks in active:
+            j = bisect.bisect_right(recs, bound, i)
+            out.extend(recs[i:j])
+            if j < len(recs):
+                refill.append((recs, j, blocks))
+            else:
+                following = next(blocks, None)
+                if following:
+                    refill.append((following, 0, blocks))
+        active = refill
+        out.sort()
+        yield out
+
+
+def _merge(refs: Sequence[RunRef]) -> Iterator[bytes]:
+    for recs in merge_blocks(refs):
+        yield from recs
+
+
+def _reduce_runs(refs: Sequence[RunRef], prefix: str) -> list[RunRef]:
+    """More than MAX_FANIN runs first merged in groups into new runs under ``prefix`` (bounded open files)."""
     refs = list(refs)
     while len(refs) > MAX_FANIN:
         merged = []
@@ -158,7 +203,12 @@ def merge_runs(refs: Sequence[RunRef], prefix: str) -> Iterator[bytes]:
                 nbytes, count = _write_records(f, _merge(refs[i : i + MAX_FANIN]))
             merged.append((path, 0, nbytes, count))
         refs = merged
-    return _merge(refs)
+    return refs
+
+
+def merge_runs(refs: Sequence[RunRef], prefix: str) -> Iterator[bytes]:
+    """The records of sorted runs, merged in order (more than MAX_FANIN runs in rounds)."""
+    return _merge(_reduce_runs(refs, prefix))
 
 
 # --- DoFns -----------------------------------------------------------------------------
@@ -230,16 +280,21 @@ class WriteShards(beam.DoFn):
         self, element: tuple[str, Iterable[Any]], line_counts: list[tuple[str, int, int]]
     ) -> Iterator[dict[str, Any]]:
         name, refs = element
-        stream = merge_runs(sorted(r for r in refs if r is not None), self.prefix)
+        runs = _reduce_runs(sorted(r for r in refs if r is not None), self.prefix)
         path = join(self.output, name)
         if name == REJECTED_FILE:
-            yield {"name": name, "split": "rejected", **write_rejected(path, map(record_payload, stream), line_counts)}
+            yield {
+                "name": name,
+                "split": "rejected",
+                **write_rejected(path, map(record_payload, _merge(runs)), line_counts),
+            }
             return
         head = KEY_LEN + 4
+        merged = merge_blocks(runs)
         chunks = (
-            pack_chunks(_chunks(stream), self.max_len, self.pad_id)
+            pack_chunks(merged, self.max_len, self.pad_id)
             if self.packing
-            else ([rec[head:] for rec in chunk] for chunk in _chunks(stream))
+            else ([rec[head:] for rec in recs] for recs in merged)
         )
         yield {"name": name, "split": name.split("-", 1)[0], **write_tfrecord(path, chunks)}
 

@@ -168,6 +168,26 @@ def test_read_ranges_yield_every_line_once_in_order(tmp_path: Path) -> None:
     assert [raw for *_, batch in whole for raw in batch] == [line.encode() for line in lines]
 
 
+@pytest.mark.parametrize("block", [30, 200, 1 << 20])
+def test_merge_blocks_merges_sorted_runs_in_order(tmp_path: Path, monkeypatch, block: int) -> None:
+    import random
+
+    monkeypatch.setattr(sorted_shards, "READ_BLOCK", block)
+    rng = random.Random(block)
+    keys = [bytes(rng.randrange(4) for _ in range(sorted_shards.KEY_LEN)) for _ in range(400)]  # many ties
+    recs = [sorted_shards.run_record(k, b"x" * rng.randrange(5)) for k in keys]
+    refs = []
+    for r in range(5):
+        path, f = sorted_shards._create_run(str(tmp_path / "_spill-t-"))
+        part = sorted(recs[r::5])
+        with f:
+            nbytes, count = sorted_shards._write_records(f, part)
+        refs.append((path, 0, nbytes, count))
+    merged = [rec for recs in sorted_shards.merge_blocks(refs) for rec in recs]
+    assert merged == sorted(recs)
+    assert list(sorted_shards.merge_runs(refs, str(tmp_path / "_spill-u-"))) == sorted(recs)
+
+
 def test_summarize_counts_refuses_broken_accounting() -> None:
     config = PreprocessConfig(inputs=("a",), tokenizer="t", output="o")
     counts = preprocess.summarize_counts(config, {"lines_read": 5, "kept": 3, "filtered.empty": 1, "rejected": 1}, [])
