@@ -7,12 +7,14 @@ pure functions of :mod:`kogpt2.text` and :mod:`kogpt2.records`.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.transforms.window import GlobalWindows
 
 from kogpt2 import records
 from kogpt2 import text as textlib
@@ -165,23 +167,47 @@ class Dedup(beam.PTransform):
 
 
 class Tokenize(beam.DoFn):
-    """Encode a batch of texts (SentencePiece's batch encode): ``(text hashes, <s> + ids + </s> lists)``.
+    """Encode batches of texts (the tokenizer's batch encode): ``(text hashes, <s> + ids + </s> flat, lengths)``.
 
-    The tokenizer is loaded in setup().
+    A batch is encoded on a thread while this worker's own thread cleans the next batch and
+    makes the examples of the previous one (SentencePiece releases the GIL while it encodes), so
+    one worker keeps two cores busy. The tokenizer is loaded in setup().
     """
 
     def __init__(self, tokenizer_path: str):
         self.tokenizer_path = tokenizer_path
 
     def setup(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.tok = open_tokenizer(self.tokenizer_path)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
+
+    def start_bundle(self) -> None:
+        self.pending: deque[tuple[list[str], Future[Any]]] = deque()
 
     def process(self, texts: list[str]) -> Iterator[tuple[list[bytes], np.ndarray, np.ndarray]]:
+        self.pending.append((texts, self.pool.submit(self.encode, texts)))
+        while len(self.pending) > 1:
+            yield self.result(*self.pending.popleft())
+
+    def finish_bundle(self) -> Iterator[Any]:
+        while self.pending:
+            yield GlobalWindows.windowed_value(self.result(*self.pending.popleft()))
+
+    def teardown(self) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         flat, lengths = records.flatten(self.tok.encode_batch(texts))
-        yield (
-            [records.stable_hash(t) for t in texts],
-            *records.frame_flat(flat, lengths, self.tok.bos_id, self.tok.eos_id),
-        )
+        return records.frame_flat(flat, lengths, self.tok.bos_id, self.tok.eos_id)
+
+    @staticmethod
+    def result(texts: list[str], encoded: Future[Any]) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+        digests = [records.stable_hash(t) for t in texts]
+        return (digests, *encoded.result())
 
 
 def window_indices(owners: list[int]) -> list[int]:
