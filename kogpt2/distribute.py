@@ -23,7 +23,7 @@ from kogpt2.tf_setup import import_tf
 tf = import_tf()
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("auto", "mirrored", "default", "multi_worker")
+DISTRIBUTION_STRATEGIES = ("auto", "mirrored", "default", "multi_worker")
 
 
 def make_strategy(name: str = "auto") -> Any:
@@ -34,8 +34,8 @@ def make_strategy(name: str = "auto") -> Any:
     cluster from ``TF_CONFIG``; create it before any other TensorFlow work in the process.
     One instance of each is shared per process: two would clash in their collective-op keys.
     """
-    if name not in STRATEGIES:
-        raise ValueError(f"--strategy {name!r}: must be one of {', '.join(STRATEGIES)}")
+    if name not in DISTRIBUTION_STRATEGIES:
+        raise ValueError(f"--strategy {name!r}: must be one of {', '.join(DISTRIBUTION_STRATEGIES)}")
     if name == "multi_worker":
         return _multi_worker()
     gpus = tf.config.list_logical_devices("GPU")

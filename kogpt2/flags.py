@@ -73,6 +73,8 @@ def flag(
     choices: tuple[Any, ...] | None = None,
     cli: bool = True,
     required: bool = False,
+    nargs: str | None = None,
+    const: Any = None,
 ) -> dict[str, Any]:
     """Field metadata describing the field's command-line flag.
 
@@ -83,8 +85,19 @@ def flag(
         choices: allowed values.
         cli: False for a field that has no flag.
         required: the flag must be given (fields without a default are required too).
+        nargs: ``"?"`` for a flag whose value may be left out (then ``const`` is used).
+        const: the value of a bare ``nargs="?"`` flag.
     """
-    return {"help": help, "metavar": metavar, "aliases": aliases, "choices": choices, "cli": cli, "required": required}
+    return {
+        "help": help,
+        "metavar": metavar,
+        "aliases": aliases,
+        "choices": choices,
+        "cli": cli,
+        "required": required,
+        "nargs": nargs,
+        "const": const,
+    }
 
 
 def add_config_arguments(
@@ -138,6 +151,8 @@ def add_config_arguments(
             kwargs["metavar"] = meta["metavar"]
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
+        if meta.get("nargs"):
+            kwargs["nargs"], kwargs["const"] = meta["nargs"], meta.get("const")
         if (meta.get("required") or not has_default) and not unset:
             kwargs["required"] = True  # with unset, the caller checks (a --config file may supply it)
         parser.add_argument(*names, help=help_text, **kwargs)
@@ -174,6 +189,55 @@ def read_config_file(path: str, allowed: Iterable[str]) -> dict[str, Any]:
     for key in doc:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"--config {path}: {key!r} is not a setting{hint}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()}
+
+
+def config_from_args(cls: type, args: argparse.Namespace, *, base: dict[str, Any] | None = None, **fixed: Any) -> Any:
+    """An instance of the config dataclass ``cls``: its defaults < ``base`` (a ``--config`` file) < flags given.
+
+    Raises:
+        ValueError: a setting without a default was given nowhere (named as its flag), or
+            ``cls`` refused a value.
+    """
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(cls)]
+    settings = {k: v for k, v in (base or {}).items() if k in names}
+    settings.update(given_values(args, names))
+    settings.update(fixed)
+    missing = [
+        "--" + f.name.replace("_", "-")
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in settings
+    ]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}: give the flag, or put it in the --config file")
+    return cls(**settings)
+
+
+def config_file_settings(path: str | None, cls: type) -> dict[str, Any]:
+    """Settings of a ``--config`` file for ``cls``: a flat object, or one with a ``config`` object
+    (what ``history.json`` and ``info.json`` hold). None gives {}."""
+    import dataclasses
+    import json
+
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--config {path}: cannot read it as JSON ({exc})") from None
+    if isinstance(doc, dict) and isinstance(doc.get("config"), dict):
+        doc = doc["config"]
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(doc, dict):
+        raise ValueError(f"--config {path}: must hold a JSON object of settings")
+    for key in doc:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"--config {path}: {key!r} is not a setting{hint}")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()}

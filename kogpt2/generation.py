@@ -36,7 +36,7 @@ from kogpt2.validate import check_bool, check_choice, check_int, check_number, i
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("greedy", "sample")
+DECODING_STRATEGIES = ("greedy", "sample")
 #: Padded prompt lengths; a batch is padded to the bucket of its longest prompt.
 PROMPT_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 DEFAULT_BATCH_SIZE = 64
@@ -71,7 +71,7 @@ class GenerationConfig:
         seed: run seed; with the prompt and sample index it fixes each output.
     """
 
-    strategy: str = field(default="sample", metadata=flag("sample or greedy", choices=STRATEGIES, cli=False))
+    strategy: str = field(default="sample", metadata=flag("sample or greedy", choices=DECODING_STRATEGIES, cli=False))
     temperature: float = field(default=1.0, metadata=flag("divides the logits before sampling, > 0", metavar="T"))
     top_k: int = field(default=0, metadata=flag("sample among the K best tokens (0 = no cut)", metavar="K"))
     top_p: float = field(default=DEFAULT_TOP_P, metadata=flag("nucleus mass in (0, 1]", metavar="P"))
@@ -93,7 +93,7 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         owner = "GenerationConfig"
-        check_choice(owner, "strategy", self.strategy, STRATEGIES)
+        check_choice(owner, "strategy", self.strategy, DECODING_STRATEGIES)
         check_number(owner, "temperature", self.temperature, gt=0)
         check_int(owner, "top_k", self.top_k, low=0, note="0 = no top-k cut")
         check_number(owner, "top_p", self.top_p, gt=0, le=1, note="1.0 = no nucleus cut")

@@ -21,7 +21,7 @@ from typing import Any
 from kogpt2.genstats import generation_stats
 
 PHASES = ("before", "after")
-STRATEGIES = ("greedy", "top_p")
+GENERATION_SETS = ("greedy", "top_p")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -54,7 +54,7 @@ def collect(run: str | Path) -> dict[str, Any]:
     history = _read_json(run / "model" / "history.json")
     gens: dict[str, Any] = {}
     for phase in PHASES:
-        for strategy in STRATEGIES:
+        for strategy in GENERATION_SETS:
             folder = run / "generations" / f"{phase}-{strategy}"
             if not folder.is_dir():
                 continue
@@ -229,7 +229,7 @@ def render_html(data: dict[str, Any], charts: list[tuple[str, str]], chart_dir: 
             + _table(["set"] + keys, [[n] + [_fmt(g["stats"][k]) for k in keys] for n, g in sorted(gens.items())])
         )
         seeds = sorted({r["seed"] for g in gens.values() for r in g["rows"]})
-        cols = [n for n in (f"{p}-{s}" for s in STRATEGIES for p in PHASES) if n in gens]
+        cols = [n for n in (f"{p}-{s}" for s in GENERATION_SETS for p in PHASES) if n in gens]
         rows = []
         for seed in seeds:
             row = [seed]

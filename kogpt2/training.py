@@ -17,7 +17,7 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +37,23 @@ from kogpt2.checkpointing import (
 )
 from kogpt2.curves import plot_curves, write_history
 from kogpt2.dataset import ShardSet, check_tokenizer, make_dataset, open_shards
-from kogpt2.distribute import STRATEGIES, InputPlan, Worker, make_strategy, plan_input, worker_of
+from kogpt2.distribute import DISTRIBUTION_STRATEGIES, InputPlan, Worker, make_strategy, plan_input, worker_of
 from kogpt2.evaluate import LMTrainer
+from kogpt2.flags import flag
 from kogpt2.model import PRESETS, load_model, model_fingerprint, new_model, read_model_info, save_model
 from kogpt2.paths import refuse_output_over_inputs
 from kogpt2.precision import AUTO, PRECISIONS, dtype_policy, normalize_precision, resolve_policy
 from kogpt2.schedules import SCHEDULES, WarmupSchedule, make_optimizer
 from kogpt2.tf_setup import import_keras, import_tf
 from kogpt2.tokenizer import Tokenizer, TokenizerError, find_tokenizer_file, load_tokenizer
+from kogpt2.validate import check_bool, check_choice, check_int, check_number
 
 tf = import_tf()
 keras = import_keras()
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "EXIT_AFTER_EPOCH_ENV", "STEP_SLEEP_ENV", "PRECISIONS", "SCHEDULES", "STRATEGIES", "TrainConfig", "TrainResult",
+    "EXIT_AFTER_EPOCH_ENV", "STEP_SLEEP_ENV", "PRECISIONS", "SCHEDULES", "DISTRIBUTION_STRATEGIES", "TrainConfig", "TrainResult",
     "TrainingFailed", "WarmupSchedule", "make_optimizer", "make_strategy", "plot_curves", "train", "write_history",
 ]  # fmt: skip
 
@@ -90,54 +92,92 @@ class TrainConfig:
         eval_steps: also score the validation split every this many batches (0: epoch ends only).
     """
 
-    data: str
-    model: str
-    output: str
-    epochs: int = 10
-    batch_size: int = 16
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    weight_decay: float = 0.0
-    clip_norm: float | None = None
-    early_stopping_patience: int = 2
-    seed: int = 0
-    mixed_precision: str = "no"
-    jit_compile: bool = False
-    steps_per_execution: int = 1
-    strategy: str = "auto"
-    shuffle_buffer: int = 10_000
-    tokenizer: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    max_seconds: float | None = None
-    save_steps: int = 0
-    eval_steps: int = 0
+    data: str = field(metadata=flag("preprocessing output (info.json, shards, COMPLETED)", metavar="DIR"))
+    model: str = field(
+        metadata=flag(
+            "model folder to fine-tune, or a preset to train from scratch: tiny, small, base", metavar="PATH_OR_PRESET"
+        )
+    )
+    output: str = field(metadata=flag("output model folder (+ history.json, curves.png, logs/)", metavar="DIR"))
+    epochs: int = field(default=10, metadata=flag("maximum epochs", metavar="N"))
+    batch_size: int = field(default=16, metadata=flag("global batch size", metavar="N"))
+    learning_rate: float = field(
+        default=1e-4, metadata=flag("peak learning rate, Adam", metavar="LR", aliases=("--lr",))
+    )
+    warmup_steps: int = field(default=0, metadata=flag("linear warmup steps", metavar="N"))
+    lr_schedule: str = field(
+        default="constant",
+        metadata=flag(
+            "after warmup: constant, linear decay to 0 (transformers' default) or cosine decay to 0", choices=SCHEDULES
+        ),
+    )
+    weight_decay: float = field(default=0.0, metadata=flag("AdamW decoupled weight decay (0: Adam)", metavar="W"))
+    clip_norm: float | None = field(default=None, metadata=flag("clip gradients to this global norm", metavar="C"))
+    early_stopping_patience: int = field(
+        default=2,
+        metadata=flag(
+            "stop after N epochs without a better validation loss; 0 = off. The best epoch is saved", metavar="N"
+        ),
+    )
+    seed: int = field(default=0, metadata=flag("seed of preset weights, dropout and shuffling", metavar="S"))
+    mixed_precision: str = field(
+        default="no",
+        metadata=flag(
+            "compute dtype: no = float32 (on CPU bf16 is emulated on most chips), bf16 (CPUs, GPUs), fp16 with loss "
+            "scaling (GPUs only); the bare flag, as in earlier releases, is fp16 on GPUs, bf16 on CPUs",
+            choices=(*PRECISIONS, AUTO),
+            metavar="{no,bf16,fp16}",
+            nargs="?",
+            const=AUTO,
+        ),
+    )
+    jit_compile: bool = field(default=False, metadata=flag("compile the train step with XLA", aliases=("--xla",)))
+    steps_per_execution: int = field(default=1, metadata=flag("train steps per tf.function call", metavar="N"))
+    strategy: str = field(
+        default="auto",
+        metadata=flag(
+            "tf.distribute strategy; multi_worker: MultiWorkerMirroredStrategy over the cluster in TF_CONFIG "
+            "(run the same command on every worker; the chief writes --output)",
+            choices=DISTRIBUTION_STRATEGIES,
+        ),
+    )
+    shuffle_buffer: int = field(default=10_000, metadata=flag("examples in the shuffle buffer", metavar="N"))
+    tokenizer: str | None = field(
+        default=None, metadata=flag("tokenizer of the shards, for preset training", metavar="PATH")
+    )
+    resume: bool = field(default=False, metadata=flag("continue an interrupted run in --output"))
+    overwrite: bool = field(default=False, metadata=flag("replace a run already in --output"))
+    max_seconds: float | None = field(
+        default=None, metadata=flag("time budget: stop after the epoch that passes it", metavar="S")
+    )
+    save_steps: int = field(
+        default=0,
+        metadata=flag("also checkpoint every N batches within an epoch, so --resume continues mid-epoch", metavar="N"),
+    )
+    eval_steps: int = field(
+        default=0,
+        metadata=flag("also score the validation split every N batches (history.json 'evaluations')", metavar="N"),
+    )
 
     def __post_init__(self) -> None:
+        owner = "TrainConfig"
         for name in ("data", "model", "output"):
-            if not str(getattr(self, name)):
-                raise ValueError(f"TrainConfig.{name}: required")
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{owner}.{name}={getattr(self, name)!r}: required (a path)")
         for name in ("epochs", "batch_size", "steps_per_execution", "shuffle_buffer"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TrainConfig.{name}={value!r}: must be a positive integer")
+            check_int(owner, name, getattr(self, name), low=1)
         for name in ("warmup_steps", "early_stopping_patience", "seed", "save_steps", "eval_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"TrainConfig.{name}={value!r}: must be an integer >= 0")
-        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):
-            raise ValueError(f"TrainConfig.learning_rate={self.learning_rate!r}: must be in (0, 1)")
-        if not 0 <= self.weight_decay < 1:
-            raise ValueError(f"TrainConfig.weight_decay={self.weight_decay!r}: must be in [0, 1)")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"TrainConfig.clip_norm={self.clip_norm!r}: must be > 0 (or None for no clipping)")
-        if self.max_seconds is not None and not self.max_seconds > 0:
-            raise ValueError(f"TrainConfig.max_seconds={self.max_seconds!r}: must be > 0 (or None)")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"TrainConfig.strategy={self.strategy!r}: must be one of {STRATEGIES}")
-        if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"TrainConfig.lr_schedule={self.lr_schedule!r}: must be one of {SCHEDULES}")
+            check_int(owner, name, getattr(self, name), low=0)
+        check_number(owner, "learning_rate", self.learning_rate, gt=0, lt=1)
+        check_number(owner, "weight_decay", self.weight_decay, ge=0, lt=1)
+        if self.clip_norm is not None:
+            check_number(owner, "clip_norm", self.clip_norm, gt=0, note="or None for no clipping")
+        if self.max_seconds is not None:
+            check_number(owner, "max_seconds", self.max_seconds, gt=0, note="or None")
+        check_choice(owner, "strategy", self.strategy, DISTRIBUTION_STRATEGIES)
+        check_choice(owner, "lr_schedule", self.lr_schedule, SCHEDULES)
+        for name in ("jit_compile", "resume", "overwrite"):
+            check_bool(owner, name, getattr(self, name))
         try:  # the old boolean is accepted: True -> auto, False -> no
             object.__setattr__(self, "mixed_precision", normalize_precision(self.mixed_precision))
         except ValueError:

@@ -59,6 +59,7 @@ def check_number(
     gt: float | None = None,
     ge: float | None = None,
     le: float | None = None,
+    lt: float | None = None,
     note: str = "",
 ) -> None:
     """``value`` is a finite number within the bounds given.
@@ -72,6 +73,8 @@ def check_number(
     if ok and ge is not None and not value >= ge:
         ok = False
     if ok and le is not None and not value <= le:
+        ok = False
+    if ok and lt is not None and not value < lt:
         ok = False
     if not ok:
         parts = [

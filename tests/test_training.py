@@ -508,6 +508,31 @@ def test_schedule_and_precision_flags(
         assert not out.exists()  # refused before the output folder is touched
 
 
+def test_train_flags_come_from_the_config_fields_and_a_config_file_repeats_a_run(tmp_path: Path) -> None:
+    import dataclasses
+    import json
+
+    from kogpt2.cli import build_parser
+    from kogpt2.commands.train import config_from_args
+
+    parse = lambda *a: config_from_args(build_parser("train").parse_args(["train", *a]))  # noqa: E731
+    base = ["--data", "d", "--model", "tiny", "--output", "o"]
+    assert parse(*base) == TrainConfig(data="d", model="tiny", output="o")  # every default lives on TrainConfig
+    cfg = parse(*base, "--lr", "3e-4", "--xla", "--batch_size", "8", "--clip-norm", "1.0")
+    assert (cfg.learning_rate, cfg.jit_compile, cfg.batch_size, cfg.clip_norm) == (3e-4, True, 8, 1.0)
+    history = tmp_path / "history.json"  # what a run writes: its resolved config
+    history.write_text(json.dumps({"config": dataclasses.asdict(cfg), "epochs": []}))
+    assert parse("--config", str(history)) == cfg
+    assert parse("--config", str(history), "--epochs", "3") == dataclasses.replace(cfg, epochs=3)
+    with pytest.raises(ValueError, match="missing --data, --output"):
+        parse("--model", "tiny")
+    (tmp_path / "bad.json").write_text(json.dumps({"learning_rat": 0.1}))
+    with pytest.raises(ValueError, match="'learning_rat' is not a setting; did you mean 'learning_rate'"):
+        parse("--config", str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match=r"TrainConfig\.batch_size=True: must be an integer >= 1"):
+        TrainConfig(data="d", model="tiny", output="o", batch_size=True)
+
+
 # --- issue 13 item 5: remote --data and --output (through TensorFlow's ram:// filesystem) ----------------------
 
 
