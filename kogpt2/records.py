@@ -110,6 +110,12 @@ def stable_hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
+def stable_hashes(texts: Iterable[str]) -> list[bytes]:
+    """:func:`stable_hash` of each text."""
+    blake2b = hashlib.blake2b
+    return [blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts]
+
+
 def assign_split(digest: bytes, val_fraction: float) -> str:
     """``"validation"`` for a ``val_fraction`` share of digests, else ``"train"``.
 

@@ -204,6 +204,12 @@ def normalize_text(text: str) -> str:
     return " ".join(normalize(text).split())
 
 
+def normalize_texts(texts: Sequence[str]) -> list[str]:
+    """:func:`normalize_text` of each text (the same results, without a function call per text)."""
+    pattern, nfkc = _removal_pattern(), unicodedata.normalize
+    return [" ".join(nfkc("NFKC", t if t.isprintable() else pattern.sub("", t)).split()) for t in texts]
+
+
 def _quote_depths(text: str, *, balanced_only: bool) -> list[int] | None:
     """Nesting depth of quotes/brackets after each character; None when unbalanced and balanced_only."""
     depths = []

@@ -82,7 +82,7 @@ class CleanLines(beam.DoFn):
             file_index = self.file_index.get(path, len(self.file_index))
             for k, exc in errors.items():
                 rejected.append(run_record(*rejected_entry(file_index, path, start, first + k, exc, lines[k])))
-        norms = [textlib.normalize_text(t) for t in decoded]
+        norms = textlib.normalize_texts(decoded)
         empty = norms.count("") - len(errors)
         if not split and not dedup:
             out = [t for t in norms if t and len(t) >= min_chars]
@@ -206,7 +206,7 @@ class Tokenize(beam.DoFn):
 
     @staticmethod
     def result(texts: list[str], encoded: Future[Any]) -> tuple[list[bytes], np.ndarray, np.ndarray]:
-        digests = [records.stable_hash(t) for t in texts]
+        digests = records.stable_hashes(texts)
         return (digests, *encoded.result())
 
 

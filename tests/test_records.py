@@ -25,6 +25,7 @@ from kogpt2.records import (
     shard_name,
     split_masks,
     stable_hash,
+    stable_hashes,
     tfrecord_examples,
     tfrecord_frame,
     tfrecord_frames,
@@ -221,3 +222,7 @@ def test_tfrecord_gzip_file_is_byte_identical_to_tensorflows(tmp_path, monkeypat
         pass
     assert write_tfrecord(str(tmp_path / "e.gz"), [])["examples"] == 0
     assert (tmp_path / "e.gz").read_bytes() == empty.read_bytes()
+
+
+def test_stable_hashes() -> None:
+    assert stable_hashes(["그는 웃었다.", ""]) == [stable_hash("그는 웃었다."), stable_hash("")]

@@ -13,6 +13,7 @@ from kogpt2.text import (
     escape_bytes,
     filter_reason,
     normalize_text,
+    normalize_texts,
     split_sentences,
     unescape_bytes,
 )
@@ -157,3 +158,8 @@ def test_removed_characters_are_found_in_the_planes_scanned() -> None:
 
     assert text._removed_chars(range(17)) == text._removed_chars(text._CONTROL_PLANES)
     assert normalize_text("a\u200bb\U000e0001c\x07d") == "abcd"
+
+
+def test_normalize_texts_is_normalize_text_of_each() -> None:
+    texts = ["  그는\u3000웃었다.\u200b ", "ＡＢＣ１２３", "", "\x07\t", "ᄏᄏ ㅋㅋ", "a\u00a0b"]
+    assert normalize_texts(texts) == [normalize_text(t) for t in texts]
