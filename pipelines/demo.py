@@ -25,7 +25,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kogpt2 import tf_setup as _tf_setup  # noqa: F401  (TF_USE_LEGACY_KERAS first)
+from kogpt2 import tf_setup as _tf_setup  # (TF_USE_LEGACY_KERAS first)
+from kogpt2.flags import add_config_arguments, add_underscore_spellings, config_from_args, flag
+from kogpt2.model import PRESETS
+from kogpt2.validate import check_choice, check_int, check_number
 
 
 def bundled(name: str) -> str:
@@ -37,37 +40,44 @@ def bundled(name: str) -> str:
 class DemoConfig:
     """What the demo runs. Defaults fit 15 minutes on 2 CPU cores."""
 
-    run: str = "runs/demo"
-    model: str | None = None
-    corpus: str = field(default_factory=lambda: bundled("corpus.txt"))
-    seeds: str = field(default_factory=lambda: bundled("seeds.txt"))
-    preset: str = "small"
-    vocab_size: int = 4000
-    max_len: int = 64
-    epochs: int = 30
-    batch_size: int = 16
-    learning_rate: float | None = None
-    train_seconds: float = 420.0
-    num_samples: int = 2
-    max_new_tokens: int = 40
-    seed: int = 0
+    run: str = field(default="runs/demo", metadata=flag("run folder", metavar="DIR"))
+    model: str | None = field(
+        default=None,
+        metadata=flag("a KoGPT2 folder to fine-tune instead of training a preset from scratch", metavar="DIR"),
+    )
+    corpus: str = field(
+        default_factory=lambda: bundled("corpus.txt"), metadata=flag("one sentence a line (default: bundled)")
+    )
+    seeds: str = field(
+        default_factory=lambda: bundled("seeds.txt"), metadata=flag("seed words, one a line (default: bundled)")
+    )
+    preset: str = field(default="small", metadata=flag("preset trained from scratch", choices=tuple(PRESETS)))
+    vocab_size: int = field(default=4000, metadata=flag("tokenizer vocabulary", metavar="N"))
+    max_len: int = field(default=64, metadata=flag("tokens per packed training block", metavar="N"))
+    epochs: int = field(default=30, metadata=flag("maximum epochs (early stopping ends sooner)", metavar="N"))
+    batch_size: int = field(default=16, metadata=flag("training batch size", metavar="N"))
+    learning_rate: float | None = field(
+        default=None, metadata=flag("peak learning rate (default: 1e-4 to fine-tune, 5e-4 from scratch)", metavar="LR")
+    )
+    train_seconds: float = field(default=420.0, metadata=flag("training time budget", metavar="S"))
+    num_samples: int = field(default=2, metadata=flag("top-p samples per seed", metavar="N"))
+    max_new_tokens: int = field(default=40, metadata=flag("generation budget per sample", metavar="N"))
+    seed: int = field(default=0, metadata=flag("seed of weights, shuffling and sampling", metavar="S"))
 
     def __post_init__(self) -> None:
-        from kogpt2.model import PRESETS
-
-        if self.preset not in PRESETS:
-            raise ValueError(f"DemoConfig.preset={self.preset!r}: must be one of {sorted(PRESETS)}")
+        owner = "DemoConfig"
+        check_choice(owner, "preset", self.preset, tuple(PRESETS))
         for name in ("vocab_size", "max_len", "epochs", "batch_size", "num_samples", "max_new_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"DemoConfig.{name}={value!r}: must be a positive integer")
-        if not self.train_seconds > 0:
-            raise ValueError(f"DemoConfig.train_seconds={self.train_seconds!r}: must be > 0")
+            check_int(owner, name, getattr(self, name), low=1)
+        check_int(owner, "seed", self.seed, low=0)
+        check_number(owner, "train_seconds", self.train_seconds, gt=0)
+        if self.learning_rate is not None:
+            check_number(owner, "learning_rate", self.learning_rate, gt=0, lt=1)
         for name in ("corpus", "seeds"):
             if not Path(getattr(self, name)).is_file():
-                raise ValueError(f"DemoConfig.{name}={getattr(self, name)!r}: file not found")
+                raise ValueError(f"{owner}.{name}={getattr(self, name)!r}: file not found")
         if self.model is not None and not Path(self.model).is_dir():
-            raise ValueError(f"DemoConfig.model={self.model!r}: not a model folder")
+            raise ValueError(f"{owner}.model={self.model!r}: not a model folder")
 
     @property
     def lr(self) -> float:
@@ -251,35 +261,16 @@ class Demo:
 
 
 def parse_args(argv: Sequence[str] | None) -> DemoConfig:
-    d = DemoConfig.__dataclass_fields__
+    """The demo's flags, built from :class:`DemoConfig`'s fields."""
     p = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default=d["run"].default, help="run folder (default runs/demo)")
-    p.add_argument("--model", help="a KoGPT2 folder to fine-tune instead of training a preset from scratch")
-    p.add_argument("--corpus", default=bundled("corpus.txt"), help="one sentence a line (default: bundled)")
-    p.add_argument("--seeds", default=bundled("seeds.txt"), help="seed words, one a line (default: bundled)")
-    p.add_argument("--preset", default=d["preset"].default, help="preset trained from scratch (default small)")
-    p.add_argument("--vocab-size", type=int, default=d["vocab_size"].default)
-    p.add_argument("--max-len", type=int, default=d["max_len"].default)
-    p.add_argument("--epochs", type=int, default=d["epochs"].default)
-    p.add_argument("--train-seconds", type=float, default=d["train_seconds"].default, help="training time budget")
-    p.add_argument("--num-samples", type=int, default=d["num_samples"].default, help="top-p samples per seed")
-    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"].default)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    return DemoConfig(
-        run=a.run,
-        model=a.model,
-        corpus=a.corpus,
-        seeds=a.seeds,
-        preset=a.preset,
-        vocab_size=a.vocab_size,
-        max_len=a.max_len,
-        epochs=a.epochs,
-        train_seconds=a.train_seconds,
-        num_samples=a.num_samples,
-        max_new_tokens=a.max_new_tokens,
-        seed=a.seed,
-    )
+    add_config_arguments(p, DemoConfig, unset=True)
+    p.add_argument("--verbose", action="store_true", help="show TensorFlow, Beam and transformers messages")
+    add_underscore_spellings(p)
+    args = p.parse_args(argv)
+    if args.verbose:
+        _tf_setup.set_verbose(True)
+    config: DemoConfig = config_from_args(DemoConfig, args)
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
