@@ -482,7 +482,10 @@ def build_pipeline(
         | "MatchFiles" >> fileio.MatchAll(fileio.EmptyMatchTreatment.DISALLOW)
         | "ReadMatches" >> fileio.ReadMatches(skip_directories=True)
         | "FileSizes" >> beam.Map(lambda f: (f.metadata.path, f.metadata.size_in_bytes))
-        | "PlanRanges" >> beam.FlatMapTuple(functools.partial(_plan_ranges, workers=direct_workers(p.options)))
+        | "PlanRanges"
+        >> beam.FlatMapTuple(
+            functools.partial(_plan_ranges, workers=direct_workers(p.options), compressed=compressed_count(plan.files))
+        )
         | "SpreadRanges" >> beam.Reshuffle()
     )
     reader = ReadLines(config.batch_size, plan.files, config.max_line_bytes)
@@ -540,15 +543,33 @@ def direct_workers(options: PipelineOptions | None) -> int:
     return max(1, workers or (os.cpu_count() or 1))
 
 
-#: On a distributed runner, a compressed input is read in one part per this many bytes (at most MAX_PARTS).
-COMPRESSED_PART_BYTES = 32 << 20
-MAX_PARTS = 16
+#: On a distributed runner, a compressed input is read in one part per this many bytes, at most
+#: MAX_PARTS: every part decompresses the whole file, so more parts cost more CPU than they save.
+COMPRESSED_PART_BYTES = 64 << 20
+MAX_PARTS = 4
 
 
-def _plan_ranges(path: str, size: int, workers: int) -> list[tuple[str, int, int]]:
-    """:func:`pipelines.textio.plan_ranges`, a compressed file in one part per local worker (or per 32 MiB)."""
-    parts = workers or min(MAX_PARTS, max(1, math.ceil(size / COMPRESSED_PART_BYTES)))
-    return plan_ranges(path, size, compressed_parts=parts)
+def compressed_count(files: Sequence[str]) -> int:
+    """How many of the input files are compressed (read whole)."""
+    from apache_beam.io.filesystem import CompressionTypes
+
+    return sum(CompressionTypes.detect_compression_type(f) != CompressionTypes.UNCOMPRESSED for f in files)
+
+
+def compressed_parts(size: int, workers: int, compressed: int) -> int:
+    """Parts a compressed input of ``size`` bytes is read in (:func:`pipelines.textio.plan_ranges`).
+
+    Locally: enough for every worker to have one, counting the other compressed files (2 workers
+    and one ``.gz``: 2 parts; 2 workers and ten: 1). On other runners (``workers`` 0): one per
+    64 MiB, at most 4. The shards do not depend on it.
+    """
+    if workers:
+        return max(1, -(-workers // max(1, compressed)))
+    return min(MAX_PARTS, max(1, math.ceil(size / COMPRESSED_PART_BYTES)))
+
+
+def _plan_ranges(path: str, size: int, workers: int, compressed: int = 1) -> list[tuple[str, int, int]]:
+    return plan_ranges(path, size, compressed_parts=compressed_parts(size, workers, compressed))
 
 
 def finished_info(config: PreprocessConfig) -> dict[str, Any]:

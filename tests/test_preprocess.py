@@ -715,6 +715,13 @@ def test_a_compressed_file_read_in_parts_gives_every_line_once(tmp_path: Path, m
         assert json.loads((tmp_path / f"r{parts}.jsonl").read_text())["line"] == 31
 
 
+def test_compressed_inputs_are_shared_by_the_workers_without_needless_parts() -> None:
+    assert [preprocess.compressed_parts(10 << 20, workers, 1) for workers in (1, 2, 3)] == [1, 2, 3]
+    assert preprocess.compressed_parts(10 << 20, 2, 10) == 1  # ten files already keep two workers busy
+    assert preprocess.compressed_parts(10 << 20, 4, 2) == 2
+    assert [preprocess.compressed_parts(size << 20, 0, 1) for size in (10, 100, 10_000)] == [1, 2, 4]
+
+
 def test_the_command_never_imports_tensorflow(tmp_path: Path, tiny_tokenizer) -> None:
     src = tmp_path / "a.txt.gz"
     src.write_bytes(gzip.compress(("\n".join(make_sentences(40)) + "\n").encode()))
