@@ -16,13 +16,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from kogpt2.folders import COMPLETED_FILE, INFO_FILE
+from kogpt2.records import SPLITS
 from kogpt2.schemas import tf_feature_spec, validate_info
 from kogpt2.tf_setup import import_tf
 from kogpt2.tokenizer import Tokenizer
 
-INFO_FILE = "info.json"
-COMPLETED_FILE = "COMPLETED"
-SPLITS = ("train", "validation")
 #: Target id of padding positions: masked out of loss and metrics.
 IGNORE_ID = -100
 #: Shards whose raw records are estimated below this many bytes are cached in memory.

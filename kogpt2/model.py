@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kogpt2.folders import MODEL_INFO_FILE
 from kogpt2.tf_setup import import_tf
 from kogpt2.tokenizer import Tokenizer, file_fingerprint, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-INFO_FILE = "kogpt2.json"
 #: Safe weight files, in the order ``TFGPT2LMHeadModel.from_pretrained`` prefers them.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "tf_model.h5", "tf_model.h5.index.json")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -316,7 +316,7 @@ def save_model(model: Any, tokenizer: Tokenizer, folder: str | Path, info: dict[
         "info": dict(info or {}),
         "versions": library_versions(),
     }
-    (out / INFO_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
+    (out / MODEL_INFO_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
     return out
 
 
@@ -350,7 +350,7 @@ def _stamp(path: Path) -> tuple[int, int, int]:
 
 def read_model_info(folder: str | Path) -> dict[str, Any]:
     """Return ``kogpt2.json`` of a model folder, or ``{}`` for folders saved elsewhere."""
-    path = Path(folder) / INFO_FILE
+    path = Path(folder) / MODEL_INFO_FILE
     if not path.is_file():
         return {}
     return dict(json.loads(path.read_text(encoding="utf-8")))

@@ -18,10 +18,12 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
+from kogpt2.folders import COMPLETED_FILE, RUN_FILE
+
+COMPLETED = COMPLETED_FILE  # the old name, until pipelines.preprocess imports COMPLETED_FILE
+
 log = logging.getLogger(__name__)
 
-COMPLETED = "COMPLETED"
-RUN_FILE = "run.json"
 DIRECT_RUNNERS = {None, "", "DirectRunner", "direct", "FnApiRunner"}
 
 
@@ -246,12 +248,12 @@ def check_beam_args(beam_args: Sequence[str], ours: Sequence[str]) -> None:
 
 def mark_completed(folder: str) -> None:
     """Write the ``COMPLETED`` marker; call it last, after every other output."""
-    write_text(join(folder, COMPLETED), "")
+    write_text(join(folder, COMPLETED_FILE), "")
 
 
 def is_completed(folder: str) -> bool:
     """True when ``folder`` holds a ``COMPLETED`` marker."""
-    return bool(FileSystems.exists(join(folder, COMPLETED)))
+    return bool(FileSystems.exists(join(folder, COMPLETED_FILE)))
 
 
 def expand_globs(patterns: Sequence[str], *, flag: str = "--input") -> list[str]:
@@ -326,20 +328,20 @@ def commit_staged(staging: str, folder: str, *, keep: Sequence[str] = ()) -> lis
         The names of the previous run's files that were deleted.
     """
     staged = {p.rstrip("/").rsplit("/", 1)[-1]: p for p in list_folder(staging)}
-    marker = join(folder, COMPLETED)
+    marker = join(folder, COMPLETED_FILE)
     if FileSystems.exists(marker):
         FileSystems.delete([marker])
     for name, path in sorted(staged.items()):
-        if name != COMPLETED:
+        if name != COMPLETED_FILE:
             commit_temp(path, join(folder, name))
     stale = [
         p
         for p in list_folder(folder)
-        if (name := p.rstrip("/").rsplit("/", 1)[-1]) not in staged and name not in keep and name != COMPLETED
+        if (name := p.rstrip("/").rsplit("/", 1)[-1]) not in staged and name not in keep and name != COMPLETED_FILE
     ]
     if stale:
         FileSystems.delete(stale)
-    if COMPLETED in staged:
-        commit_temp(staged[COMPLETED], marker)
+    if COMPLETED_FILE in staged:
+        commit_temp(staged[COMPLETED_FILE], marker)
     remove_folder(staging)
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in stale)

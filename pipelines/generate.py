@@ -46,11 +46,10 @@ from apache_beam.io.filesystems import FileSystems
 
 from kogpt2.decoder import DTYPES
 from kogpt2.flags import add_config_arguments, flag, given_values, read_config_file
+from kogpt2.folders import COMPLETED_FILE, INFO_FILE, RUN_FILE
 from kogpt2.generation import DEFAULT_BATCH_SIZE, GenerationConfig
 from kogpt2.validate import check_bool, check_choice, check_int, check_number
 from pipelines.common import (
-    COMPLETED,
-    RUN_FILE,
     TEMP_PREFIX,
     OutputConflictError,
     check_beam_args,
@@ -72,7 +71,6 @@ from pipelines.seeds import FORMATS, ValidateSeeds, read_seeds
 
 log = logging.getLogger(__name__)
 
-INFO_FILE = "info.json"
 #: The run's full, resolved settings: ``--config job.json`` repeats it.
 JOB_FILE = "job.json"
 #: Default target of rows per output file (and per work unit: the resume granularity).
@@ -352,7 +350,7 @@ def finalize(stats: list[UnitStats], seeds_in: int, units: int, job: GenerateJob
     write_json(join(job.output, JOB_FILE), job.settings())
     write_json(join(job.output, INFO_FILE), info)
     if not failed:
-        write_text(join(job.output, COMPLETED), "")
+        write_text(join(job.output, COMPLETED_FILE), "")
     return info
 
 
