@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kogpt2.curves import plot_curves
 from kogpt2.genstats import generation_stats
 
 PHASES = ("before", "after")
@@ -88,17 +89,8 @@ def _charts(data: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     hist = data["training"]
     if hist and hist.get("epochs"):
         ep = [e["epoch"] for e in hist["epochs"]]
-        for key, title in (("loss", "Loss (masked cross-entropy)"), ("accuracy", "Masked next-token accuracy")):
-            fig, ax = plt.subplots(figsize=(6, 3.5))
-            ax.plot(ep, [e[key] for e in hist["epochs"]], "o-", label="train")
-            ax.plot(ep, [e[f"val_{key}"] for e in hist["epochs"]], "s-", label="validation")
-            ax.axvline(hist["best_epoch"], color="grey", ls=":", label=f"best epoch {hist['best_epoch']}")
-            ax.set(xlabel="epoch", title=title)
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(out / f"{key}.png", dpi=100)
-            plt.close(fig)
-            made.append((f"{key}.png", title))
+        plot_curves(hist, out / "curves.png")  # the same chart as the training run's curves.png
+        made.append(("curves.png", "Loss (masked cross-entropy) and masked next-token accuracy per epoch"))
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(ep, [e["val_perplexity"] for e in hist["epochs"]], "s-", color="C1")
         ax.set(xlabel="epoch", ylabel="perplexity", yscale="log", title="Validation perplexity")

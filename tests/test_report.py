@@ -31,6 +31,8 @@ def _rows(seed: str, texts: list[str], reason: str) -> list[dict]:
             "no_repeat_ngram_size": 0,
             "max_new_tokens": 20,
             "row_seed": i,
+            "logprob_sum": -2.0 * (i + 1),
+            "logprob_mean": -2.0,
             "model_fingerprint": "m",
             "tokenizer_fingerprint": "t",
         }
@@ -92,7 +94,7 @@ def test_report_figures_match_run_files(run_folder: Path) -> None:
     expected = generation_stats(["그는 웃었다", "비가 왔다 그날"], [3, 4], ["eos", "eos"]).as_dict()
     assert summary["generations"]["after-greedy"] == expected
     assert summary["generations"]["before-greedy"]["distinct_1"] == pytest.approx(2 / 6)
-    for chart in ("loss.png", "accuracy.png", "perplexity.png", "preprocess.png", "generation.png"):
+    for chart in ("curves.png", "perplexity.png", "preprocess.png", "generation.png"):
         assert (run_folder / "charts" / chart).stat().st_size > 1000
         assert f"charts/{chart}" in page
     # the samples table shows every seed, before and after
