@@ -29,7 +29,7 @@ Every variant is built and warmed up first (``--warmup`` steps: tracing, XLA com
 then ``--rounds`` rounds run ``--steps`` timed steps of each variant in turn (each through
 the Keras train function, the step ``fit`` runs; the order rotates every round), so load
 from other processes spreads over all variants. Ratios are medians over rounds of the
-ratio within a round. Targets (issue 4): ours >= 2x notebook; ours on
+ratio within a round. Targets: ours >= 2x notebook; ours on
 shards >= 0.95x ours on synthetic batches. The shards are written here with
 ``tf.io.TFRecordWriter`` in the preprocessing format (info.json, COMPLETED).
 """

@@ -94,7 +94,7 @@ def test_pipeline():
     return TestPipeline(runner=FnApiRunner())
 
 
-# --- training shards (issue 4): written directly, independent of pipelines/preprocess.py ---
+# --- training shards: written directly, independent of pipelines/preprocess.py ---
 
 
 def write_test_shards(

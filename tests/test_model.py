@@ -124,7 +124,7 @@ def test_compile_and_fit_one_step_after_import(tiny_tokenizer) -> None:
     assert np.isfinite(hist.history["loss"][0])
 
 
-# --- issue 10: one weight file, weights match config, vocabularies match -----------------
+# --- one weight file, weights match config, vocabularies match -----------------
 
 WEIGHT_NAMES = ("tf_model.h5", "model.safetensors", "pytorch_model.bin", "flax_model.msgpack")
 

@@ -162,7 +162,7 @@ def test_cli_train_tokenizer(tmp_path: Path, tiny_corpus: Path) -> None:
     assert main(["train-tokenizer", "--input", str(tmp_path / "none*.txt"), "--output", str(tmp_path)]) == 2
 
 
-# --- text never produces special ids (issue 10, item 2) --------------------------------
+# --- text never produces special ids --------------------------------
 
 #: Special-piece strings as they appear typed in corpora (strike-through markup, chat logs, templates).
 TYPED_SPECIALS = [

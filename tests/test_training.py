@@ -321,7 +321,7 @@ def test_mirrored_strategy_over_two_logical_cpus(tmp_path: Path, tiny_shards: Pa
     assert result["eval"]["mirrored"] == pytest.approx(result["eval"]["default"], abs=1e-5)
 
 
-# --- issue 13 item 2: step checkpoints and mid-epoch resume ---------------------------------------------------
+# --- step checkpoints and mid-epoch resume ---------------------------------------------------
 
 
 def _wait_for_state(path: Path, proc: subprocess.Popen, done, timeout: float = 240.0) -> dict:
@@ -399,7 +399,7 @@ def test_resume_skips_the_trained_batches_of_the_epoch(tiny_shards: Path) -> Non
         make_dataset(shards, "validation", 4, skip_batches=1)
 
 
-# --- issue 10 item 13: a NaN run is a failed run ----------------------------------------------------------------
+# --- a NaN run is a failed run ----------------------------------------------------------------
 
 
 class _PoisonWeights(keras.callbacks.Callback):
@@ -440,7 +440,7 @@ def test_nan_run_fails_keeps_the_last_good_checkpoint_and_says_why(tmp_path: Pat
     assert rc == 2 and "stopped with: non-finite" in stderr and "--resume" in stderr
 
 
-# --- issue 10 item 6: --output never over an input --------------------------------------------------------------
+# --- --output never over an input --------------------------------------------------------------
 
 
 def test_output_over_the_model_or_data_is_refused_before_anything_is_deleted(
@@ -458,7 +458,7 @@ def test_output_over_the_model_or_data_is_refused_before_anything_is_deleted(
     assert rc == 2 and str(tiny_shards) in stderr and (tiny_shards / "COMPLETED").exists()
 
 
-# --- issue 13 items 3 and 4: schedules and mixed precision ----------------------------------------------------
+# --- schedules and mixed precision ----------------------------------------------------
 
 
 def test_lr_schedules_warm_up_then_decay_to_zero() -> None:
@@ -533,7 +533,7 @@ def test_train_flags_come_from_the_config_fields_and_a_config_file_repeats_a_run
         TrainConfig(data="d", model="tiny", output="o", batch_size=True)
 
 
-# --- issue 13 item 5: remote --data and --output (through TensorFlow's ram:// filesystem) ----------------------
+# --- remote --data and --output (through TensorFlow's ram:// filesystem) ----------------------
 
 
 def test_remote_data_and_output_through_tf_gfile(
@@ -571,7 +571,7 @@ def test_remote_data_and_output_through_tf_gfile(
         train(_config(f"{remote}/shards", f"{remote}/shards/out", tiny_tokenizer), progress=False)
 
 
-# --- issue 13 item 1: multi-worker training ---------------------------------------------------------------------
+# --- multi-worker training ---------------------------------------------------------------------
 
 
 def _free_ports(n: int) -> list[int]:
