@@ -713,6 +713,20 @@ def test_a_compressed_file_read_in_parts_gives_every_line_once(tmp_path: Path, m
         written = textio.write_rejected(str(tmp_path / f"r{parts}.jsonl"), [json.dumps(r) for r in rejected], counts)
         assert written["examples"] == 1
         assert json.loads((tmp_path / f"r{parts}.jsonl").read_text())["line"] == 31
+    # a truncated file read in parts: the same lines as in one part, one corrupt_input letter in all
+    cut = tmp_path / "cut.txt.gz"
+    whole = gzip.compress(("\n".join(make_sentences(400)) + "\n").encode())
+    cut.write_bytes(whole[: len(whole) // 2])
+    seen = {}
+    for parts in (1, 3):
+        outs = [
+            read_range_outputs(textio.ReadLines(5, [str(cut)]), rng)
+            for rng in textio.plan_ranges(str(cut), len(whole) // 2, compressed_parts=parts)
+        ]
+        seen[parts] = sorted(x for o in outs for x in o["located"])
+        assert [r["reason"] for o in outs for r in o["rejected"]] == ["corrupt_input"]
+        assert sum(n for o in outs for *_, n in o["line_counts"]) == len(seen[parts]) > 7
+    assert seen[1] == seen[3]
 
 
 def test_compressed_inputs_are_shared_by_the_workers_without_needless_parts() -> None:
