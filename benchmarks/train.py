@@ -98,15 +98,11 @@ def write_shards(
     names: dict[str, list[str]] = {}
     for split, split_rows in splits.items():
         n = min(num_shards, len(split_rows))
-        names[split] = [f"{split}-{k:05d}-of-{n:05d}.tfrecord.gz" for k in range(n)]
+        names[split] = [records.shard_name(split, k, n) for k in range(n)]
         for k, name in enumerate(names[split]):
             with tf.io.TFRecordWriter(str(folder / name), options="GZIP") as w:
                 for ids, length in split_rows[k::n]:
-                    feats = {
-                        "input_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=ids)),
-                        "length": tf.train.Feature(int64_list=tf.train.Int64List(value=[length])),
-                    }
-                    w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+                    w.write(records.serialize_example(ids, length))
     counts = {split: len(split_rows) for split, split_rows in splits.items()}
     tokens = {s: sum(n for _, n in r) for s, r in splits.items()}
     info = {

@@ -94,7 +94,7 @@ def test_pipeline():
     return TestPipeline(runner=FnApiRunner())
 
 
-# --- training shards: written directly, independent of pipelines/preprocess.py ---
+# --- training shards: written with the library's own record functions, without the Beam pipeline ---
 
 
 def write_test_shards(
@@ -143,14 +143,10 @@ def write_test_shards(
         n_files = max(1, min(num_shards, len(rows))) if rows else 0
         shards[split] = []
         for k in range(n_files):
-            name = f"{split}-{k:05d}-of-{n_files:05d}.tfrecord.gz"
+            name = records.shard_name(split, k, n_files)
             with tf.io.TFRecordWriter(str(folder / name), options="GZIP") as w:
                 for ids, length in rows[k::n_files]:
-                    feats = {
-                        "input_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=ids)),
-                        "length": tf.train.Feature(int64_list=tf.train.Int64List(value=[length])),
-                    }
-                    w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+                    w.write(records.serialize_example(ids, length))
             digest.update((folder / name).read_bytes())
             shards[split].append(name)
     n = len(train_texts) + len(val_texts)
