@@ -1,6 +1,6 @@
 """Benchmark the preprocessing pipeline against a raw encode loop and a plain loop doing its work.
 
-    # issue 14's figures: the shared review corpus, v1 tokenizer, --max-len 64 (quiet machine!)
+    # the reference figures: the shared review corpus, v1 tokenizer, --max-len 64 (quiet machine!)
     .venv/bin/python benchmarks/preprocess.py --corpus ../shared/data/nsmc_reviews_a.txt.gz \
         --tokenizer ../shared/data/kogpt2_v1_tokenizer.spiece --max-len 64 --json pre.json
     # smoke runs
@@ -24,7 +24,7 @@ on it (or takes ``--tokenizer``). Then, each in a fresh process, side by side in
   (N copies of it), every process of the command counted.
 
 ``seconds`` is the wall time of each process from its start to its exit (interpreter start,
-imports, tokenizer loading, runner start-up and the whole job included). Targets (issue 14): the
+imports, tokenizer loading, runner start-up and the whole job included). Targets: the
 1-worker pipeline at >= 0.35x the raw encode loop's lines/s; 2 workers >= 1.4x one worker;
 peak RSS at 10x within 1.3x of 1x.
 """

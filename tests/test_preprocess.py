@@ -590,7 +590,7 @@ def test_real_tokenizer_and_novel(tmp_path: Path, v1_tokenizer_path: Path, novel
     assert c["unk_tokens"] == sum(ids[:n].count(tok.unk_id) for ids, n in examples) > 0
 
 
-# --- hostile inputs (issue 10: items 1, 3, 4, 5) ----------------------------------------
+# --- hostile inputs ---------------------------------------------------------------------
 
 
 def read_range_outputs(reader: textio.ReadLines, rng: tuple[str, int, int]) -> dict[str, list[Any]]:
