@@ -7,23 +7,21 @@ full length-bucketed batches and commits the file by renaming it into place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from kogpt2.records import assign_shard, stable_hash
 from pipelines.common import commit_temp, join, list_folder, local_copy, temp_path, write_text
+from pipelines.generate_config import GenerateJob, GeneratePlan
 from pipelines.seeds import NAMESPACE, Rejected
-
-if TYPE_CHECKING:
-    from pipelines.generate import GenerateJob, GeneratePlan
 
 log = logging.getLogger("pipelines.generate")
 
@@ -36,9 +34,11 @@ ROW_GROUP_ROWS = 2048
 
 
 def unit_of(key: str, units: int) -> int:
-    """The work unit of a seed (or dead letter): a stable hash of its text, never the runner's order."""
-    digest = hashlib.sha256(b"kogpt2-unit\x1f" + key.encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") % units
+    """The work unit of a seed (or dead letter): a stable hash of its text, never the runner's order.
+
+    The same hash and shard choice as preprocessing's (:func:`kogpt2.records.assign_shard`).
+    """
+    return assign_shard(stable_hash(key), units)
 
 
 class UnitItem(NamedTuple):
