@@ -75,6 +75,8 @@ def flag(
     required: bool = False,
     nargs: str | None = None,
     const: Any = None,
+    name: str | None = None,
+    hidden: bool = False,
 ) -> dict[str, Any]:
     """Field metadata describing the field's command-line flag.
 
@@ -87,6 +89,8 @@ def flag(
         required: the flag must be given (fields without a default are required too).
         nargs: ``"?"`` for a flag whose value may be left out (then ``const`` is used).
         const: the value of a bare ``nargs="?"`` flag.
+        name: the flag's spelling when it is not ``--field-name`` (``--input`` for ``inputs``).
+        hidden: a tuning knob left out of ``--help``.
     """
     return {
         "help": help,
@@ -97,6 +101,8 @@ def flag(
         "required": required,
         "nargs": nargs,
         "const": const,
+        "name": name,
+        "hidden": hidden,
     }
 
 
@@ -130,7 +136,7 @@ def add_config_arguments(
             continue
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else None
-        names = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
+        names = [meta.get("name") or "--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
         kwargs: dict[str, Any] = {"dest": f.name, "default": None if unset else default}
         help_text = meta["help"]
         if has_default and default not in (None, (), False):
@@ -155,7 +161,7 @@ def add_config_arguments(
             kwargs["nargs"], kwargs["const"] = meta["nargs"], meta.get("const")
         if (meta.get("required") or not has_default) and not unset:
             kwargs["required"] = True  # with unset, the caller checks (a --config file may supply it)
-        parser.add_argument(*names, help=help_text, **kwargs)
+        parser.add_argument(*names, help=argparse.SUPPRESS if meta.get("hidden") else help_text, **kwargs)
         added.append(f.name)
     return added
 
@@ -208,7 +214,7 @@ def config_from_args(cls: type, args: argparse.Namespace, *, base: dict[str, Any
     settings.update(given_values(args, names))
     settings.update(fixed)
     missing = [
-        "--" + f.name.replace("_", "-")
+        f.metadata.get("name") or "--" + f.name.replace("_", "-")
         for f in dataclasses.fields(cls)
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in settings
     ]

@@ -20,8 +20,6 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 
 from kogpt2.folders import COMPLETED_FILE, RUN_FILE
 
-COMPLETED = COMPLETED_FILE  # the old name, until pipelines.preprocess imports COMPLETED_FILE
-
 log = logging.getLogger(__name__)
 
 DIRECT_RUNNERS = {None, "", "DirectRunner", "direct", "FnApiRunner"}
@@ -256,20 +254,27 @@ def is_completed(folder: str) -> bool:
     return bool(FileSystems.exists(join(folder, COMPLETED_FILE)))
 
 
-def expand_globs(patterns: Sequence[str], *, flag: str = "--input") -> list[str]:
-    """Expand file globs through Beam filesystems, sorted and de-duplicated.
+def match_globs(patterns: Sequence[str], *, flag: str = "--input") -> dict[str, tuple[int, int]]:
+    """The files (any Beam filesystem) some glob matches: ``path -> (size in bytes, modified, s)``.
+
+    The one place globs are expanded (preprocessing inputs, generation seeds).
 
     Raises:
         FileNotFoundError: a pattern matches no file (names the flag and the pattern).
     """
-    found: set[str] = set()
+    found: dict[str, tuple[int, int]] = {}
     for pattern in patterns:
-        matches = FileSystems.match([pattern])[0].metadata_list
-        files = [m.path for m in matches if not m.path.endswith("/")]
-        if not files:
+        matches = [m for m in FileSystems.match([pattern])[0].metadata_list if not m.path.endswith("/")]
+        if not matches:
             raise FileNotFoundError(f"{flag} {pattern!r} matches no file")
-        found.update(files)
-    return sorted(found)
+        for m in matches:
+            found[m.path] = (int(m.size_in_bytes), int(getattr(m, "last_updated_in_seconds", 0) or 0))
+    return dict(sorted(found.items()))
+
+
+def expand_globs(patterns: Sequence[str], *, flag: str = "--input") -> list[str]:
+    """The files some glob matches, sorted and de-duplicated (see :func:`match_globs`)."""
+    return list(match_globs(patterns, flag=flag))
 
 
 STAGING_PREFIX = ".tmp-staging-"

@@ -39,7 +39,6 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
@@ -48,12 +47,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 import kogpt2
 from kogpt2 import records
-from kogpt2 import text as textlib
+from kogpt2.flags import add_config_arguments, add_underscore_spellings, config_from_args, our_flags
+from kogpt2.folders import COMPLETED_FILE, INFO_FILE, RUN_FILE
 from kogpt2.schemas import validate_info
 from pipelines.common import (
-    COMPLETED,
-    RUN_FILE,
     OutputConflictError,
+    check_beam_args,
     commit_staged,
     copy_file,
     create_pipeline,
@@ -71,121 +70,16 @@ from pipelines.common import (
 )
 from pipelines.counters import NAMESPACE as NAMESPACE  # re-exported
 from pipelines.counters import Counters
+from pipelines.preprocess_config import (
+    FINGERPRINT_METHOD,
+    Plan,
+    PreprocessConfig,
+    shard_counts,
+)
 from pipelines.preprocess_steps import CleanLines, Dedup, MakeExamples, Tokenize, open_tokenizer
 from pipelines.sorted_shards import SPILL_PREFIX as SPILL_PREFIX  # re-exported
 from pipelines.sorted_shards import SpillRuns, WriteShards, delete_spills, spill_prefix
-from pipelines.textio import MAX_LINE_BYTES, REJECT_REASONS, REJECTED_FILE, ReadLines, match_files, plan_ranges
-
-INFO_FILE = "info.json"
-#: Auto sharding: one train shard per this many input bytes (at most MAX_AUTO_SHARDS).
-AUTO_SHARD_BYTES = 128 << 20
-MAX_AUTO_SHARDS = 1000
-FINGERPRINT_METHOD = (
-    "sha256 over the lines 'shard name<TAB>sha256 of its records' of every train/validation shard, "
-    "sorted by name; a shard's sha256 runs over its serialized tf.train.Example records concatenated "
-    "in file order (self-delimiting protos; independent of gzip and TFRecord framing)"
-)
-
-
-# --- configuration ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """What defines a preprocessing run. Validated on creation; errors name the field.
-
-    Attributes:
-        inputs: file globs (any Beam filesystem).
-        tokenizer: tokenizer file or model folder (a ``gs://`` file on Dataflow).
-        output: output folder.
-        max_len: tokens per example, ``<s>`` and ``</s>`` included (at least 3).
-        val_fraction: share of texts in the validation split, in [0, 1).
-        packing: concatenate sentences into full blocks instead of padding each.
-        overflow: a sentence longer than ``max_len`` is cut at the end (``truncate``) or into
-            ``window`` pieces. Ignored with ``packing``, where sentences run across blocks.
-        encoding: text encoding of the inputs (``utf-8``, ``cp949``, ``euc-kr``, ...).
-        split_sentences: lines are paragraphs: split them into sentences.
-        min_chars: shortest normalized text kept, in characters.
-        dedup: drop exact duplicates of normalized texts (sentences with ``split_sentences``).
-        num_shards: train shards; 0 chooses one per 128 MiB of input.
-        overwrite: replace whatever the output folder holds.
-        max_line_bytes: longest line read, in bytes (terminator excluded); longer lines are
-            dead letters (``too_long``).
-        allow_empty: finish (``COMPLETED``) even when a split training needs has no example.
-        batch_size: lines per element between steps (tuning).
-        spill_mb: memory a worker sorts in before it spills a run to disk (tuning).
-    """
-
-    inputs: tuple[str, ...]
-    tokenizer: str
-    output: str
-    max_len: int = 30
-    val_fraction: float = 0.1
-    packing: bool = False
-    overflow: str = "truncate"
-    encoding: str = "utf-8"
-    split_sentences: bool = False
-    min_chars: int = 1
-    dedup: bool = False
-    num_shards: int = 0
-    overwrite: bool = False
-    max_line_bytes: int = MAX_LINE_BYTES
-    allow_empty: bool = False
-    batch_size: int = 4096
-    spill_mb: float = 32.0
-
-    def __post_init__(self) -> None:
-        inputs = (self.inputs,) if isinstance(self.inputs, str) else tuple(self.inputs)
-        object.__setattr__(self, "inputs", inputs)
-        if not inputs or not all(isinstance(g, str) and g for g in inputs):
-            raise ValueError(f"inputs={inputs!r}: give at least one non-empty file glob")
-        for name in ("tokenizer", "output"):
-            if not getattr(self, name):
-                raise ValueError(f"{name}={getattr(self, name)!r}: required")
-        _check_int("max_len", self.max_len, 3, "at least 3 (<s> + one token + </s>)")
-        if isinstance(self.val_fraction, bool) or not (0.0 <= float(self.val_fraction) < 1.0):
-            raise ValueError(f"val_fraction={self.val_fraction!r}: must be in [0, 1)")
-        if self.overflow not in records.OVERFLOW_MODES:
-            raise ValueError(f"overflow={self.overflow!r}: must be one of {records.OVERFLOW_MODES}")
-        object.__setattr__(self, "encoding", textlib.check_encoding(self.encoding))
-        _check_int("min_chars", self.min_chars, 0, "a non-negative number of characters")
-        _check_int("num_shards", self.num_shards, 0, "0 (auto) or a positive number of shards")
-        _check_int("max_line_bytes", self.max_line_bytes, 1, "a positive number of bytes (default 1 MiB)")
-        _check_int("batch_size", self.batch_size, 1, "a positive number of lines")
-        if isinstance(self.spill_mb, bool) or not isinstance(self.spill_mb, (int, float)) or not self.spill_mb > 0:
-            raise ValueError(f"spill_mb={self.spill_mb!r}: must be a positive number of MiB")
-
-
-def _check_int(name: str, value: Any, minimum: int, allowed: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r}: must be {allowed}")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a run resolves before it starts: matched files, tokenizer facts, shard names."""
-
-    files: tuple[str, ...]
-    input_bytes: int
-    tokenizer: dict[str, Any]
-    shard_names: dict[str, tuple[str, ...]]
-    run_id: str
-    #: a local copy of the tokenizer file, and the name it gets beside the shards
-    tokenizer_file: tuple[str, str] = ("", "")
-    #: ``path -> [size, mtime]`` of the matched files: a changed corpus is a different run
-    file_stats: dict[str, list[int]] = dataclasses.field(default_factory=dict)
-
-    @property
-    def all_names(self) -> list[str]:
-        return [*self.shard_names["train"], *self.shard_names["validation"], REJECTED_FILE]
-
-
-def shard_counts(config: PreprocessConfig, input_bytes: int) -> dict[str, int]:
-    """Train shards (``num_shards`` or one per 128 MiB of input) and validation shards in proportion."""
-    train = config.num_shards or max(1, min(MAX_AUTO_SHARDS, math.ceil(input_bytes / AUTO_SHARD_BYTES)))
-    vf = float(config.val_fraction)
-    val = 0 if vf == 0 else max(1, math.ceil(round(train * vf / (1 - vf), 6)))
-    return {"train": train, "validation": val}
+from pipelines.textio import REJECT_REASONS, REJECTED_FILE, ReadLines, match_files, plan_ranges
 
 
 def make_plan(config: PreprocessConfig) -> Plan:
@@ -266,7 +160,7 @@ def output_action(folder: str, sig: dict[str, Any], *, overwrite: bool) -> str:
         except (OSError, ValueError):
             previous = None
     same = previous == json.loads(json.dumps(sig))
-    if same and not overwrite and COMPLETED in {_name(p) for p in existing}:
+    if same and not overwrite and COMPLETED_FILE in {_name(p) for p in existing}:
         return ALREADY_COMPLETE
     if same or overwrite:
         return STAGE
@@ -592,87 +486,31 @@ def finished_info(config: PreprocessConfig) -> dict[str, Any]:
 
 # --- command line ----------------------------------------------------------------------
 
-_FLAGS: list[str] = []
-
 
 def make_parser() -> argparse.ArgumentParser:
-    """The parser of our flags; everything it does not know goes to Beam."""
+    """The parser of our flags, built from :class:`PreprocessConfig`'s fields; everything else goes to Beam."""
     p = argparse.ArgumentParser(
         prog="python -m pipelines.preprocess",
         description="Raw Korean text files -> gzip TFRecord shards + info.json (Apache Beam). "
         "Options not listed here are Beam pipeline options (--runner, --direct_num_workers, ...).",
         allow_abbrev=False,
     )
-
-    def add(flag: str, **kwargs: Any) -> None:
-        p.add_argument(flag, **kwargs)
-        _FLAGS.append(flag)
-
-    d = PreprocessConfig.__dataclass_fields__
-    add("--input", action="append", required=True, metavar="GLOB", help="input files (repeatable; gs:// works)")
-    add("--tokenizer", required=True, metavar="PATH", help="tokenizer file or model folder")
-    add("--output", required=True, metavar="DIR", help="output folder")
-    add("--max-len", type=int, default=d["max_len"].default, help="tokens per example incl. <s> and </s> (default 30)")
-    add(
-        "--val-fraction",
-        type=float,
-        default=d["val_fraction"].default,
-        help="validation share, in [0, 1) (default 0.1)",
-    )
-    add("--packing", action="store_true", help="pack sentences into full blocks instead of padding each")
-    add("--overflow", default="truncate", help="long sentences: truncate (keep the front) or window (default truncate)")
-    add("--encoding", default="utf-8", help="input encoding: utf-8 (BOM handled), cp949, euc-kr, ... (default utf-8)")
-    add("--split-sentences", action="store_true", help="lines are paragraphs: split them into sentences")
-    add("--min-chars", type=int, default=d["min_chars"].default, help="drop texts shorter than this (default 1)")
-    add("--dedup", action="store_true", help="drop exact duplicates of normalized texts")
-    add("--num-shards", type=int, default=0, help="train shards; 0 = one per 128 MiB of input (default 0)")
-    add("--overwrite", action="store_true", help="replace what the output folder holds")
-    add(
-        "--max-line-bytes",
-        type=int,
-        default=d["max_line_bytes"].default,
-        help="longest line in bytes; longer lines are rejected as too_long (default 1048576 = 1 MiB)",
-    )
-    add(
-        "--allow-empty",
-        action="store_true",
-        help="mark the run COMPLETED even when train (or validation, with --val-fraction > 0) has no example",
-    )
-    add("--batch-size", type=int, default=d["batch_size"].default, help=argparse.SUPPRESS)
-    add("--spill-mb", type=float, default=d["spill_mb"].default, help=argparse.SUPPRESS)
+    add_config_arguments(p, PreprocessConfig, unset=True)
+    add_underscore_spellings(p)
     return p
-
-
-def _check_beam_args(beam_args: Sequence[str], ours: Sequence[str]) -> None:
-    """Refuse misspelled flags: ours with ``_`` for ``-``, and options Beam does not know either."""
-    for arg in beam_args:
-        name = arg.split("=", 1)[0]
-        if name.startswith("--") and name.replace("_", "-") in ours and name not in ours:
-            raise ValueError(f"unknown option {name}: did you mean {name.replace('_', '-')}?")
-    options = PipelineOptions(list(beam_args))
-    unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options()))
-    if unknown:
-        spelled = {
-            a.split("=", 1)[0].lstrip("-").replace("-", "_"): a.split("=", 1)[0] for a in beam_args if a.startswith("-")
-        }
-        names = ", ".join(spelled.get(u, "--" + u) for u in unknown)
-        raise ValueError(f"unknown option(s) {names}: neither a preprocess flag nor a Beam pipeline option")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[PreprocessConfig, list[str]]:
     """Split ``argv`` into our config and Beam's arguments.
 
     Raises:
-        ValueError: a flag value is out of range, or an option is unknown.
-        SystemExit: argparse's own errors (missing or malformed flags).
+        ValueError: a missing or out-of-range flag, or an option neither ours nor Beam's.
+        SystemExit: argparse's own errors (malformed flags).
     """
-    _FLAGS.clear()
     parser = make_parser()
     args, beam_args = parser.parse_known_args(None if argv is None else list(argv))
-    _check_beam_args(beam_args, _FLAGS)
-    # every flag but --input is stored under the field of its name (--max-len -> max_len)
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(PreprocessConfig) if f.name != "inputs"}
-    config = PreprocessConfig(inputs=tuple(args.input), **fields)
+    check_beam_args(beam_args, our_flags(parser))
+    config: PreprocessConfig = config_from_args(PreprocessConfig, args)
     return config, beam_args
 
 

@@ -10,7 +10,7 @@ import os
 from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -21,12 +21,9 @@ from kogpt2 import text as textlib
 from kogpt2.tokenizer import Tokenizer, load_tokenizer
 from pipelines.common import local_copy
 from pipelines.counters import Counters
+from pipelines.preprocess_config import Plan, PreprocessConfig
 from pipelines.sorted_shards import run_record
-from pipelines.textio import REJECTED_FILE, rejected_entry
-
-if TYPE_CHECKING:
-    from pipelines.preprocess import Plan, PreprocessConfig
-
+from pipelines.textio import REJECTED_FILE, LineBatch, rejected_entry
 
 _TOKENIZERS: dict[tuple[str, int, int], Tokenizer] = {}
 
@@ -71,7 +68,7 @@ class CleanLines(beam.DoFn):
     def setup(self) -> None:
         self.counters = Counters()
 
-    def process(self, element: tuple[str, int, int, list[bytes]]) -> Iterator[Any]:
+    def process(self, element: LineBatch) -> Iterator[Any]:
         path, start, first, lines = element
         rejected: list[bytes] = []
         out: list[Any] = []
@@ -166,6 +163,20 @@ class Dedup(beam.PTransform):
 # --- tokens and examples ---------------------------------------------------------------
 
 
+class EncodedBatch(NamedTuple):
+    """A batch of encoded texts: what :class:`Tokenize` hands to :class:`MakeExamples`.
+
+    Attributes:
+        digests: :func:`kogpt2.records.stable_hash` of each text (split and shard follow it).
+        flat: ``<s>`` + ids + ``</s>`` of every text, concatenated (int32).
+        lengths: tokens per text.
+    """
+
+    digests: list[bytes]
+    flat: np.ndarray
+    lengths: np.ndarray
+
+
 class Tokenize(beam.DoFn):
     """Encode batches of texts (the tokenizer's batch encode): ``(text hashes, <s> + ids + </s> flat, lengths)``.
 
@@ -186,7 +197,7 @@ class Tokenize(beam.DoFn):
     def start_bundle(self) -> None:
         self.pending: deque[tuple[list[str], Future[Any]]] = deque()
 
-    def process(self, texts: list[str]) -> Iterator[tuple[list[bytes], np.ndarray, np.ndarray]]:
+    def process(self, texts: list[str]) -> Iterator[Any]:
         self.pending.append((texts, self.pool.submit(self.encode, texts)))
         while len(self.pending) > 1:
             yield self.result(*self.pending.popleft())
@@ -205,9 +216,9 @@ class Tokenize(beam.DoFn):
         return records.frame_flat(flat, lengths, self.tok.bos_id, self.tok.eos_id)
 
     @staticmethod
-    def result(texts: list[str], encoded: Future[Any]) -> tuple[list[bytes], np.ndarray, np.ndarray]:
-        digests = records.stable_hashes(texts)
-        return (digests, *encoded.result())
+    def result(texts: list[str], encoded: Future[Any]) -> EncodedBatch:
+        flat, lengths = encoded.result()
+        return EncodedBatch(records.stable_hashes(texts), flat, lengths)
 
 
 def window_indices(owners: list[int]) -> list[int]:
@@ -242,7 +253,7 @@ class MakeExamples(beam.DoFn):
     def setup(self) -> None:
         self.counters = Counters()
 
-    def process(self, batch: tuple[list[bytes], np.ndarray, np.ndarray]) -> Iterator[Any]:
+    def process(self, batch: EncodedBatch) -> Iterator[Any]:
         digests, flat, lengths = batch
         names = (self.names["train"], self.names["validation"])
         splits, shards = records.split_masks(digests, self.val_fraction, (len(names[0]), len(names[1])))

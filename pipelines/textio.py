@@ -25,13 +25,14 @@ import struct
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from typing import IO, Any
+from typing import IO, Any, NamedTuple, cast
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from kogpt2 import text as textlib
+from pipelines.common import match_globs
 from pipelines.counters import Counters
 
 REJECTED_FILE = "rejected-00000-of-00001.jsonl"
@@ -62,13 +63,7 @@ def match_files(patterns: Sequence[str]) -> dict[str, int]:
     Raises:
         FileNotFoundError: a glob matches no file.
     """
-    files: dict[str, int] = {}
-    for pattern in patterns:
-        matched = [m for m in FileSystems.match([pattern])[0].metadata_list if not m.path.endswith("/")]
-        if not matched:
-            raise FileNotFoundError(f"--input {pattern!r} matches no file")
-        files.update((m.path, m.size_in_bytes) for m in matched)
-    return files
+    return {path: size for path, (size, _) in match_globs(patterns, flag="--input").items()}
 
 
 def plan_ranges(
@@ -319,7 +314,23 @@ def open_input(path: str, whole: bool) -> tuple[IO[bytes], _SourceWatch | None]:
     if kind not in _CHECKED:
         return FileSystems.open(path, compression_type=CompressionTypes.AUTO), None
     watch = _SourceWatch(FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED))
-    return _CHECKED[kind](io.BufferedReader(watch, 1 << 16)), watch
+    return cast(IO[bytes], _CHECKED[kind](io.BufferedReader(watch, 1 << 16))), watch
+
+
+class LineBatch(NamedTuple):
+    """Lines read from one file: what :class:`ReadLines` hands to cleaning.
+
+    Attributes:
+        path: the file.
+        start: the byte offset where its range starts (0 for a whole file).
+        first: the index of the batch's first line within its range.
+        lines: raw lines, terminators removed (over-long ones cut to a prefix).
+    """
+
+    path: str
+    start: int
+    first: int
+    lines: list[bytes]
 
 
 class ReadLines(beam.DoFn):
@@ -379,7 +390,7 @@ class ReadLines(beam.DoFn):
                     if owned:
                         segments[seg_start] = segments.get(seg_start, 0) + take
                         if batch and seg_start != seg:
-                            yield path, seg, first, batch
+                            yield LineBatch(path, seg, first, batch)
                             batch = []
                         if not batch:
                             seg, first = seg_start, index
@@ -390,7 +401,7 @@ class ReadLines(beam.DoFn):
                             for k in bad:
                                 batch.extend(rows[done:k])
                                 if batch:
-                                    yield path, seg, first, batch
+                                    yield LineBatch(path, seg, first, batch)
                                     batch = []
                                 entry = too_long_entry(
                                     file_index, path, seg_start, index + k, rows[k], long[i + k], limit
@@ -402,7 +413,7 @@ class ReadLines(beam.DoFn):
                         else:
                             batch.extend(rows)
                         while len(batch) >= size:
-                            yield path, seg, first, batch[:size]
+                            yield LineBatch(path, seg, first, batch[:size])
                             batch, first = batch[size:], first + size
                     n += take
                     i += take
@@ -418,7 +429,7 @@ class ReadLines(beam.DoFn):
         finally:
             f.close()
         if batch:
-            yield path, seg, first, batch
+            yield LineBatch(path, seg, first, batch)
         read = sum(segments.values())
         counts = {"lines_read": read, "rejected": too_long, "rejected.too_long": too_long}
         self.counters.add({**counts, "corrupt_inputs": stats.get("corrupt_inputs", 0)})
