@@ -41,7 +41,7 @@ from kogpt2.distribute import DISTRIBUTION_STRATEGIES, InputPlan, Worker, make_s
 from kogpt2.evaluate import LMTrainer
 from kogpt2.flags import flag
 from kogpt2.model import PRESETS, load_model, model_fingerprint, new_model, read_model_info, save_model
-from kogpt2.paths import refuse_output_over_inputs
+from kogpt2.paths import FolderLock, refuse_output_over_inputs
 from kogpt2.precision import AUTO, PRECISIONS, dtype_policy, normalize_precision, resolve_policy
 from kogpt2.schedules import SCHEDULES, WarmupSchedule, make_optimizer
 from kogpt2.tf_setup import import_keras, import_tf
@@ -339,19 +339,27 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: list[Any] | 
     policy = resolve_policy(config.mixed_precision)
     strategy = strategy or make_strategy(config.strategy)
     worker = worker_of(strategy)
-    if worker.chief:
-        state = prepare_output(out, config.to_dict(), shards.data_fingerprint, resume=config.resume,
-                               overwrite=config.overwrite, data=shards.folder, defaults=_defaults())  # fmt: skip
-    else:  # writes nothing that could clash with the chief's: a scratch folder, deleted at the end
-        state, out = _worker_scratch(config, shards, worker)
-    if state is None:
-        log.info("%s: run already finished; nothing to resume", config.output)
-        return TrainResult(_result_path(config.output), json.loads(read_text(join(config.output, HISTORY_FILE))))
+    # a second run into a local output folder is refused while this one lives (remote folders: no lock)
+    lock = FolderLock(out, job="kogpt2 train") if worker.chief and "://" not in out else None
+    if lock is not None:
+        lock.acquire()
     try:
-        return _run(config, state, out, shards, tokenizer, strategy, worker, policy, started, progress, callbacks)
+        if worker.chief:
+            state = prepare_output(out, config.to_dict(), shards.data_fingerprint, resume=config.resume,
+                                   overwrite=config.overwrite, data=shards.folder, defaults=_defaults())  # fmt: skip
+        else:  # writes nothing that could clash with the chief's: a scratch folder, deleted at the end
+            state, out = _worker_scratch(config, shards, worker)
+        if state is None:
+            log.info("%s: run already finished; nothing to resume", config.output)
+            return TrainResult(_result_path(config.output), json.loads(read_text(join(config.output, HISTORY_FILE))))
+        try:
+            return _run(config, state, out, shards, tokenizer, strategy, worker, policy, started, progress, callbacks)
+        finally:
+            if not worker.chief:
+                tf.io.gfile.rmtree(out)
     finally:
-        if not worker.chief:
-            tf.io.gfile.rmtree(out)
+        if lock is not None:
+            lock.release()
 
 
 def _run(

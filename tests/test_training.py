@@ -458,6 +458,19 @@ def test_output_over_the_model_or_data_is_refused_before_anything_is_deleted(
     assert rc == 2 and str(tiny_shards) in stderr and (tiny_shards / "COMPLETED").exists()
 
 
+def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path: Path, tiny_shards: Path, tiny_tokenizer) -> None:
+    import os
+
+    from kogpt2.paths import FolderLock
+
+    out = tmp_path / "model"
+    with FolderLock(str(out), job="another kogpt2 train"):
+        rc, _, stderr = _cli("train", "--data", tiny_shards, "--model", "tiny", "--tokenizer", tiny_tokenizer.path,
+                             "--output", out, "--overwrite")  # fmt: skip
+        assert rc == 2 and "in use by another run (another kogpt2 train" in stderr and f"pid {os.getpid()}" in stderr
+    assert sorted(p.name for p in out.iterdir()) == []  # the refused run wrote and deleted nothing
+
+
 # --- schedules and mixed precision ----------------------------------------------------
 
 
