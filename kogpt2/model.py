@@ -18,6 +18,7 @@ from typing import Any
 from kogpt2.folders import MODEL_INFO_FILE
 from kogpt2.tf_setup import import_tf
 from kogpt2.tokenizer import Tokenizer, file_fingerprint, load_tokenizer
+from kogpt2.validate import check_int
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,7 @@ class Preset:
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_embd", "n_head", "n_positions"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"Preset.{name}={value!r}: must be a positive integer")
+            check_int("Preset", name, getattr(self, name), low=1)
         if self.n_embd % self.n_head:
             raise ValueError(f"Preset.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
 
