@@ -38,8 +38,8 @@ format: $(STAMP) ## ruff format and autofix
 	$(VENV)/bin/ruff check --fix kogpt2 pipelines tests benchmarks
 	$(VENV)/bin/ruff format kogpt2 pipelines tests benchmarks
 
-typecheck: $(STAMP) ## mypy on kogpt2/
-	$(VENV)/bin/mypy kogpt2
+typecheck: $(STAMP) ## mypy on kogpt2/ and pipelines/
+	$(VENV)/bin/mypy kogpt2 pipelines
 
 demo: $(STAMP) ## The main job on the bundled corpus (MODEL=... to fine-tune a checkpoint)
 	$(PY) -m pipelines.demo --run $(RUN) $(if $(MODEL),--model $(MODEL),)
@@ -51,6 +51,7 @@ bench: $(STAMP) ## Run the benchmarks (quiet machine please); figures go to docs
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/generate_pipeline.py
 
 clean: ## Remove caches and build outputs (keeps .venv and runs/)
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
