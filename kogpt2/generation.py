@@ -436,6 +436,7 @@ class Generator:
                         np.array([config.row_seed(*k) for k in batch], np.uint64),
                         config,
                         limit,
+                        max_batch=self.batch_size,
                     )
             except Exception as exc:  # noqa: BLE001 - reported per batch; the caller dead-letters the rows
                 log.warning("a batch of %d rows failed: %s: %s", len(batch_rows), type(exc).__name__, exc)
@@ -524,11 +525,38 @@ def _token_tables(tok: Tokenizer) -> _TokenTables:
     return _TABLES[key]
 
 
+def padded_batch(rows: int, max_batch: int) -> int:
+    """The decoder batch for ``rows`` rows: the next power of two, or ``max_batch``.
+
+    A partial batch (the last of a length bucket) is padded with idle rows, so the decoder
+    sees a few batch shapes (powers of two below ``max_batch``, and ``max_batch``) whatever
+    the job: each new shape costs an XLA compile and memory that is kept.
+    """
+    if rows >= max_batch:
+        return rows
+    return min(1 << (rows - 1).bit_length(), max_batch)
+
+
 def _decode_batch(
-    decoder: Decoder, tok: Tokenizer, prompts: list[list[int]], seeds: np.ndarray, config: GenerationConfig, limit: int
+    decoder: Decoder,
+    tok: Tokenizer,
+    prompts: list[list[int]],
+    seeds: np.ndarray,
+    config: GenerationConfig,
+    limit: int,
+    *,
+    max_batch: int | None = None,
 ) -> list[_Row]:
-    """Decode one batch of prompt ids (each <= ``limit`` tokens); one :class:`_Row` per prompt."""
-    batch = len(prompts)
+    """Decode one batch of prompt ids (each <= ``limit`` tokens); one :class:`_Row` per prompt.
+
+    With ``max_batch``, the batch is padded to :func:`padded_batch` rows: idle copies of the
+    first prompt that are never generated for (they finish before the first step).
+    """
+    real = len(prompts)
+    batch = padded_batch(real, max_batch) if max_batch else real
+    if batch > real:
+        prompts = prompts + [prompts[0]] * (batch - real)
+        seeds = np.concatenate([seeds, np.repeat(seeds[:1], batch - real)])
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)
     width = prompt_bucket(int(lengths.max()), limit)
     max_new = config.max_new_tokens
@@ -545,7 +573,7 @@ def _decode_batch(
     tables = _token_tables(tok)
     guard = Utf8Guard(tables.byte_ids, batch) if config.valid_utf8 else None
     rows = np.arange(batch)  # (R,) original row of each decoder row; shrinks as rows finish
-    alive = np.ones(batch, dtype=bool)  # (R,) decoder rows still generating
+    alive = np.arange(batch) < real  # (R,) decoder rows still generating (idle padding rows never are)
     logits = decoder.prefill(ids, starts, width + max_new - 1)  # (R, V)
     logz = decoder.last_logz  # (R,)
     vocab = logits.shape[1]
@@ -606,7 +634,7 @@ def _decode_batch(
         logits = decoder.step(feed, starts[rows], width + step)
         logz = decoder.last_logz
     results = []
-    for r in range(batch):
+    for r in range(real):
         dropped = guard.open_bytes(r) if guard is not None and reasons[r] == "length" else 0
         kept = len(out[r]) - dropped
         results.append(_Row(out[r][:kept], reasons[r], float(sum(scores[r][:kept])), dropped))

@@ -342,3 +342,20 @@ def test_compiles_are_bounded_by_length_buckets(tiny):
     gen.generate(["마침내 그는", "노인은"], cfg)  # other prompts, same length bucket and batch shape
     gen.generate(["그날", "이때"], cfg)
     assert gen.compiles == first == 3  # prefill + step traces, one XLA attention shape
+
+
+def test_partial_batches_are_padded_to_few_shapes_so_compiles_stay_bounded(tiny):
+    """A job's last batches have every size; the decoder only sees powers of two (and the full batch)."""
+    from kogpt2.generation import Generator, padded_batch
+
+    assert [padded_batch(n, 64) for n in (1, 2, 3, 5, 33, 63, 64, 70)] == [1, 2, 4, 8, 64, 64, 64, 70]
+    assert [padded_batch(n, 48) for n in (17, 33, 48)] == [32, 48, 48]
+    model, tok = tiny
+    gen = Generator(model, tok, batch_size=8)
+    cfg = GenerationConfig(strategy="greedy", max_new_tokens=4)
+    words = [*PROMPTS, "우리는", "사람들은", "어머니는"]
+    alone = {p: gen.generate([p], cfg)[0].text for p in words}
+    for n in range(1, 9):  # one partial batch of each size
+        texts_n = [s.text for s in gen.generate(words[:n], cfg)]
+        assert texts_n == [alone[p] for p in words[:n]]  # padding rows change nothing
+    assert {b for b, _ in gen.decoder._shapes} <= {1, 2, 4, 8}
