@@ -13,10 +13,14 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=[*find_packages(include=["kogpt2", "kogpt2.*", "pipelines", "pipelines.*"]), "kogpt2.schema_files"],
+    packages=[
+        *find_packages(include=["kogpt2", "kogpt2.*", "pipelines", "pipelines.*"]),
+        "kogpt2.data",  # the bundled corpus and seed words (data files only)
+        "kogpt2.schema_files",
+    ],
     # schemas/ (the machine-readable specs) ships as the package data of kogpt2.schema_files
     package_dir={"kogpt2.schema_files": "schemas"},
-    package_data={"kogpt2": ["data/*.txt", "data/*.md"], "kogpt2.schema_files": ["*.json"]},
+    package_data={"kogpt2.data": ["*.txt", "*.md"], "kogpt2.schema_files": ["*.json"]},
     include_package_data=True,
     install_requires=[
         "tensorflow==2.21.*",

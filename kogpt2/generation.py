@@ -139,6 +139,28 @@ class GenerationConfig:
         d["suppress_tokens"] = None if self.suppress_tokens is None else list(self.suppress_tokens)
         return d
 
+    def summary(self) -> str:
+        """One readable line: ``sample, top-p 0.95, 2 samples, 40 new tokens, seed 0``."""
+        parts = [self.strategy]
+        if not self.greedy:
+            if self.top_k:
+                parts.append(f"top-k {self.top_k}")
+            if self.top_p < 1:
+                parts.append(f"top-p {self.top_p:g}")
+            if self.temperature != 1:
+                parts.append(f"temperature {self.temperature:g}")
+        if self.repetition_penalty != 1:
+            parts.append(f"repetition penalty {self.repetition_penalty:g}")
+        if self.no_repeat_ngram_size:
+            parts.append(f"no repeated {self.no_repeat_ngram_size}-grams")
+        parts.append(f"{self.num_samples} sample{'s' if self.num_samples > 1 else ''} per seed")
+        parts.append(f"{self.max_new_tokens} new tokens")
+        if self.min_new_tokens:
+            parts.append(f"at least {self.min_new_tokens}")
+        if self.stop:
+            parts.append(f"stop at {', '.join(repr(x) for x in self.stop)}")
+        return ", ".join(parts) + f", seed {self.seed}"
+
     def replace(self, **changes: Any) -> GenerationConfig:
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)

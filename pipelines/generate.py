@@ -392,7 +392,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             return 0
         if state == "resume":
             log.info("resuming into %s: committed files are kept, the rest is generated", job.output)
-        log.info("generating from %d seed files into %s (%s)", len(job.seeds), job.output, job.config)
+        log.info("generating from %d seed files into %s: %s", len(job.seeds), job.output, job.config.summary())
         p = create_pipeline(options)
         build_pipeline(p, job, plan)
         result = p.run()
