@@ -40,8 +40,14 @@ MAX_FANIN = 64
 KEY_LEN = 20
 _RECORD_OVERHEAD = 48  # bytes of Python object per buffered record
 _CHUNK = 4096  # records joined per write
-#: Bytes read from a sorted run at a time when merging.
+#: Bytes read from a sorted run at a time when merging (at most: see :func:`merge_read_block`).
 READ_BLOCK = 1 << 20
+#: Bytes of run records a merge holds at once, over all its runs: each run's read block is this
+#: shared out (down to MIN_READ_BLOCK), so a merge's memory, and the size of the lists it yields,
+#: does not grow with the number of runs (which grows with the corpus).
+MERGE_BUDGET = 4 << 20
+#: The smallest read block per run (so MAX_FANIN runs hold at most MAX_FANIN * 64 KiB).
+MIN_READ_BLOCK = 64 << 10
 
 #: A sorted run section: (run file path, offset, bytes, records).
 RunRef = tuple[str, int, int, int]
@@ -151,16 +157,26 @@ def _read_records(ref: RunRef, block: int = 0) -> Iterator[bytes]:
         yield from recs
 
 
+def merge_read_block(runs: int) -> int:
+    """The read block per run of a merge of ``runs`` runs: :data:`MERGE_BUDGET` shared out.
+
+    At most :data:`READ_BLOCK`, at least :data:`MIN_READ_BLOCK`.
+    """
+    return max(MIN_READ_BLOCK, min(READ_BLOCK, MERGE_BUDGET // max(1, runs)))
+
+
 def merge_blocks(refs: Sequence[RunRef]) -> Iterator[list[bytes]]:
     """The records of sorted run sections, merged in order, in lists.
 
     A block at a time from each run: every record up to the smallest of the blocks' last records
     is taken from each and sorted together (``list.sort`` merges sorted sequences in C), so no
-    Python code runs per record.
+    Python code runs per record. The blocks share :data:`MERGE_BUDGET` (:func:`merge_read_block`),
+    so the records held, and each list yielded, stay bounded however many runs are merged.
     """
+    block = merge_read_block(len(refs))
     active: list[tuple[list[bytes], int, Iterator[list[bytes]]]] = []
     for ref in refs:
-        blocks = _read_blocks(ref)
+        blocks = _read_blocks(ref, block)
         first = next(blocks, None)
         if first:
             active.append((first, 0, blocks))

@@ -189,6 +189,40 @@ def test_merge_blocks_merges_sorted_runs_in_order(tmp_path: Path, monkeypatch, b
     assert list(sorted_shards.merge_runs(refs, str(tmp_path / "_spill-u-"))) == sorted(recs)
 
 
+def test_merge_memory_stays_bounded_however_many_runs(tmp_path: Path, monkeypatch) -> None:
+    """Many runs share the merge's budget: the records held (and each list yielded) do not grow with the runs."""
+    import random
+
+    budget = 8192
+    monkeypatch.setattr(sorted_shards, "READ_BLOCK", 4096)
+    monkeypatch.setattr(sorted_shards, "MERGE_BUDGET", budget, raising=False)
+    monkeypatch.setattr(sorted_shards, "MIN_READ_BLOCK", 64, raising=False)
+    rng = random.Random(7)
+    runs = 40
+    recs = [
+        sorted_shards.run_record(
+            bytes(rng.randrange(256) for _ in range(sorted_shards.KEY_LEN)), b"y" * rng.randrange(41)
+        )
+        for _ in range(runs * 150)
+    ]
+    refs = []
+    for r in range(runs):
+        path, f = sorted_shards._create_run(str(tmp_path / "_spill-t-"))
+        part = sorted(recs[r::runs])
+        with f:
+            nbytes, count = sorted_shards._write_records(f, part)
+        refs.append((path, 0, nbytes, count))
+    assert min(ref[2] for ref in refs) > 4096  # every run is larger than a full read block
+    chunks = list(sorted_shards.merge_blocks(refs))
+    assert [rec for chunk in chunks for rec in chunk] == sorted(recs)
+    longest = max(map(len, recs))
+    # each run holds at most its share of the budget plus one record cut by a read
+    assert max(sum(map(len, chunk)) for chunk in chunks) <= budget + runs * longest
+    # merged in rounds of 3 runs at a time: the same records in the same order
+    monkeypatch.setattr(sorted_shards, "MAX_FANIN", 3)
+    assert list(sorted_shards.merge_runs(refs, str(tmp_path / "_spill-u-"))) == sorted(recs)
+
+
 def test_summarize_counts_refuses_broken_accounting() -> None:
     config = PreprocessConfig(inputs=("a",), tokenizer="t", output="o")
     counts = preprocess.summarize_counts(config, {"lines_read": 5, "kept": 3, "filtered.empty": 1, "rejected": 1}, [])
