@@ -22,7 +22,7 @@ from kogpt2.tokenizer import Tokenizer, load_tokenizer
 from pipelines.common import local_copy
 from pipelines.counters import Counters
 from pipelines.preprocess_config import Plan, PreprocessConfig
-from pipelines.sorted_shards import run_record
+from pipelines.run_records import run_record
 from pipelines.textio import REJECTED_FILE, LineBatch, rejected_entry
 
 _TOKENIZERS: dict[tuple[str, int, int], Tokenizer] = {}

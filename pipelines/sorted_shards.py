@@ -19,7 +19,6 @@ import shutil
 import tempfile
 import uuid
 import zlib
-from array import array
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -32,12 +31,12 @@ from apache_beam.transforms.window import GlobalWindows
 
 from kogpt2 import records
 from pipelines.common import join
+from pipelines.run_records import KEY_LEN, record_payload
 from pipelines.textio import REJECTED_FILE, write_rejected
 
 SPILL_PREFIX = "_spill-"
 #: A sorted run is merged with at most this many others at once (open files per task).
 MAX_FANIN = 64
-KEY_LEN = 20
 _RECORD_OVERHEAD = 48  # bytes of Python object per buffered record
 _CHUNK = 4096  # records joined per write
 #: Bytes read from a sorted run at a time when merging (at most: see :func:`merge_read_block`).
@@ -51,31 +50,6 @@ MIN_READ_BLOCK = 64 << 10
 
 #: A sorted run section: (run file path, offset, bytes, records).
 RunRef = tuple[str, int, int, int]
-
-
-# --- run records -----------------------------------------------------------------------
-
-
-def run_record(key: bytes, payload: bytes) -> bytes:
-    """One sorted-run record: ``key`` (KEY_LEN bytes) + payload length + payload."""
-    return key + len(payload).to_bytes(4, "big") + payload
-
-
-def record_payload(record: bytes) -> bytes:
-    """The payload of a :func:`run_record`."""
-    return record[KEY_LEN + 4 :]
-
-
-def ids_payload(ids: Sequence[int]) -> bytes:
-    """Token ids as a run record payload (native int32 bytes)."""
-    return array("i", ids).tobytes()
-
-
-def ids_from_payload(data: bytes) -> list[int]:
-    """The token ids of an :func:`ids_payload`."""
-    ids = array("i")
-    ids.frombytes(data)
-    return ids.tolist()
 
 
 def spill_prefix(output: str, run_id: str) -> str:
@@ -277,7 +251,7 @@ class WriteShards(beam.DoFn):
     """Merge the sorted runs of one output file and write it (TFRecord shard or rejected JSONL).
 
     Shard records hold framed TFRecords (:func:`kogpt2.records.tfrecord_frames`), or with
-    ``packing`` token ids (:func:`ids_payload`) packed into ``max_len`` blocks here; the rejected
+    ``packing`` token ids packed into ``max_len`` blocks here; the rejected
     file's hold dead-letter payloads (:mod:`pipelines.textio`). No TensorFlow: the gzip TFRecord
     file is written by :func:`write_tfrecord`.
 

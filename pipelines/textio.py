@@ -34,6 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 from kogpt2 import text as textlib
 from pipelines.common import match_globs
 from pipelines.counters import Counters
+from pipelines.run_records import run_record
 
 REJECTED_FILE = "rejected-00000-of-00001.jsonl"
 #: Default byte limit of one line, terminator excluded (``--max-line-bytes``).
@@ -358,8 +359,6 @@ class ReadLines(beam.DoFn):
         self.counters = Counters()
 
     def process(self, rng: tuple[str, int, int]) -> Iterator[Any]:
-        from pipelines.sorted_shards import run_record  # sorted_shards imports this module
-
         path, start, end = rng
         whole = end < 0
         part, parts = (start, -end) if whole else (0, 1)

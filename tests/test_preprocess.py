@@ -20,7 +20,7 @@ from kogpt2 import records
 from kogpt2.folders import COMPLETED_FILE
 from kogpt2.schemas import tf_feature_spec, validate_info
 from kogpt2.text import escape_bytes, normalize_text, split_sentences, unescape_bytes
-from pipelines import preprocess, sorted_shards, textio
+from pipelines import preprocess, run_records, sorted_shards, textio
 from pipelines.common import is_completed
 from pipelines.preprocess import PreprocessConfig, build_pipeline, parse_args
 
@@ -175,8 +175,8 @@ def test_merge_blocks_merges_sorted_runs_in_order(tmp_path: Path, monkeypatch, b
 
     monkeypatch.setattr(sorted_shards, "READ_BLOCK", block)
     rng = random.Random(block)
-    keys = [bytes(rng.randrange(4) for _ in range(sorted_shards.KEY_LEN)) for _ in range(400)]  # many ties
-    recs = [sorted_shards.run_record(k, b"x" * rng.randrange(5)) for k in keys]
+    keys = [bytes(rng.randrange(4) for _ in range(run_records.KEY_LEN)) for _ in range(400)]  # many ties
+    recs = [run_records.run_record(k, b"x" * rng.randrange(5)) for k in keys]
     refs = []
     for r in range(5):
         path, f = sorted_shards._create_run(str(tmp_path / "_spill-t-"))
@@ -200,9 +200,7 @@ def test_merge_memory_stays_bounded_however_many_runs(tmp_path: Path, monkeypatc
     rng = random.Random(7)
     runs = 40
     recs = [
-        sorted_shards.run_record(
-            bytes(rng.randrange(256) for _ in range(sorted_shards.KEY_LEN)), b"y" * rng.randrange(41)
-        )
+        run_records.run_record(bytes(rng.randrange(256) for _ in range(run_records.KEY_LEN)), b"y" * rng.randrange(41))
         for _ in range(runs * 150)
     ]
     refs = []
@@ -638,7 +636,7 @@ def read_range_outputs(reader: textio.ReadLines, rng: tuple[str, int, int]) -> d
             out["lines"] += [(first + k, raw) for k, raw in enumerate(batch)]
             out["located"] += [(start, first + k, raw) for k, raw in enumerate(batch)]
         elif item.tag == textio.ReadLines.REJECTED:
-            out["rejected"] += [json.loads(sorted_shards.record_payload(r)) for r in item.value[textio.REJECTED_FILE]]
+            out["rejected"] += [json.loads(run_records.record_payload(r)) for r in item.value[textio.REJECTED_FILE]]
         else:
             out[item.tag].append(item.value)
     return out
