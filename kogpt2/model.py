@@ -325,7 +325,7 @@ def _write_hf_files(tokenizer: Tokenizer, folder: Path, n_positions: int | None)
     A tokenizer that cannot be converted exactly is logged and gets no ``tokenizer.json`` (stale
     Hugging Face files are removed): the folder still loads with :func:`load_model`.
     """
-    from kogpt2.generation import GenerationConfig, write_generation_config
+    from kogpt2.generation_config import GenerationConfig, write_generation_config
     from kogpt2.hf_export import HF_TOKENIZER_FILES, HFExportError, write_hf_tokenizer
 
     try:

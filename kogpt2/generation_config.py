@@ -1,0 +1,231 @@
+"""How to continue prompts: :class:`GenerationConfig`, one contract for the CLI, the Python
+API and the bulk pipeline, and the model folder's ``generation_config.json`` it reads and writes.
+
+No TensorFlow here: model folders (:mod:`kogpt2.model`) write the file, and generation
+(:mod:`kogpt2.generation`) uses the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kogpt2.flags import flag
+from kogpt2.sampling import row_seed
+from kogpt2.validate import check_bool, check_choice, check_int, check_number, is_int
+
+DECODING_STRATEGIES = ("greedy", "sample")
+#: The file of a model folder that holds its generation defaults (transformers' name and keys).
+GENERATION_CONFIG_FILE = "generation_config.json"
+DEFAULT_TOP_P = 0.95
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to continue prompts: one contract for the CLI, the Python API and the bulk pipeline.
+
+    The defaults sample with top-p 0.95 and 100 new tokens. A model folder's
+    ``generation_config.json`` overrides them (:meth:`from_folder`), and flags or keyword
+    arguments override that. Invalid values raise ``ValueError`` naming the field.
+
+    Attributes:
+        strategy: ``sample`` or ``greedy`` (best token each step).
+        temperature: divides the logits before sampling (> 0); 1.0 for greedy.
+        top_k: sample among the k best tokens; 0 = no cut.
+        top_p: sample within the smallest set of best tokens holding this mass, in (0, 1]; 1.0 = no cut.
+        repetition_penalty: > 0; > 1 discourages tokens already in the prompt or output.
+        no_repeat_ngram_size: forbid repeating any n-gram of this size; 0 = off.
+        num_samples: outputs per prompt (transformers: ``num_return_sequences``).
+        max_new_tokens: generation budget per output (the notebook's 100).
+        min_new_tokens: ``</s>`` is banned before this many new tokens.
+        stop: stop strings: a row ends (``finish_reason="stop"``) once its continuation holds one.
+        suppress_tokens: ids never generated; None = every special piece but ``</s>``.
+        valid_utf8: allow byte pieces only where they form valid UTF-8 (no U+FFFD in the text).
+        seed: run seed; with the prompt and sample index it fixes each output.
+    """
+
+    strategy: str = field(default="sample", metadata=flag("sample or greedy", choices=DECODING_STRATEGIES, cli=False))
+    temperature: float = field(default=1.0, metadata=flag("divides the logits before sampling, > 0", metavar="T"))
+    top_k: int = field(default=0, metadata=flag("sample among the K best tokens (0 = no cut)", metavar="K"))
+    top_p: float = field(default=DEFAULT_TOP_P, metadata=flag("nucleus mass in (0, 1]", metavar="P"))
+    repetition_penalty: float = field(
+        default=1.0, metadata=flag("> 1 discourages tokens already in the prompt or output", metavar="R")
+    )
+    no_repeat_ngram_size: int = field(default=0, metadata=flag("never repeat an N-gram (0 = off)", metavar="N"))
+    num_samples: int = field(
+        default=1, metadata=flag("outputs per prompt", metavar="N", aliases=("--num-return-sequences",))
+    )
+    max_new_tokens: int = field(default=100, metadata=flag("budget per output, </s> included", metavar="N"))
+    min_new_tokens: int = field(default=0, metadata=flag("no </s> before N new tokens", metavar="N"))
+    stop: tuple[str, ...] = field(
+        default=(), metadata=flag("end a row once its continuation holds TEXT (finish_reason stop)", metavar="TEXT")
+    )
+    suppress_tokens: tuple[int, ...] | None = field(default=None, metadata=flag("ids never generated", cli=False))
+    valid_utf8: bool = field(default=True, metadata=flag("byte pieces only where valid UTF-8", cli=False))
+    seed: int = field(default=0, metadata=flag("run seed", metavar="S"))
+
+    def __post_init__(self) -> None:
+        owner = "GenerationConfig"
+        check_choice(owner, "strategy", self.strategy, DECODING_STRATEGIES)
+        check_number(owner, "temperature", self.temperature, gt=0)
+        check_int(owner, "top_k", self.top_k, low=0, note="0 = no top-k cut")
+        check_number(owner, "top_p", self.top_p, gt=0, le=1, note="1.0 = no nucleus cut")
+        check_number(owner, "repetition_penalty", self.repetition_penalty, gt=0, note="1.0 = none")
+        check_int(owner, "no_repeat_ngram_size", self.no_repeat_ngram_size, low=0, note="0 = off")
+        check_int(owner, "num_samples", self.num_samples, low=1)
+        check_int(owner, "max_new_tokens", self.max_new_tokens, low=1)
+        check_int(owner, "min_new_tokens", self.min_new_tokens, low=0, high=self.max_new_tokens)
+        if isinstance(self.stop, str) or not all(isinstance(x, str) and x for x in self.stop):
+            raise ValueError(f"{owner}.stop={self.stop!r}: must be a tuple of non-empty strings")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.suppress_tokens is not None:
+            if isinstance(self.suppress_tokens, str) or not all(is_int(i) and i >= 0 for i in self.suppress_tokens):
+                raise ValueError(
+                    f"{owner}.suppress_tokens={self.suppress_tokens!r}: must be token ids >= 0, or None "
+                    "(every special piece but </s>)"
+                )
+            object.__setattr__(self, "suppress_tokens", tuple(int(i) for i in self.suppress_tokens))
+        check_bool(owner, "valid_utf8", self.valid_utf8)
+        check_int(owner, "seed", self.seed, low=0, high=2**63 - 1)
+        if self.strategy == "greedy":
+            if self.top_p == DEFAULT_TOP_P:  # the sampling default: greedy ignores it
+                object.__setattr__(self, "top_p", 1.0)
+            for name, neutral in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):
+                if getattr(self, name) != neutral:
+                    raise ValueError(
+                        f"{owner}.{name}={getattr(self, name)!r} has no effect with strategy='greedy': "
+                        f"leave it at {neutral!r} or use strategy='sample'"
+                    )
+
+    @property
+    def greedy(self) -> bool:
+        return self.strategy == "greedy"
+
+    def row_seed(self, prompt: str, sample_index: int) -> int:
+        """The random seed of output ``(prompt, sample_index)`` in this run."""
+        return row_seed(prompt, sample_index, self.seed)
+
+    def describe(self) -> dict[str, Any]:
+        """The config as plain JSON-able values (the strategy columns of the Parquet output)."""
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        d["suppress_tokens"] = None if self.suppress_tokens is None else list(self.suppress_tokens)
+        return d
+
+    def summary(self) -> str:
+        """One readable line: ``sample, top-p 0.95, 2 samples, 40 new tokens, seed 0``."""
+        parts = [self.strategy]
+        if not self.greedy:
+            if self.top_k:
+                parts.append(f"top-k {self.top_k}")
+            if self.top_p < 1:
+                parts.append(f"top-p {self.top_p:g}")
+            if self.temperature != 1:
+                parts.append(f"temperature {self.temperature:g}")
+        if self.repetition_penalty != 1:
+            parts.append(f"repetition penalty {self.repetition_penalty:g}")
+        if self.no_repeat_ngram_size:
+            parts.append(f"no repeated {self.no_repeat_ngram_size}-grams")
+        parts.append(f"{self.num_samples} sample{'s' if self.num_samples > 1 else ''} per seed")
+        parts.append(f"{self.max_new_tokens} new tokens")
+        if self.min_new_tokens:
+            parts.append(f"at least {self.min_new_tokens}")
+        if self.stop:
+            parts.append(f"stop at {', '.join(repr(x) for x in self.stop)}")
+        return ", ".join(parts) + f", seed {self.seed}"
+
+    def replace(self, **changes: Any) -> GenerationConfig:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- transformers' generation_config.json -------------------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        """This config in transformers' ``generation_config.json`` keys."""
+        d: dict[str, Any] = {
+            "do_sample": not self.greedy,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "repetition_penalty": self.repetition_penalty,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+            "num_return_sequences": self.num_samples,
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+        }
+        if self.stop:
+            d["stop_strings"] = list(self.stop)
+        if self.suppress_tokens is not None:
+            d["suppress_tokens"] = list(self.suppress_tokens)
+        return d
+
+    @classmethod
+    def hf_overrides(cls, hf: dict[str, Any]) -> dict[str, Any]:
+        """Our fields from the keys of a ``generation_config.json`` (keys it does not hold are left out)."""
+        out: dict[str, Any] = {}
+        if "do_sample" in hf:
+            out["strategy"] = "sample" if hf["do_sample"] else "greedy"
+        for ours, theirs in _HF_KEYS.items():
+            if hf.get(theirs) is not None:
+                out[ours] = hf[theirs]
+        if isinstance(out.get("stop"), str):
+            out["stop"] = (out["stop"],)
+        if "stop" in out:
+            out["stop"] = tuple(out["stop"])
+        if "suppress_tokens" in out:
+            out["suppress_tokens"] = tuple(out["suppress_tokens"])
+        if out.get("strategy") == "greedy":
+            for name in ("temperature", "top_k", "top_p"):
+                out.pop(name, None)  # transformers keeps them with do_sample=false; they mean nothing there
+        elif hf.get("do_sample") is None:
+            out.pop("strategy", None)
+        return out
+
+    @classmethod
+    def from_folder(cls, folder: str | Path | None, **overrides: Any) -> GenerationConfig:
+        """Our defaults, then the folder's ``generation_config.json`` (when present), then ``overrides``.
+
+        ``overrides`` with a value of None are ignored (a flag not given). Choosing
+        ``strategy="greedy"`` drops sampling settings that came from the folder.
+        """
+        base: dict[str, Any] = {}
+        if folder is not None:
+            path = Path(folder) / GENERATION_CONFIG_FILE
+            if path.is_file():
+                base = cls.hf_overrides(json.loads(path.read_text(encoding="utf-8")))
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if given.get("strategy") == "greedy":
+            for name in ("temperature", "top_k", "top_p"):
+                base.pop(name, None)
+        return cls(**{**base, **given})
+
+
+_HF_KEYS = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "repetition_penalty": "repetition_penalty",
+    "no_repeat_ngram_size": "no_repeat_ngram_size",
+    "num_samples": "num_return_sequences",
+    "max_new_tokens": "max_new_tokens",
+    "min_new_tokens": "min_new_tokens",
+    "stop": "stop_strings",
+    "suppress_tokens": "suppress_tokens",
+}
+
+
+def write_generation_config(folder: str | Path, config: GenerationConfig, special: dict[str, int]) -> Path:
+    """Write ``config`` as the folder's ``generation_config.json`` (transformers' keys, plus our ids).
+
+    Args:
+        folder: a model folder.
+        config: the defaults generation should use with this model.
+        special: ``bos_token_id``, ``eos_token_id``, ``pad_token_id``.
+    """
+    path = Path(folder) / GENERATION_CONFIG_FILE
+    doc = {**special, **config.to_hf_dict()}
+    doc.pop("num_return_sequences", None)  # a per-call choice, not a model default
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
