@@ -20,7 +20,7 @@ from kogpt2 import records
 from kogpt2.folders import COMPLETED_FILE
 from kogpt2.schemas import tf_feature_spec, validate_info
 from kogpt2.text import escape_bytes, normalize_text, split_sentences, unescape_bytes
-from pipelines import preprocess, run_records, sorted_shards, textio
+from pipelines import preprocess, preprocess_info, run_records, sorted_shards, textio
 from pipelines.common import is_completed
 from pipelines.preprocess import PreprocessConfig, build_pipeline, parse_args
 
@@ -223,10 +223,12 @@ def test_merge_memory_stays_bounded_however_many_runs(tmp_path: Path, monkeypatc
 
 def test_summarize_counts_refuses_broken_accounting() -> None:
     config = PreprocessConfig(inputs=("a",), tokenizer="t", output="o")
-    counts = preprocess.summarize_counts(config, {"lines_read": 5, "kept": 3, "filtered.empty": 1, "rejected": 1}, [])
+    counts = preprocess_info.summarize_counts(
+        config, {"lines_read": 5, "kept": 3, "filtered.empty": 1, "rejected": 1}, []
+    )
     assert counts["filtered"] == {"empty": 1, "too_short": 0, "duplicate": 0}
     with pytest.raises(RuntimeError, match="accounting"):
-        preprocess.summarize_counts(config, {"lines_read": 6, "kept": 3}, [])
+        preprocess_info.summarize_counts(config, {"lines_read": 6, "kept": 3}, [])
 
 
 # --- pipelines -------------------------------------------------------------------------
