@@ -35,7 +35,6 @@ import argparse
 import itertools
 import json
 import os
-import random
 import resource
 import subprocess
 import sys
@@ -46,100 +45,12 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 30
 VAL_FRACTION = 0.1
 
-_SUBJECTS = [
-    "그는",
-    "그녀는",
-    "아이들은",
-    "어머니는",
-    "노인은",
-    "우리는",
-    "사람들은",
-    "김첨지는",
-    "마을 사람들은",
-    "낯선 손님은",
-    "동생은",
-    "선생님은",
-    "할머니는",
-    "그 젊은이는",
-    "우체부는",
-]
-_TIMES = [
-    "이때",
-    "그날 밤",
-    "마침내",
-    "새벽녘에",
-    "비가 그친 뒤",
-    "해 질 무렵",
-    "오랜만에",
-    "어느 봄날",
-    "한참 뒤에",
-    "겨울 아침에",
-    "",
-]
-_PLACES = [
-    "시장에서",
-    "강가에서",
-    "학교 앞에서",
-    "비 오는 거리에서",
-    "기차역에서",
-    "작은 방에서",
-    "산길에서",
-    "부엌에서",
-    "정거장 앞에서",
-    "골목 어귀에서",
-    "다리 위에서",
-    "바닷가에서",
-]
-_OBJECTS = [
-    "편지를",
-    "밥을",
-    "노래를",
-    "하늘을",
-    "창밖을",
-    "사진을",
-    "책을",
-    "꽃을",
-    "우산을",
-    "인력거를",
-    "설렁탕을",
-    "약을",
-]
-_VERBS = [
-    "오래 바라보았다",
-    "조용히 읽었다",
-    "천천히 지었다",
-    "다시 불렀다",
-    "말없이 보았다",
-    "힘껏 끌었다",
-    "몰래 숨겼다",
-    "한참 기다렸다",
-    "끝내 잊지 못했다",
-    "가만히 쥐었다",
-]
-_TAILS = [
-    "",
-    "",
-    "",
-    " 그리고 다시는 그곳에 가지 않았다.",
-    " 바람이 불어 모든 것이 흔들리고 있었다.",
-    " 그것은 누구도 예상하지 못한 일이었다.",
-    " 마음 한구석이 이상하게 허전하였다.",
-]
-
 
 def generate_lines(n: int, seed: int = 0) -> list[str]:
-    """n deterministic Korean lines of varied length (some longer than MAX_LEN tokens)."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        when = rng.choice(_TIMES)
-        parts = [when] if when else []
-        parts += [rng.choice(_SUBJECTS), rng.choice(_PLACES), rng.choice(_OBJECTS), rng.choice(_VERBS) + "."]
-        line = " ".join(parts) + rng.choice(_TAILS)
-        if rng.random() < 0.3:
-            line += f" 그것이 {i % 997}번째 일이었다."
-        out.append(line)
-    return out
+    """n deterministic, distinct Korean lines (the project's one generator; ``seed`` picks the stretch)."""
+    from kogpt2.synthetic import korean_sentences
+
+    return korean_sentences(n, start=seed * n)
 
 
 def write_corpus(folder: Path, lines: int, copies: int) -> str:

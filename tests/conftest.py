@@ -14,37 +14,12 @@ SHARED_DATA = Path(os.environ.get("KOGPT2_SHARED_DATA", REPO.parent / "shared" /
 V1_TOKENIZER = SHARED_DATA / "kogpt2_v1_tokenizer.spiece"
 NOVEL = SHARED_DATA / "finetune_data_unsu_joeun_nal.txt"
 
-_SUBJECTS = [
-    "그는",
-    "그녀는",
-    "아이들은",
-    "어머니는",
-    "노인은",
-    "우리는",
-    "사람들은",
-    "이때 그는",
-    "그날 밤",
-    "마침내 그는",
-]
-_PLACES = ["시장에서", "강가에서", "학교 앞에서", "비 오는 거리에서", "기차역에서", "작은 방에서", "산길에서"]
-_ACTS = [
-    "오래 기다렸다",
-    "조용히 웃었다",
-    "편지를 읽었다",
-    "밥을 지었다",
-    "길을 잃었다",
-    "노래를 불렀다",
-    "하늘을 보았다",
-]
-
 
 def make_sentences(n: int) -> list[str]:
-    """n distinct, deterministic Korean sentences."""
-    out = []
-    for i in range(n):
-        s, p, a = _SUBJECTS[i % 10], _PLACES[(i // 10) % 7], _ACTS[(i // 70) % 7]
-        out.append(f"{s} {p} {a} {i}번째 날이었다.")
-    return out
+    """n distinct, deterministic Korean sentences (the project's one generator)."""
+    from kogpt2.synthetic import korean_sentences
+
+    return korean_sentences(n)
 
 
 @pytest.fixture(scope="session")
