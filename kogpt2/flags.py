@@ -177,7 +177,8 @@ def given_values(args: argparse.Namespace, names: Iterable[str]) -> dict[str, An
 
 
 def read_config_file(path: str, allowed: Iterable[str]) -> dict[str, Any]:
-    """Settings from a JSON file (``--config``): an object of field names to values.
+    """Settings from a JSON file (``--config``): an object of setting names to values, or one whose
+    ``config`` key holds that object (what a run's ``history.json`` records). Lists become tuples.
 
     Raises:
         ValueError: unreadable file, not an object, or a key that is no setting (named, with the closest one).
@@ -189,6 +190,8 @@ def read_config_file(path: str, allowed: Iterable[str]) -> dict[str, Any]:
             doc = json.load(f)
     except (OSError, ValueError) as exc:
         raise ValueError(f"--config {path}: cannot read it as JSON ({exc})") from None
+    if isinstance(doc, dict) and isinstance(doc.get("config"), dict):
+        doc = doc["config"]
     if not isinstance(doc, dict):
         raise ValueError(f"--config {path}: must hold a JSON object of settings")
     allowed = sorted(allowed)
@@ -224,26 +227,7 @@ def config_from_args(cls: type, args: argparse.Namespace, *, base: dict[str, Any
 
 
 def config_file_settings(path: str | None, cls: type) -> dict[str, Any]:
-    """Settings of a ``--config`` file for ``cls``: a flat object, or one with a ``config`` object
-    (what ``history.json`` and ``info.json`` hold). None gives {}."""
+    """:func:`read_config_file` for the fields of the dataclass ``cls``; None gives {}."""
     import dataclasses
-    import json
 
-    if path is None:
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"--config {path}: cannot read it as JSON ({exc})") from None
-    if isinstance(doc, dict) and isinstance(doc.get("config"), dict):
-        doc = doc["config"]
-    names = [f.name for f in dataclasses.fields(cls)]
-    if not isinstance(doc, dict):
-        raise ValueError(f"--config {path}: must hold a JSON object of settings")
-    for key in doc:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"--config {path}: {key!r} is not a setting{hint}")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()}
+    return {} if path is None else read_config_file(path, [f.name for f in dataclasses.fields(cls)])
