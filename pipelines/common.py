@@ -157,6 +157,36 @@ def list_folder(folder: str) -> list[str]:
     return sorted(m.path for m in result.metadata_list)
 
 
+def same_run(
+    folder: str, existing: Sequence[str], signature: dict[str, Any], *, overwrite: bool, note: str = ""
+) -> bool:
+    """Whether the non-empty ``folder`` (holding ``existing``) holds a run with ``signature`` (its ``run.json``).
+
+    Raises:
+        OutputConflictError: it holds another run's (or unknown) files and ``overwrite`` is off;
+            the message names what differs, then ``note``.
+    """
+    run_path = join(folder, RUN_FILE)
+    previous = None
+    if run_path in existing or FileSystems.exists(run_path):
+        try:
+            previous = json.loads(read_text(run_path))
+        except (OSError, ValueError):
+            previous = None
+    same = previous == json.loads(json.dumps(signature))
+    if not same and not overwrite:
+        what = "a different run" if previous is not None else "files not written by this pipeline"
+        differ = ""
+        if isinstance(previous, dict):
+            keys = sorted(k for k in set(previous) | set(signature) if previous.get(k) != signature.get(k))
+            differ = f"; it differs in {', '.join(keys)}"
+        raise OutputConflictError(
+            f"output folder {folder} already holds {what} ({len(existing)} files{differ}). "
+            f"Choose another --output, or pass --overwrite to replace its contents{note}."
+        )
+    return same
+
+
 def prepare_output(folder: str, signature: dict[str, Any], *, overwrite: bool = False, resume: bool = False) -> str:
     """Make ``folder`` ready for a run with ``signature``; never mix two runs' files.
 
@@ -185,24 +215,7 @@ def prepare_output(folder: str, signature: dict[str, Any], *, overwrite: bool = 
     existing = [p for p in list_folder(folder) if p.rstrip("/").rsplit("/", 1)[-1] != LOCK_FILE]
     same = False
     if existing:
-        run_path = join(folder, RUN_FILE)
-        previous = None
-        if run_path in existing or FileSystems.exists(run_path):
-            try:
-                previous = json.loads(read_text(run_path))
-            except (OSError, ValueError):
-                previous = None
-        same = previous == json.loads(json.dumps(signature))
-        if not same and not overwrite:
-            what = "a different run" if previous is not None else "files not written by this pipeline"
-            differ = ""
-            if isinstance(previous, dict):
-                keys = sorted(k for k in set(previous) | set(signature) if previous.get(k) != signature.get(k))
-                differ = f"; it differs in {', '.join(keys)}"
-            raise OutputConflictError(
-                f"output folder {folder} already holds {what} ({len(existing)} files{differ}). "
-                "Choose another --output, or pass --overwrite to replace its contents."
-            )
+        same = same_run(folder, existing, signature, overwrite=overwrite)
     if existing and same and resume:
         leftovers = [p for p in existing if p.rstrip("/").rsplit("/", 1)[-1].startswith(TEMP_PREFIX)]
         if leftovers:

@@ -61,6 +61,7 @@ from pipelines.common import (
     read_text,
     remove_folder,
     remove_stale_staging,
+    same_run,
     staging_folder,
     write_json,
 )
@@ -154,27 +155,12 @@ def output_action(folder: str, sig: dict[str, Any], *, overwrite: bool) -> str:
     existing = [p for p in list_folder(folder) if _name(p) != LOCK_FILE]
     if not existing:
         return NEW
-    previous = None
-    if RUN_FILE in {_name(p) for p in existing}:
-        try:
-            previous = json.loads(read_text(join(folder, RUN_FILE)))
-        except (OSError, ValueError):
-            previous = None
-    same = previous == json.loads(json.dumps(sig))
+    same = same_run(
+        folder, existing, sig, overwrite=overwrite, note=" (the old files stay readable until the new run finishes)"
+    )
     if same and not overwrite and COMPLETED_FILE in {_name(p) for p in existing}:
         return ALREADY_COMPLETE
-    if same or overwrite:
-        return STAGE
-    what = "a different run" if previous is not None else "files not written by this pipeline"
-    differ = ""
-    if isinstance(previous, dict):
-        keys = sorted(k for k in set(previous) | set(sig) if previous.get(k) != sig.get(k))
-        differ = f"; it differs in {', '.join(keys)}"
-    raise OutputConflictError(
-        f"output folder {folder} already holds {what} ({len(existing)} files{differ}). "
-        "Choose another --output, or pass --overwrite to replace its contents (the old files stay "
-        "readable until the new run finishes)."
-    )
+    return STAGE
 
 
 # --- the pipeline ----------------------------------------------------------------------
