@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from kogpt2.protowire import read_varint, varint
 from kogpt2.schemas import load_schema
 
 SPLITS = ("train", "validation")
@@ -141,26 +142,11 @@ def shard_name(split: str, index: int, count: int) -> str:
 _VARINT_CACHE = 1 << 16
 
 
-def _varint(value: int) -> bytes:
-    """Protocol-buffer base-128 varint; negative int64 as its 64-bit two's complement."""
-    if value < 0:
-        value += 1 << 64
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-_VARINTS = [_varint(i) for i in range(_VARINT_CACHE)]
+_VARINTS = [varint(i) for i in range(_VARINT_CACHE)]
 
 
 def _enc(value: int) -> bytes:
-    return _VARINTS[value] if 0 <= value < _VARINT_CACHE else _varint(value)
+    return _VARINTS[value] if 0 <= value < _VARINT_CACHE else varint(value)
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -171,7 +157,7 @@ def _field(number: int, payload: bytes) -> bytes:
 def _packed(values: Sequence[int]) -> bytes:
     """Packed varints of int64 values."""
     if values and (min(values) < 0 or max(values) >= _VARINT_CACHE):
-        return b"".join([_varint(v) for v in values])
+        return b"".join([varint(v) for v in values])
     return b"".join(map(_VARINTS.__getitem__, values))
 
 
@@ -208,25 +194,14 @@ def serialize_example(input_ids: Sequence[int], length: int) -> bytes:
     return b"\x0a" + _enc(len(features)) + features
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
 def _fields(data: bytes) -> Iterator[tuple[int, bytes]]:
     """Length-delimited fields of a message (the only wire type our Example uses besides varints)."""
     pos = 0
     while pos < len(data):
-        tag, pos = _read_varint(data, pos)
+        tag, pos = read_varint(data, pos)
         if tag & 7 != 2:
             raise ValueError(f"unexpected wire type {tag & 7} in tf.train.Example bytes")
-        size, pos = _read_varint(data, pos)
+        size, pos = read_varint(data, pos)
         yield tag >> 3, data[pos : pos + size]
         pos += size
 
@@ -249,7 +224,7 @@ def parse_example(data: bytes) -> dict[str, list[int]]:
                 for _, packed in _fields(body):
                     pos = 0
                     while pos < len(packed):
-                        v, pos = _read_varint(packed, pos)
+                        v, pos = read_varint(packed, pos)
                         values.append(v - (1 << 64) if v >= 1 << 63 else v)
             out[key] = values
     return out

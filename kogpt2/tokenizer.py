@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from kogpt2.protowire import read_varint, varint
+
 SPIECE_SUFFIXES = (".spiece", ".model")
 SPECIAL_PIECES = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
 #: The KoGPT2 v1 ids of the special pieces; trained tokenizers use the same.
@@ -162,42 +164,22 @@ class Tokenizer(ABC):
 _UNUSED = 5  # ModelProto.SentencePiece.Type.UNUSED: never produced by encoding
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        b = data[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, value = value & 0x7F, value >> 7
-        out.append(b | 0x80 if value else b)
-        if not value:
-            return bytes(out)
-
-
 def _proto_fields(data: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
     """Top-level protobuf fields: ``(number, wire type, raw field bytes, payload of a length-delimited field)``."""
     pos = 0
     while pos < len(data):
         start = pos
-        key, pos = _read_varint(data, pos)
+        key, pos = read_varint(data, pos)
         wire = key & 7
         payload = b""
         if wire == 0:
-            _, pos = _read_varint(data, pos)
+            _, pos = read_varint(data, pos)
         elif wire == 1:
             pos += 8
         elif wire == 5:
             pos += 4
         elif wire == 2:
-            n, pos = _read_varint(data, pos)
+            n, pos = read_varint(data, pos)
             payload = data[pos : pos + n]
             pos += n
         else:
@@ -220,7 +202,7 @@ def mark_pieces_unused(model_proto: bytes, ids: frozenset[int]) -> bytes:
         if number == 1 and wire == 2:  # repeated SentencePiece pieces = 1
             if index in ids:
                 body = b"".join(r for n, _, r, _ in _proto_fields(payload) if n != 3) + bytes([3 << 3, _UNUSED])
-                raw = bytes([1 << 3 | 2]) + _varint(len(body)) + body
+                raw = bytes([1 << 3 | 2]) + varint(len(body)) + body
             index += 1
         out += raw
     return bytes(out)
