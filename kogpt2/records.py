@@ -6,7 +6,7 @@ tests check), so Beam workers stay light and fast. The features are those of
 ``schemas/tfrecord_example.json``: ``input_ids`` (int64 [max_len]) and ``length`` (int64).
 
 The batch functions (:func:`flatten`, :func:`frame_flat`, :func:`truncate_flat`,
-:func:`tfrecord_examples`, :func:`tfrecord_frames`, :func:`pack_array`, :func:`split_masks`) do
+:func:`tfrecord_example_batch`, :func:`tfrecord_frames`, :func:`pack_array`, :func:`split_masks`) do
 the same work on thousands of sequences at once, on flat numpy arrays of ids with their lengths,
 and give exactly the bytes of their one-at-a-time counterparts. TFRecord framing (length, masked
 CRC32C, data, masked CRC32C) is written here too (:func:`tfrecord_frame`), with
@@ -294,30 +294,26 @@ def truncate_flat(flat: np.ndarray, lengths: np.ndarray, max_len: int) -> tuple[
     return flat[np.arange(len(flat)) - np.repeat(starts, lengths) < max_len], np.minimum(lengths, max_len)
 
 
-def _varints(values: np.ndarray) -> tuple[bytes, np.ndarray]:
-    """Varints of non-negative values below 2**35, concatenated, and where each value's bytes start (and the end)."""
-    top = int(values.max()) if len(values) else 0
-    width = 1
-    while width < _VARINT_MAX_BYTES and top >= 1 << (7 * width):
-        width += 1
-    v: np.ndarray[Any, Any] = values.astype(np.uint32 if width <= 4 else np.uint64)
-    more = [v >= (1 << (7 * k)) for k in range(1, width)]  # the value needs byte k (k >= 1)
-    table = np.empty((len(v), width), dtype=np.uint8)
-    keep = np.empty((len(v), width), dtype=bool)
-    keep[:, 0] = True
-    for k in range(width):
-        byte = (v >> (7 * k)) & 0x7F
-        if k + 1 < width:
-            byte |= more[k].astype(v.dtype) << 7
-            keep[:, k + 1] = more[k]
-        table[:, k] = byte
-    starts = np.zeros(len(v) + 1, dtype=np.int64)
-    np.cumsum(keep.sum(axis=1), out=starts[1:])
-    return table[keep].tobytes(), starts
-
-
 def tfrecord_examples(flat: np.ndarray, lengths: np.ndarray, max_len: int, pad_id: int) -> list[bytes]:
-    """Framed TFRecords of padded examples, vectorized: ``tfrecord_frame(serialize_example(*pad(seq)))`` each.
+    """Framed TFRecords of padded examples: ``tfrecord_frame(serialize_example(*pad(seq)))`` each.
+
+    The same bytes as :func:`tfrecord_example_batch`, one ``bytes`` per sequence.
+    """
+    data, sizes = tfrecord_example_batch(flat, lengths, max_len, pad_id)
+    return split_buffer(data.tobytes(), sizes)
+
+
+def tfrecord_example_batch(
+    flat: np.ndarray, lengths: np.ndarray, max_len: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Framed TFRecords of padded examples, vectorized, as one buffer: no Python code runs per id.
+
+    Each record is its TFRecord header and the Example up to its first id, the ids' varints, the
+    padding and ``length`` feature, and the masked CRC32C. The parts around the ids depend only
+    on (varint bytes, length), so they are made once per such pair. A batch is laid out as a
+    table, one row per record (those parts and a slot of varint bytes per id), with a mask of the
+    bytes each row uses: the records are the masked bytes in row order. Only the CRC is computed
+    per record (``google-crc32c``, in C).
 
     Args:
         flat: the ids of every sequence, concatenated (:func:`flatten`); none longer than ``max_len``.
@@ -326,40 +322,135 @@ def tfrecord_examples(flat: np.ndarray, lengths: np.ndarray, max_len: int, pad_i
         pad_id: the padding id.
 
     Returns:
-        One framed record per sequence, byte-identical to the one-at-a-time functions.
+        ``(data, sizes)``: the framed records concatenated (uint8) and each one's size; byte-identical
+        to the one-at-a-time functions.
+
+    Raises:
+        ValueError: a sequence is longer than ``max_len``.
     """
-    lens = lengths.tolist()
-    if not lens:
-        return []
-    if max(lens) > max_len:
-        raise ValueError(f"sequence of {max(lens)} tokens does not fit max_len={max_len}; fit() it first")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    if not n:
+        return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64)
+    if int(lengths.max()) > max_len:
+        raise ValueError(f"sequence of {int(lengths.max())} tokens does not fit max_len={max_len}; fit() it first")
     if len(flat) and (int(flat.min()) < 0 or int(flat.max()) >= 1 << (7 * _VARINT_MAX_BYTES)) or pad_id < 0:
-        return tfrecord_frames([serialize_example(*pad(seq, max_len, pad_id)) for seq in unflatten(flat, lengths)])
-    body, starts = _varints(flat)
-    value_bounds = np.zeros(len(lens) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=value_bounds[1:])
-    bounds = starts[value_bounds].tolist()
-    parts = _PARTS.setdefault((max_len, pad_id), {})
+        frames = tfrecord_frames([serialize_example(*pad(seq, max_len, pad_id)) for seq in unflatten(flat, lengths)])
+        return np.frombuffer(b"".join(frames), dtype=np.uint8), np.fromiter(map(len, frames), np.int64, n)
+    rows = max(1, _TABLE_SLOTS // max_len)  # a table of at most about _TABLE_SLOTS ids at a time
+    if n > rows:
+        ends = np.cumsum(lengths)
+        chunks = []
+        for a in range(0, n, rows):
+            b = min(n, a + rows)
+            lo, hi = int(ends[a - 1]) if a else 0, int(ends[b - 1])
+            chunks.append(tfrecord_example_batch(flat[lo:hi], lengths[a:b], max_len, pad_id))
+        return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+    top = int(flat.max()) if len(flat) else 0
+    width = 1
+    while width < _VARINT_MAX_BYTES and top >= 1 << (7 * width):
+        width += 1
+    dtype = np.uint32 if width <= 4 else np.uint64
+    used = np.arange(max_len) < lengths[:, None]  # (n, max_len): the id slots each record fills
+    ids = np.zeros((n, max_len), dtype=dtype)
+    ids[used] = flat
+    # each id's varint: 7 bits a byte, low bits first, the top bit set on all but its last byte
+    needed = used.astype(np.uint8)  # bytes of each id's varint (0 for an empty slot)
+    for k in range(1, width):
+        needed += (ids >= (1 << (7 * k))) & used
+    # each id's varint, a byte plane at a time: 7 bits a byte, low bits first, the top bit set on
+    # all but its last byte
+    planes = [
+        ((ids >> (7 * k)) & 0x7F).astype(np.uint8) | ((needed > k + 1).astype(np.uint8) << 7) for k in range(width)
+    ]
+    varint = np.stack(planes, axis=-1).reshape(n, -1)
+    varint_used = np.stack([needed > k for k in range(width)], axis=-1).reshape(n, -1)
+    body_lens = needed.sum(axis=1, dtype=np.int64)
+    kinds, which = np.unique(body_lens * (max_len + 1) + lengths, return_inverse=True)
+    parts = _PARTS.get((max_len, pad_id))
+    if parts is None:
+        parts = _PARTS[(max_len, pad_id)] = _ExampleParts(max_len, pad_id)
+    row = parts.rows(kinds.tolist())[which]
+    head_lens, tail_lens = parts.head_lens[row], parts.tail_lens[row]
+    table = np.concatenate([parts.heads[row], varint, parts.tails[row], np.zeros((n, TFRECORD_TAIL), np.uint8)], axis=1)
+    mask = np.concatenate(
+        [
+            np.arange(parts.heads.shape[1]) < head_lens[:, None],
+            varint_used,
+            np.arange(parts.tails.shape[1]) < tail_lens[:, None],
+            np.ones((n, TFRECORD_TAIL), dtype=bool),
+        ],
+        axis=1,
+    )
+    data = table[mask]
+    sizes = head_lens + body_lens + tail_lens + TFRECORD_TAIL
+    ends = np.cumsum(sizes)
+    _put_crcs(data, ends - sizes + TFRECORD_HEAD, ends - TFRECORD_TAIL)
+    return data, sizes
+
+
+#: Ids laid out at once by :func:`tfrecord_example_batch` (bounds its memory: a few bytes each).
+_TABLE_SLOTS = 1 << 18
+
+
+class _ExampleParts:
+    """The bytes around the ids of padded examples, one row per kind (``body bytes * (max_len + 1) + length``).
+
+    ``heads``: the TFRecord header and the Example up to its first id; ``tails``: the padding and
+    the ``length`` feature; zero-padded rows, with their lengths. Rows are added as kinds appear.
+    """
+
+    def __init__(self, max_len: int, pad_id: int):
+        self.max_len, self.pad_id = max_len, pad_id
+        self.index: dict[int, int] = {}
+        self.parts: list[tuple[bytes, bytes]] = []
+        self.heads = self.tails = np.zeros((0, 0), dtype=np.uint8)
+        self.head_lens = self.tail_lens = np.zeros(0, dtype=np.int64)
+
+    def rows(self, kinds: list[int]) -> np.ndarray:
+        """The row of each kind."""
+        index = self.index
+        missing = [k for k in kinds if k not in index]
+        if missing:
+            for kind in missing:
+                prefix, tail, head = _example_parts(*divmod(kind, self.max_len + 1), self.max_len, self.pad_id)
+                index[kind] = len(self.parts)
+                self.parts.append((head + prefix, tail))
+            (self.heads, self.head_lens), (self.tails, self.tail_lens) = (
+                _rows([p[i] for p in self.parts]) for i in (0, 1)
+            )
+        return np.fromiter(map(index.__getitem__, kinds), np.int64, len(kinds))
+
+
+def _rows(parts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Byte strings as zero-padded rows of a table, and their lengths."""
+    lens = np.fromiter(map(len, parts), np.int64, len(parts))
+    rows = np.zeros((len(parts), int(lens.max())), dtype=np.uint8)
+    rows[np.arange(rows.shape[1]) < lens[:, None]] = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    return rows, lens
+
+
+def _put_crcs(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
+    """Write the masked CRC32C of each ``data[start:end]`` into the 4 bytes at ``end`` (little-endian)."""
     import google_crc32c
 
-    crc32c = google_crc32c.value
-    width = max_len + 1
-    out = []
-    for r, n in enumerate(lens):
-        a, b = bounds[r], bounds[r + 1]
-        key = (b - a) * width + n
-        known = parts.get(key)
-        if known is None:
-            known = parts[key] = _example_parts(b - a, n, max_len, pad_id)
-        prefix, tail, head = known
-        example = prefix + body[a:b] + tail
-        crc = crc32c(example)
-        out.append(head + example + ((((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF).to_bytes(4, "little"))
-    return out
+    value = google_crc32c.value
+    whole = data.tobytes()  # google-crc32c takes bytes only
+    crcs = np.fromiter(
+        map(value, map(whole.__getitem__, map(slice, starts.tolist(), ends.tolist()))), np.uint64, len(ends)
+    )
+    masked = (((crcs >> np.uint64(15)) | (crcs << np.uint64(17))) + np.uint64(_MASK_DELTA)) & np.uint64(0xFFFFFFFF)
+    data[ends[:, None] + np.arange(4)] = masked.astype("<u4").view(np.uint8).reshape(-1, 4)
 
 
-#: ``(max_len, pad_id) -> {key: (prefix, tail, TFRecord header)}``: what a padded example adds around its ids.
-_PARTS: dict[tuple[int, int], dict[int, tuple[bytes, bytes, bytes]]] = {}
+def split_buffer(data: bytes, sizes: np.ndarray) -> list[bytes]:
+    """Cut ``data`` into consecutive pieces of ``sizes`` bytes."""
+    ends = np.cumsum(sizes).tolist()
+    return [data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+#: ``(max_len, pad_id) ->`` what padded examples add around their ids.
+_PARTS: dict[tuple[int, int], _ExampleParts] = {}
 
 
 def _example_parts(body_len: int, length: int, max_len: int, pad_id: int) -> tuple[bytes, bytes, bytes]:

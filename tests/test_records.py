@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+import numpy as np
+
 from kogpt2.records import (
     assign_shard,
     assign_split,
@@ -165,6 +167,22 @@ def test_tfrecord_examples_are_the_one_at_a_time_bytes(top: int) -> None:
     assert tfrecord_frames([serialize_example(*pad(seq, 8, PAD)) for seq in seqs]) == expected
     with pytest.raises(ValueError, match="max_len=7"):
         tfrecord_examples(flat, lengths, 7, PAD)
+
+
+def test_tfrecord_example_batch_is_the_same_in_any_chunks(monkeypatch) -> None:
+    """Big batches are laid out in chunks of rows; every chunking, length and id width gives the same bytes."""
+    from kogpt2 import records
+
+    rng = np.random.default_rng(7)
+    seqs = [[BOS, *rng.integers(0, 60_000, int(rng.integers(0, 15))).tolist(), EOS] for _ in range(500)]
+    flat, lengths = flatten(seqs)
+    expected = [tfrecord_frame(serialize_example(*pad(seq, 17, PAD))) for seq in seqs]
+    for slots in (17, 17 * 3, 1 << 18):
+        monkeypatch.setattr(records, "_TABLE_SLOTS", slots)
+        data, sizes = records.tfrecord_example_batch(flat, lengths, 17, PAD)
+        assert sizes.tolist() == [len(e) for e in expected]
+        assert data.tobytes() == b"".join(expected)
+    assert records.tfrecord_example_batch(flat[:0], lengths[:0], 17, PAD)[1].tolist() == []
 
 
 def test_split_masks_agree_with_assign_split_and_shard() -> None:
