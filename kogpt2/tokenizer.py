@@ -262,7 +262,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         normalized = [normalize(t) for t in texts]
-        return [list(x) for x in self._encoder.encode(normalized, enable_sampling=False)]
+        return list(self._encoder.encode(normalized, enable_sampling=False))
 
     def _decode_ids(self, ids: list[int]) -> str:
         return str(self._sp.decode(ids))
