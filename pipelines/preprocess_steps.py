@@ -7,7 +7,7 @@ pure functions of :mod:`kogpt2.text` and :mod:`kogpt2.records`.
 from __future__ import annotations
 
 import os
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, NamedTuple
@@ -22,7 +22,7 @@ from kogpt2.tokenizer import Tokenizer, load_tokenizer
 from pipelines.common import local_copy
 from pipelines.counters import Counters
 from pipelines.preprocess_config import Plan, PreprocessConfig
-from pipelines.run_records import run_record
+from pipelines.run_records import KEY_LEN, FileBatch, batch_of, run_record
 from pipelines.textio import REJECTED_FILE, LineBatch, rejected_entry
 
 _TOKENIZERS: dict[tuple[str, int, int], Tokenizer] = {}
@@ -235,8 +235,8 @@ class MakeExamples(beam.DoFn):
     """Assign split and shard by the text hash; fit, pad, serialize and frame as TFRecords, a batch at a time.
 
     With ``packing`` sentences stay whole (token ids) until :class:`~pipelines.sorted_shards.WriteShards`
-    packs them. Main output: ``{shard file name: [run records]}`` per batch, keyed by the text hash
-    and window index. ``stats`` output.
+    packs them. Main output: a :class:`~pipelines.run_records.FileBatch` per batch: run records
+    keyed by the text hash and window index, each with its shard file. ``stats`` output.
     """
 
     STATS = "stats"
@@ -251,44 +251,74 @@ class MakeExamples(beam.DoFn):
         self.unk_id = int(plan.tokenizer["unk_id"])
 
     def setup(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.counters = Counters()
+        # the examples of a batch are made on a thread (numpy releases the GIL) while this
+        # worker's thread reads and cleans the next ones
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="examples")
+
+    def start_bundle(self) -> None:
+        self.pending: deque[Future[tuple[FileBatch, dict[str, int]]]] = deque()
 
     def process(self, batch: EncodedBatch) -> Iterator[Any]:
+        self.pending.append(self.pool.submit(self.examples, batch))
+        while len(self.pending) > 1:
+            yield from self.outputs(self.pending.popleft().result())
+
+    def finish_bundle(self) -> Iterator[Any]:
+        while self.pending:
+            items, stats = self.outputs(self.pending.popleft().result())
+            yield GlobalWindows.windowed_value(items)
+            yield beam.pvalue.TaggedOutput(self.STATS, GlobalWindows.windowed_value(stats.value))
+
+    def teardown(self) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def outputs(self, made: tuple[FileBatch, dict[str, int]]) -> tuple[FileBatch, beam.pvalue.TaggedOutput]:
+        items, stats = made
+        self.counters.add(stats)
+        return items, beam.pvalue.TaggedOutput(self.STATS, stats)
+
+    def examples(self, batch: EncodedBatch) -> tuple[FileBatch, dict[str, int]]:
+        """The run records of a batch, with their output files, and its counts."""
         digests, flat, lengths = batch
         names = (self.names["train"], self.names["validation"])
         splits, shards = records.split_masks(digests, self.val_fraction, (len(names[0]), len(names[1])))
         max_len, packing = self.max_len, self.packing
         overflowed = 0 if packing else int((lengths > max_len).sum())
         if packing:  # whole sentences (int32 ids), packed into blocks by WriteShards
-            owners: Sequence[int] = range(len(digests))
+            owners: np.ndarray = np.arange(len(digests))
             windows = None
             pieces, piece_lengths = flat, lengths
-            ends = (np.cumsum(lengths) * 4).tolist()
-            data = flat.astype(np.int32).tobytes()
-            payloads = [data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+            data, sizes = flat.astype(np.int32).view(np.uint8), lengths * 4
         else:
             if self.overflow == "truncate" or not overflowed:
-                owners, windows = range(len(digests)), None
+                owners, windows = np.arange(len(digests)), None
                 pieces, piece_lengths = records.truncate_flat(flat, lengths, max_len)
             else:
                 owned, fitted = records.fit_batch(records.unflatten(flat, lengths), max_len, self.overflow)
-                owners, windows = owned, window_indices(owned)
+                owners, windows = np.asarray(owned, dtype=np.int64), window_indices(owned)
                 pieces, piece_lengths = records.flatten(fitted)
-            payloads = records.tfrecord_examples(pieces, piece_lengths, max_len, self.pad_id)
+            data, sizes = records.tfrecord_example_batch(pieces, piece_lengths, max_len, self.pad_id)
         # per split (0 = train, 1 = validation): tokens, <unk> tokens, sequences
-        piece_split = np.asarray(splits, dtype=np.int64)[np.asarray(owners, dtype=np.int64)]
+        piece_split = np.asarray(splits, dtype=np.int64)[owners]
         rows = np.repeat(np.arange(len(piece_lengths)), piece_lengths)
         unk_split = piece_split[rows[pieces == self.unk_id]]
         tokens = np.bincount(piece_split, weights=piece_lengths, minlength=2).astype(np.int64).tolist()
         unks = np.bincount(unk_split, minlength=2).tolist()
         sequences = [0, 0] if packing else np.bincount(piece_split, minlength=2).tolist()
-        items: dict[str, list[bytes]] = defaultdict(list)
-        for k, (o, payload) in enumerate(zip(owners, payloads, strict=True)):
-            window = b"\0\0\0\0" if windows is None else windows[k].to_bytes(4, "big")
-            items[names[splits[o]][shards[o]]].append(digests[o] + window + len(payload).to_bytes(4, "big") + payload)
+        # sort keys: the text's hash, then the window's index (big-endian)
+        keys = np.zeros((len(owners), KEY_LEN), dtype=np.uint8)
+        keys[:, :16] = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 16)[owners]
+        if windows is not None:
+            keys[:, 16:] = np.asarray(windows, dtype=">u4").view(np.uint8).reshape(-1, 4)
+        # the output file of each piece: its split's shard, numbered train files first
+        files = piece_split * len(names[0]) + np.asarray(shards, dtype=np.int64)[owners]
+        items = FileBatch((*names[0], *names[1]), files, batch_of(keys, data, sizes))
         stats = {"truncated" if self.overflow == "truncate" else "windowed": overflowed}
         for v, split in enumerate(records.SPLITS):
             stats.update({f"tokens.{split}": tokens[v], f"unk.{split}": unks[v], f"sequences.{split}": sequences[v]})
-        self.counters.add(stats)
-        yield dict(items)
-        yield beam.pvalue.TaggedOutput(self.STATS, stats)
+        return items, stats

@@ -6,20 +6,19 @@ runs, streaming, and writes the file (:class:`WriteShards`): a gzip TFRecord sha
 rejected-lines JSONL. The output is byte-identical whatever order the runner used, and
 memory stays flat because records never pass through an in-memory shuffle.
 
-A run record is a 20-byte sort key, a 4-byte big-endian payload length and the payload.
-Sorting the raw record bytes sorts by key (ties, equal keys, by length and payload: a total order).
+Records travel and are stored as columns (:class:`pipelines.run_records.RunBatch`): sorting a
+buffer, merging runs and writing a shard are numpy operations on thousands of records at a time.
+Their order is a total order (key, then payload length, then payload).
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import os
 import shutil
 import tempfile
 import uuid
 import zlib
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -30,15 +29,25 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
 from kogpt2 import records
+from kogpt2.records import split_buffer
 from pipelines.common import join
-from pipelines.run_records import KEY_LEN, record_payload
+from pipelines.run_records import (
+    FileBatch,
+    RunBatch,
+    concat,
+    count_at_most,
+    decode_blocks,
+    encode_blocks,
+    encode_pieces,
+    last_record,
+    order_of,
+    sorted_batch,
+)
 from pipelines.textio import REJECTED_FILE, write_rejected
 
 SPILL_PREFIX = "_spill-"
 #: A sorted run is merged with at most this many others at once (open files per task).
 MAX_FANIN = 64
-_RECORD_OVERHEAD = 48  # bytes of Python object per buffered record
-_CHUNK = 4096  # records joined per write
 #: Bytes read from a sorted run at a time when merging (at most: see :func:`merge_read_block`).
 READ_BLOCK = 1 << 20
 #: Bytes of run records a merge holds at once, over all its runs: each run's read block is this
@@ -66,17 +75,8 @@ def delete_spills(output: str) -> None:
 
 # --- sorted run files ------------------------------------------------------------------
 
-
-def _chunks(items: Iterable[bytes]) -> Iterator[list[bytes]]:
-    """``items`` in lists of up to _CHUNK."""
-    chunk: list[bytes] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == _CHUNK:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+#: Bytes of run records per block of a run file: the unit a merge reads.
+RUN_BLOCK = 64 << 10
 
 
 def _create_run(prefix: str) -> tuple[str, Any]:
@@ -85,21 +85,29 @@ def _create_run(prefix: str) -> tuple[str, Any]:
     return path, FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
-def _write_records(f: Any, recs: Iterable[bytes]) -> tuple[int, int]:
-    """Write run records; return (bytes, records) written."""
+def _write_batches(f: Any, batches: Iterable[RunBatch]) -> tuple[int, int]:
+    """Write sorted batches as blocks; return (bytes, records) written."""
     nbytes = count = 0
-    for chunk in _chunks(recs):
-        data = b"".join(chunk)
-        f.write(data)
-        nbytes, count = nbytes + len(data), count + len(chunk)
+    for batch in batches:
+        for block in encode_blocks(batch, RUN_BLOCK):
+            f.write(block)
+            nbytes += len(block)
+        count += batch.n_records
     return nbytes, count
 
 
-def _read_blocks(ref: RunRef, block: int = 0) -> Iterator[list[bytes]]:
-    """The records of one sorted run section ``(path, offset, bytes, records)``, a read block at a time."""
+def write_run(prefix: str, batches: Iterable[RunBatch]) -> RunRef:
+    """Write sorted batches as a new run file; return its section."""
+    path, f = _create_run(prefix)
+    with f:
+        nbytes, count = _write_batches(f, batches)
+    return (path, 0, nbytes, count)
+
+
+def _read_blocks(ref: RunRef, block: int = 0) -> Iterator[RunBatch]:
+    """The records of one sorted run section ``(path, offset, bytes, records)``, about ``block`` bytes at a time."""
     path, offset, nbytes, _ = ref
-    head = KEY_LEN + 4
-    block = block or READ_BLOCK
+    block = max(block or READ_BLOCK, RUN_BLOCK)
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         f.seek(offset)
         left = nbytes
@@ -109,26 +117,13 @@ def _read_blocks(ref: RunRef, block: int = 0) -> Iterator[list[bytes]]:
             if not chunk:
                 raise OSError(f"{path}: sorted run ends {left} bytes early")
             left -= len(chunk)
-            buf += chunk
-            pos, n = 0, len(buf)
-            recs = []
-            while pos + head <= n:
-                end = pos + head + int.from_bytes(buf[pos + KEY_LEN : pos + head], "big")
-                if end > n:
-                    break
-                recs.append(buf[pos:end])
-                pos = end
-            if recs:
-                yield recs
-            buf = buf[pos:]
+            buf = buf + chunk if buf else chunk
+            batches, used = decode_blocks(buf)
+            if batches:
+                yield concat(batches)
+            buf = buf[used:]
         if buf:
-            raise OSError(f"{path}: truncated record at the end of a sorted run")
-
-
-def _read_records(ref: RunRef, block: int = 0) -> Iterator[bytes]:
-    """Stream the records of one sorted run section ``(path, offset, bytes, records)``."""
-    for recs in _read_blocks(ref, block):
-        yield from recs
+            raise OSError(f"{path}: truncated block at the end of a sorted run")
 
 
 def merge_read_block(runs: int) -> int:
@@ -139,66 +134,55 @@ def merge_read_block(runs: int) -> int:
     return max(MIN_READ_BLOCK, min(READ_BLOCK, MERGE_BUDGET // max(1, runs)))
 
 
-def merge_blocks(refs: Sequence[RunRef]) -> Iterator[list[bytes]]:
-    """The records of sorted run sections, merged in order, in lists.
+def merge_blocks(refs: Sequence[RunRef]) -> Iterator[RunBatch]:
+    """The records of sorted run sections, merged in order, in batches.
 
     A block at a time from each run: every record up to the smallest of the blocks' last records
-    is taken from each and sorted together (``list.sort`` merges sorted sequences in C), so no
-    Python code runs per record. The blocks share :data:`MERGE_BUDGET` (:func:`merge_read_block`),
-    so the records held, and each list yielded, stay bounded however many runs are merged.
+    is taken from each and sorted together (numpy), so no Python code runs per record. The
+    blocks share :data:`MERGE_BUDGET` (:func:`merge_read_block`), so the records held, and each
+    batch yielded, stay bounded however many runs are merged.
     """
     block = merge_read_block(len(refs))
-    active: list[tuple[list[bytes], int, Iterator[list[bytes]]]] = []
+    active: list[tuple[RunBatch, Iterator[RunBatch]]] = []
     for ref in refs:
         blocks = _read_blocks(ref, block)
         first = next(blocks, None)
-        if first:
-            active.append((first, 0, blocks))
+        if first is not None and first.n_records:
+            active.append((first, blocks))
     while active:
         if len(active) == 1:
-            recs, i, blocks = active[0]
-            yield recs[i:] if i else recs
+            batch, blocks = active[0]
+            yield batch
             yield from blocks
             return
-        bound = min(recs[-1] for recs, _, _ in active)
-        out: list[bytes] = []
+        bound = min(last_record(batch) for batch, _ in active)
+        taken: list[RunBatch] = []
         refill = []
-        for recs, i, blocks in active:
-            j = bisect.bisect_right(recs, bound, i)
-            out.extend(recs[i:j])
-            if j < len(recs):
-                refill.append((recs, j, blocks))
+        for batch, blocks in active:
+            j = count_at_most(batch, bound)
+            if j:
+                taken.append(batch.slice(0, j))
+            if j < batch.n_records:
+                refill.append((batch.slice(j, batch.n_records), blocks))
             else:
                 following = next(blocks, None)
-                if following:
-                    refill.append((following, 0, blocks))
+                if following is not None and following.n_records:
+                    refill.append((following, blocks))
         active = refill
-        out.sort()
-        yield out
-
-
-def _merge(refs: Sequence[RunRef]) -> Iterator[bytes]:
-    for recs in merge_blocks(refs):
-        yield from recs
+        yield sorted_batch(concat(taken))
 
 
 def _reduce_runs(refs: Sequence[RunRef], prefix: str) -> list[RunRef]:
     """More than MAX_FANIN runs first merged in groups into new runs under ``prefix`` (bounded open files)."""
     refs = list(refs)
     while len(refs) > MAX_FANIN:
-        merged = []
-        for i in range(0, len(refs), MAX_FANIN):
-            path, f = _create_run(prefix)
-            with f:
-                nbytes, count = _write_records(f, _merge(refs[i : i + MAX_FANIN]))
-            merged.append((path, 0, nbytes, count))
-        refs = merged
+        refs = [write_run(prefix, merge_blocks(refs[i : i + MAX_FANIN])) for i in range(0, len(refs), MAX_FANIN)]
     return refs
 
 
-def merge_runs(refs: Sequence[RunRef], prefix: str) -> Iterator[bytes]:
-    """The records of sorted runs, merged in order (more than MAX_FANIN runs in rounds)."""
-    return _merge(_reduce_runs(refs, prefix))
+def merge_runs(refs: Sequence[RunRef], prefix: str) -> Iterator[RunBatch]:
+    """The records of sorted runs, merged in order (more than MAX_FANIN runs in rounds), in batches."""
+    return merge_blocks(_reduce_runs(refs, prefix))
 
 
 # --- DoFns -----------------------------------------------------------------------------
@@ -207,7 +191,9 @@ def merge_runs(refs: Sequence[RunRef], prefix: str) -> Iterator[bytes]:
 class SpillRuns(beam.DoFn):
     """Buffer run records per output file, sort them and write them as sorted runs.
 
-    Input: ``{output file name: [run records]}``. Output: ``(output file name, (run path, offset, bytes, records))`` per run section.
+    Input: ``{output file name: RunBatch, or a list of run records}``, or a
+    :class:`~pipelines.run_records.FileBatch` (records of several files in one batch). Output:
+    ``(output file name, (run path, offset, bytes, records))`` per run section.
     """
 
     def __init__(self, prefix: str, buffer_bytes: int):
@@ -215,13 +201,27 @@ class SpillRuns(beam.DoFn):
         self.buffer_bytes = buffer_bytes
 
     def start_bundle(self) -> None:
-        self.buffer: dict[str, list[bytes]] = defaultdict(list)
+        self._clear()
+
+    def _clear(self) -> None:
+        # the buffer as columns; payloads as bytes (about 40 bytes more a record than one array,
+        # but sorted and written without a copy of the whole buffer)
+        self.keys: list[np.ndarray] = []
+        self.sizes: list[np.ndarray] = []
+        self.files: list[np.ndarray] = []
+        self.pieces: list[bytes] = []
+        self.names: dict[str, int] = {}
         self.size = 0
 
-    def process(self, items: dict[str, list[bytes]]) -> Iterator[tuple[str, RunRef]]:
-        for name, recs in items.items():
-            self.buffer[name].extend(recs)
-            self.size += sum(map(len, recs)) + _RECORD_OVERHEAD * len(recs)
+    def process(self, items: dict[str, Any] | FileBatch) -> Iterator[tuple[str, RunRef]]:
+        batches = [items] if isinstance(items, FileBatch) else [FileBatch.of(name, b) for name, b in items.items()]
+        for fb in batches:
+            number = np.array([self.names.setdefault(name, len(self.names)) for name in fb.names], np.int64)
+            self.keys.append(fb.batch.keys)
+            self.sizes.append(fb.batch.sizes)
+            self.files.append(number[fb.files])
+            self.pieces += split_buffer(fb.batch.data.tobytes(), fb.batch.sizes)
+            self.size += fb.batch.nbytes
         if self.size >= self.buffer_bytes:
             yield from self._flush()
 
@@ -230,27 +230,40 @@ class SpillRuns(beam.DoFn):
             yield GlobalWindows.windowed_value(out)
 
     def _flush(self) -> Iterator[tuple[str, RunRef]]:
-        if not self.buffer:
+        if not self.pieces:
+            self._clear()
             return
+        # files numbered in name order, so that a run's sections come in name order
+        names = sorted(self.names)
+        renumber = np.empty(len(names), np.int64)
+        for i, name in enumerate(names):
+            renumber[self.names[name]] = i
+        files = renumber[np.concatenate(self.files)]
+        keys, sizes, pieces = np.concatenate(self.keys), np.concatenate(self.sizes), self.pieces
+        order = order_of(keys, sizes, lambda: pieces, files)
+        bounds = np.searchsorted(files[order], np.arange(len(names) + 1))
         path, f = _create_run(self.prefix)
         offset = 0
         sections = []
         with f:
-            for name in sorted(self.buffer):
-                recs = self.buffer[name]
-                recs.sort()
-                nbytes, count = _write_records(f, recs)
-                sections.append((name, (path, offset, nbytes, count)))
+            for i, name in enumerate(names):
+                a, b = int(bounds[i]), int(bounds[i + 1])
+                if a == b:
+                    continue
+                nbytes = 0
+                for block in encode_pieces(keys, sizes, pieces, order[a:b], RUN_BLOCK):
+                    f.write(block)
+                    nbytes += len(block)
+                sections.append((name, (path, offset, nbytes, b - a)))
                 offset += nbytes
-        self.buffer = defaultdict(list)
-        self.size = 0
+        self._clear()
         yield from sections
 
 
 class WriteShards(beam.DoFn):
     """Merge the sorted runs of one output file and write it (TFRecord shard or rejected JSONL).
 
-    Shard records hold framed TFRecords (:func:`kogpt2.records.tfrecord_frames`), or with
+    Shard records hold framed TFRecords (:func:`kogpt2.records.tfrecord_example_batch`), or with
     ``packing`` token ids packed into ``max_len`` blocks here; the rejected
     file's hold dead-letter payloads (:mod:`pipelines.textio`). No TensorFlow: the gzip TFRecord
     file is written by :func:`write_tfrecord`.
@@ -270,39 +283,42 @@ class WriteShards(beam.DoFn):
         self, element: tuple[str, Iterable[Any]], line_counts: list[tuple[str, int, int]]
     ) -> Iterator[dict[str, Any]]:
         name, refs = element
-        runs = _reduce_runs(sorted(r for r in refs if r is not None), self.prefix)
+        merged = merge_runs(sorted(r for r in refs if r is not None), self.prefix)
         path = join(self.output, name)
         if name == REJECTED_FILE:
-            yield {
-                "name": name,
-                "split": "rejected",
-                **write_rejected(path, map(record_payload, _merge(runs)), line_counts),
-            }
+            payloads = (payload for batch in merged for payload in batch.payloads())
+            yield {"name": name, "split": "rejected", **write_rejected(path, payloads, line_counts)}
             return
-        head = KEY_LEN + 4
-        merged = merge_blocks(runs)
         chunks = (
             pack_chunks(merged, self.max_len, self.pad_id)
             if self.packing
-            else ([rec[head:] for rec in recs] for recs in merged)
+            else ((batch.data, batch.sizes) for batch in merged)
         )
         yield {"name": name, "split": name.split("-", 1)[0], **write_tfrecord(path, chunks)}
 
 
-def pack_chunks(chunks: Iterable[list[bytes]], max_len: int, pad_id: int) -> Iterator[list[bytes]]:
-    """Framed TFRecords of ``max_len`` blocks packed from chunks of run records holding token ids.
+#: Framed TFRecords: their bytes concatenated and each one's size.
+Frames = tuple[Any, np.ndarray]
+
+
+def frames_of(records_: Sequence[bytes]) -> Frames:
+    """:data:`Frames` of a list of framed records."""
+    return b"".join(records_), np.fromiter(map(len, records_), np.int64, len(records_))
+
+
+def pack_chunks(batches: Iterable[RunBatch], max_len: int, pad_id: int) -> Iterator[Frames]:
+    """Framed TFRecords of ``max_len`` blocks packed from batches of run records holding token ids.
 
     The same blocks as :func:`kogpt2.records.pack` over the sequences in order: only the last is padded.
     """
     rest = np.zeros(0, dtype=np.int64)
-    head = KEY_LEN + 4
-    for chunk in chunks:
-        ids = np.frombuffer(b"".join([rec[head:] for rec in chunk]), dtype=np.int32)
+    for batch in batches:
+        ids = batch.data.view(np.int32)
         blocks, rest = records.pack_array(np.concatenate([rest, ids.astype(np.int64)]), max_len)
         if len(blocks):
-            yield records.tfrecord_examples(blocks.reshape(-1), np.full(len(blocks), max_len), max_len, pad_id)
+            yield records.tfrecord_example_batch(blocks.reshape(-1), np.full(len(blocks), max_len), max_len, pad_id)
     if len(rest):
-        yield records.tfrecord_examples(rest, np.array([len(rest)]), max_len, pad_id)
+        yield records.tfrecord_example_batch(rest, np.array([len(rest)]), max_len, pad_id)
 
 
 #: gzip as ``tf.io.TFRecordWriter(path, "GZIP")`` writes it: zlib's default level, memLevel 9.
@@ -386,7 +402,7 @@ class GzipBlockWriter:
             self.pool.shutdown(cancel_futures=True)
 
 
-def write_tfrecord(path: str, chunks: Iterable[Sequence[bytes]]) -> dict[str, Any]:
+def write_tfrecord(path: str, chunks: Iterable[Frames]) -> dict[str, Any]:
     """Write framed TFRecords as a GZIP TFRecord file, without TensorFlow.
 
     Blocks are compressed on :data:`GZIP_THREADS` threads (:class:`GzipBlockWriter`) while the
@@ -394,7 +410,8 @@ def write_tfrecord(path: str, chunks: Iterable[Sequence[bytes]]) -> dict[str, An
 
     Args:
         path: the file to write (any Beam filesystem).
-        chunks: lists of :func:`kogpt2.records.tfrecord_frame` records, in file order.
+        chunks: :data:`Frames` (framed records concatenated, their sizes) in file order
+            (:func:`frames_of` makes them of a list of :func:`kogpt2.records.tfrecord_frame` records).
 
     Returns:
         ``{"examples": count, "sha256": of the serialized examples (the records' data) concatenated}``.
@@ -412,10 +429,16 @@ def write_tfrecord(path: str, chunks: Iterable[Sequence[bytes]]) -> dict[str, An
     with open(target, "wb") as f:
         gz = GzipBlockWriter(f)
         try:
-            for chunk in chunks:
-                gz.write(b"".join(chunk))
-                digest.update(b"".join([rec[head:-tail] for rec in chunk]))  # serialized Examples are self-delimiting
-                count += len(chunk)
+            for data, sizes in chunks:
+                data = data if isinstance(data, bytes) else np.asarray(data, dtype=np.uint8).tobytes()
+                gz.write(data)
+                # the serialized Examples (self-delimiting), without their framing
+                ends = np.cumsum(sizes)
+                inner = np.ones(len(data), dtype=bool)
+                inner[((ends - sizes)[:, None] + np.arange(head)).reshape(-1)] = False
+                inner[((ends - tail)[:, None] + np.arange(tail)).reshape(-1)] = False
+                digest.update(np.frombuffer(data, dtype=np.uint8)[inner].tobytes())
+                count += len(sizes)
         except BaseException:
             gz.abort()
             raise

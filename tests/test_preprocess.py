@@ -174,27 +174,44 @@ def test_merge_blocks_merges_sorted_runs_in_order(tmp_path: Path, monkeypatch, b
     import random
 
     monkeypatch.setattr(sorted_shards, "READ_BLOCK", block)
+    monkeypatch.setattr(sorted_shards, "RUN_BLOCK", block)
     rng = random.Random(block)
     keys = [bytes(rng.randrange(4) for _ in range(run_records.KEY_LEN)) for _ in range(400)]  # many ties
-    recs = [run_records.run_record(k, b"x" * rng.randrange(5)) for k in keys]
-    refs = []
-    for r in range(5):
-        path, f = sorted_shards._create_run(str(tmp_path / "_spill-t-"))
-        part = sorted(recs[r::5])
-        with f:
-            nbytes, count = sorted_shards._write_records(f, part)
-        refs.append((path, 0, nbytes, count))
-    merged = [rec for recs in sorted_shards.merge_blocks(refs) for rec in recs]
+    recs = [run_records.run_record(k, bytes(rng.randrange(2) for _ in range(rng.randrange(5)))) for k in keys]
+    recs += recs[:40]  # equal records, in different runs
+    prefix = str(tmp_path / "_spill-t-")
+    refs = [sorted_shards.write_run(prefix, [run_records.batch_from_records(sorted(recs[r::5]))]) for r in range(5)]
+    merged = [rec for batch in sorted_shards.merge_blocks(refs) for rec in batch.records()]
     assert merged == sorted(recs)
-    assert list(sorted_shards.merge_runs(refs, str(tmp_path / "_spill-u-"))) == sorted(recs)
+    merged = [rec for batch in sorted_shards.merge_runs(refs, str(tmp_path / "_spill-u-")) for rec in batch.records()]
+    assert merged == sorted(recs)
+
+
+def test_spill_sorts_what_arrives_in_any_order(tmp_path: Path) -> None:
+    """A worker's buffer is written sorted (key, size, payload) whatever order its batches came in."""
+    import random
+
+    rng = random.Random(5)
+    recs = [
+        run_records.run_record(bytes(rng.randrange(3) for _ in range(run_records.KEY_LEN)), bytes([rng.randrange(3)]))
+        for _ in range(300)
+    ]
+    spill = sorted_shards.SpillRuns(str(tmp_path / "_spill-s-"), 1 << 30)
+    spill.start_bundle()
+    for i in range(0, 300, 70):
+        assert not list(spill.process({"f": run_records.batch_from_records(recs[i : i + 70])}))
+    (name, ref), *_ = [w.value for w in spill.finish_bundle()]
+    assert name == "f" and ref[3] == 300
+    assert [rec for batch in sorted_shards.merge_blocks([ref]) for rec in batch.records()] == sorted(recs)
 
 
 def test_merge_memory_stays_bounded_however_many_runs(tmp_path: Path, monkeypatch) -> None:
-    """Many runs share the merge's budget: the records held (and each list yielded) do not grow with the runs."""
+    """Many runs share the merge's budget: the records held (and each batch yielded) do not grow with the runs."""
     import random
 
     budget = 8192
     monkeypatch.setattr(sorted_shards, "READ_BLOCK", 4096)
+    monkeypatch.setattr(sorted_shards, "RUN_BLOCK", 64)
     monkeypatch.setattr(sorted_shards, "MERGE_BUDGET", budget, raising=False)
     monkeypatch.setattr(sorted_shards, "MIN_READ_BLOCK", 64, raising=False)
     rng = random.Random(7)
@@ -203,22 +220,20 @@ def test_merge_memory_stays_bounded_however_many_runs(tmp_path: Path, monkeypatc
         run_records.run_record(bytes(rng.randrange(256) for _ in range(run_records.KEY_LEN)), b"y" * rng.randrange(41))
         for _ in range(runs * 150)
     ]
-    refs = []
-    for r in range(runs):
-        path, f = sorted_shards._create_run(str(tmp_path / "_spill-t-"))
-        part = sorted(recs[r::runs])
-        with f:
-            nbytes, count = sorted_shards._write_records(f, part)
-        refs.append((path, 0, nbytes, count))
+    prefix = str(tmp_path / "_spill-t-")
+    refs = [
+        sorted_shards.write_run(prefix, [run_records.batch_from_records(sorted(recs[r::runs]))]) for r in range(runs)
+    ]
     assert min(ref[2] for ref in refs) > 4096  # every run is larger than a full read block
-    chunks = list(sorted_shards.merge_blocks(refs))
-    assert [rec for chunk in chunks for rec in chunk] == sorted(recs)
+    batches = list(sorted_shards.merge_blocks(refs))
+    assert [rec for batch in batches for rec in batch.records()] == sorted(recs)
     longest = max(map(len, recs))
-    # each run holds at most its share of the budget plus one record cut by a read
-    assert max(sum(map(len, chunk)) for chunk in chunks) <= budget + runs * longest
+    # each run holds at most its share of the budget plus one block cut by a read
+    assert max(batch.nbytes for batch in batches) <= budget + runs * (longest + 64)
     # merged in rounds of 3 runs at a time: the same records in the same order
     monkeypatch.setattr(sorted_shards, "MAX_FANIN", 3)
-    assert list(sorted_shards.merge_runs(refs, str(tmp_path / "_spill-u-"))) == sorted(recs)
+    merged = [rec for batch in sorted_shards.merge_runs(refs, str(tmp_path / "_spill-u-")) for rec in batch.records()]
+    assert merged == sorted(recs)
 
 
 def test_summarize_counts_refuses_broken_accounting() -> None:

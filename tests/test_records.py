@@ -5,9 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 
-import pytest
-
 import numpy as np
+import pytest
 
 from kogpt2.records import (
     assign_shard,
@@ -208,7 +207,7 @@ def test_masked_crc32c_known_value() -> None:
 
 def test_tfrecord_gzip_file_is_byte_identical_to_tensorflows(tmp_path, monkeypatch) -> None:
     from kogpt2.tf_setup import import_tf
-    from pipelines.sorted_shards import write_tfrecord
+    from pipelines.sorted_shards import frames_of, write_tfrecord
 
     tf = import_tf()
     examples = [serialize_example(*pad([BOS, *range(i % 300, i % 300 + i % 9), EOS], 12, PAD)) for i in range(5000)]
@@ -218,7 +217,7 @@ def test_tfrecord_gzip_file_is_byte_identical_to_tensorflows(tmp_path, monkeypat
             writer.write(data)
     ours = tmp_path / "ours.tfrecord.gz"
     framed = tfrecord_frames(examples)
-    result = write_tfrecord(str(ours), [framed[i : i + 777] for i in range(0, len(framed), 777)])
+    result = write_tfrecord(str(ours), [frames_of(framed[i : i + 777]) for i in range(0, len(framed), 777)])
     assert ours.read_bytes() == expected.read_bytes()
     assert result == {"examples": 5000, "sha256": hashlib.sha256(b"".join(examples)).hexdigest()}
     read = [r.numpy() for r in tf.data.TFRecordDataset(str(ours), compression_type="GZIP")]
@@ -231,7 +230,7 @@ def test_tfrecord_gzip_file_is_byte_identical_to_tensorflows(tmp_path, monkeypat
     monkeypatch.setattr(sorted_shards, "GZIP_BLOCK", 10_000)
     many = [tmp_path / f"many-{size}.tfrecord.gz" for size in (1, 333, 5000)]
     for path, size in zip(many, (1, 333, 5000), strict=True):
-        write_tfrecord(str(path), [framed[i : i + size] for i in range(0, len(framed), size)])
+        write_tfrecord(str(path), [frames_of(framed[i : i + size]) for i in range(0, len(framed), size)])
     assert many[0].read_bytes() == many[1].read_bytes() == many[2].read_bytes() != expected.read_bytes()
     assert gzip.decompress(many[0].read_bytes()) == gzip.decompress(expected.read_bytes()) == b"".join(framed)
     assert [r.numpy() for r in tf.data.TFRecordDataset(str(many[0]), compression_type="GZIP")] == examples
