@@ -54,6 +54,8 @@ from pipelines.common import (
     copy_file,
     create_pipeline,
     file_sizes,
+    freeze_heap,
+    frozen_heap,
     is_completed,
     join,
     list_folder,
@@ -387,7 +389,8 @@ def execute(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], str]:
             copy_file(plan.tokenizer_file[0], join(target, plan.tokenizer_file[1]))
             p = create_pipeline(options)
             build_pipeline(p, config, plan, target)
-            p.run().wait_until_finish()
+            with frozen_heap():
+                p.run().wait_until_finish()
         except BaseException:
             if target != config.output:
                 remove_folder(target)  # the previous run stays as it was
@@ -444,4 +447,6 @@ if __name__ == "__main__":
     # Run the imported module, not __main__: Beam then pickles the DoFns by reference.
     from pipelines.preprocess import main as _main
 
-    sys.exit(_main())
+    code = _main()
+    freeze_heap()  # the process ends: its exit need not walk every object for cycles
+    sys.exit(code)

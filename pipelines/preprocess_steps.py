@@ -19,7 +19,7 @@ from apache_beam.transforms.window import GlobalWindows
 from kogpt2 import records
 from kogpt2 import text as textlib
 from kogpt2.tokenizer import Tokenizer, load_tokenizer
-from pipelines.common import local_copy
+from pipelines.common import freeze_worker_heap, local_copy
 from pipelines.counters import Counters
 from pipelines.preprocess_config import Plan, PreprocessConfig
 from pipelines.run_records import KEY_LEN, FileBatch, batch_of, run_record
@@ -193,6 +193,7 @@ class Tokenize(beam.DoFn):
 
         self.tok = open_tokenizer(self.tokenizer_path)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
+        freeze_worker_heap()  # a worker process's modules and tokenizer live as long as it does
 
     def start_bundle(self) -> None:
         self.pending: deque[tuple[list[str], Future[Any]]] = deque()

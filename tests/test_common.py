@@ -138,3 +138,27 @@ def test_a_second_preprocess_run_into_a_live_runs_folder_is_refused(
     err = capsys.readouterr().err
     assert "in use by another run (a scheduled run" in err and f"pid {os.getpid()}" in err
     assert sorted(p.name for p in out.iterdir()) == []  # nothing written or deleted by the refused run
+
+
+def test_frozen_heap_gives_the_collector_back_as_it_was() -> None:
+    """A pipeline run in a process that goes on (a notebook, a test) leaves nothing frozen: its garbage is collected."""
+    import gc
+    import weakref
+
+    from pipelines.common import GC_YOUNG_THRESHOLD, frozen_heap
+
+    class Node:
+        pass
+
+    cycle = Node()
+    cycle.self = cycle  # type: ignore[attr-defined]
+    alive = weakref.ref(cycle)
+    before, frozen_before = gc.get_threshold(), gc.get_freeze_count()
+    with frozen_heap():
+        assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+        del cycle
+        gc.collect()
+        assert alive() is not None  # frozen: full collections skip it (what saves the run's time)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen_before
+    gc.collect()
+    assert alive() is None  # given back: garbage from the run is collected
