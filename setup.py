@@ -36,7 +36,7 @@ setup(
     ],
     extras_require={
         "dataflow": ["apache-beam[gcp]==2.77.*"],
-        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "pandas>=2", "jsonschema>=4"],
+        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "jsonschema>=4"],
     },
     entry_points={"console_scripts": ["kogpt2=kogpt2.cli:main"]},
 )
