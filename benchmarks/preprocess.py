@@ -24,7 +24,9 @@ on it (or takes ``--tokenizer``). Then, each in a fresh process, side by side in
   (N copies of it), every process of the command counted.
 
 ``seconds`` is the wall time of each process from its start to its exit (interpreter start,
-imports, tokenizer loading, runner start-up and the whole job included). Targets: the
+imports, tokenizer loading, runner start-up and the whole job included). The raw encode and the
+two pipeline runs alternate for ``--repeat`` rounds (default 3) and each is reported by its
+median round (this virtual machine's speed drifts by 10-20% over minutes). Targets: the
 1-worker pipeline at >= 0.35x the raw encode loop's lines/s; 2 workers >= 1.4x one worker;
 peak RSS at 10x within 1.3x of 1x.
 """
@@ -153,8 +155,9 @@ def child_command(pattern: str, tokenizer: str, output: str, workers: int, max_l
     mode = "in_memory" if workers == 1 else "multi_processing"
     argv = ["--input", pattern, "--tokenizer", tokenizer, "--output", output, "--max-len", str(max_len)]
     argv += [f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
-    info, status = preprocess.execute(argv)
-    assert status == preprocess.NEW, status
+    code = preprocess.command(argv)  # what `python -m pipelines.preprocess` runs, exit included
+    assert code == 0, code
+    info = json.loads(Path(output, "info.json").read_text())
     return {"lines": info["counts"]["lines_read"], "tensorflow_imported": "tensorflow" in sys.modules}
 
 
@@ -188,6 +191,12 @@ def run_child(kind: str, pattern: str, tokenizer: str, out: Path, workers: int =
     raise RuntimeError(f"{kind} child failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median wall time (its own figures, so they stay consistent), with every round's seconds."""
+    ranked = sorted(runs, key=lambda r: r["seconds"])
+    return {**ranked[(len(ranked) - 1) // 2], "rounds_seconds": [r["seconds"] for r in runs]}
+
+
 def corpus_copies(corpus: Path, work: Path, lines: int, copies: int) -> str:
     """``copies`` files holding ``corpus`` (its first ``lines`` lines, or all of it); return their glob."""
     import gzip
@@ -218,6 +227,9 @@ def main() -> None:
     )
     p.add_argument("--max-len", type=int, default=MAX_LEN, help=f"--max-len of every run (default {MAX_LEN})")
     p.add_argument("--memory-scale", type=int, default=10, help="the big corpus is this many times 1x (default 10)")
+    p.add_argument(
+        "--repeat", type=int, default=3, help="rounds of raw encode / 1 / 2 workers, alternated; medians (default 3)"
+    )
     p.add_argument("--skip-memory", action="store_true", help="skip the N x peak RSS run")
     p.add_argument("--skip-loop", action="store_true", help="skip the project's plain loop (it imports TensorFlow)")
     p.add_argument("--workdir", default="runs/bench-preprocess", help="corpus, tokenizer and outputs go here")
@@ -259,12 +271,18 @@ def main() -> None:
 
     size = sum(os.path.getsize(f) for f in _inputs(one))
     print(f"corpus: {one} ({size / 2**20:.1f} MiB), tokenizer {tokenizer}, --max-len {args.max_len}")
-    results: dict[str, dict] = {}
-    results["raw_encode"] = run_child("raw_encode", one, tokenizer, work / "out-raw", max_len=args.max_len)
+    # the compared runs alternate, round after round (a drift of the machine hits them all alike);
+    # each is reported by its median round
+    rounds: dict[str, list[dict]] = {"raw_encode": [], "pipeline_1_worker": [], "pipeline_2_workers": []}
+    for _ in range(args.repeat):
+        rounds["raw_encode"].append(run_child("raw_encode", one, tokenizer, work / "out-raw", max_len=args.max_len))
+        rounds["pipeline_1_worker"].append(run_child("pipeline", one, tokenizer, work / "out-1w", 1, args.max_len))
+        rounds["pipeline_2_workers"].append(run_child("pipeline", one, tokenizer, work / "out-2w", 2, args.max_len))
+    results: dict[str, dict] = {"raw_encode": median_run(rounds["raw_encode"])}
     if not args.skip_loop:
         results["loop"] = run_child("loop", one, tokenizer, work / "out-loop", max_len=args.max_len)
-    results["pipeline_1_worker"] = run_child("pipeline", one, tokenizer, work / "out-1w", 1, args.max_len)
-    results["pipeline_2_workers"] = run_child("pipeline", one, tokenizer, work / "out-2w", 2, args.max_len)
+    results["pipeline_1_worker"] = median_run(rounds["pipeline_1_worker"])
+    results["pipeline_2_workers"] = median_run(rounds["pipeline_2_workers"])
     if not args.skip_memory:
         if args.corpus:
             big = corpus_copies(Path(args.corpus).resolve(), work, args.lines or 0, args.memory_scale)
@@ -288,6 +306,8 @@ def main() -> None:
             f"{name:<20}{r['lines']:>10}{r['seconds']:>9.2f}{r['work_seconds']:>8.2f}{r['cpu_seconds']:>8.1f}"
             f"{rate:>10.0f}{rate / raw_rate:>7.2f}x{rate / loop_rate:>7.2f}x{r['max_rss_mib']:>14.0f}"
         )
+    for name, runs in rounds.items():
+        print(f"  {name}: median of {len(runs)} rounds, seconds " + ", ".join(f"{r['seconds']:.2f}" for r in runs))
     one_worker = results["pipeline_1_worker"]["lines_per_s"]
     summary = {
         "pipeline_1_worker_vs_raw_encode": results["pipeline_1_worker"]["vs_raw_encode"],  # target >= 0.35

@@ -443,10 +443,18 @@ def summary_line(info: dict[str, Any]) -> str:
     return line
 
 
+def command(argv: Sequence[str] | None = None) -> int:
+    """What ``python -m pipelines.preprocess`` runs: :func:`main`, then the heap frozen for the exit.
+
+    The process ends next, so the interpreter's exit need not walk every object for cycles.
+    """
+    code = main(argv)
+    freeze_heap()
+    return code
+
+
 if __name__ == "__main__":
     # Run the imported module, not __main__: Beam then pickles the DoFns by reference.
-    from pipelines.preprocess import main as _main
+    from pipelines.preprocess import command as _command
 
-    code = _main()
-    freeze_heap()  # the process ends: its exit need not walk every object for cycles
-    sys.exit(code)
+    sys.exit(_command())
