@@ -354,7 +354,6 @@ def tfrecord_example_batch(
     used = np.arange(max_len) < lengths[:, None]  # (n, max_len): the id slots each record fills
     ids = np.zeros((n, max_len), dtype=dtype)
     ids[used] = flat
-    # each id's varint: 7 bits a byte, low bits first, the top bit set on all but its last byte
     needed = used.astype(np.uint8)  # bytes of each id's varint (0 for an empty slot)
     for k in range(1, width):
         needed += (ids >= (1 << (7 * k))) & used

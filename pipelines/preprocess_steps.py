@@ -177,49 +177,76 @@ class EncodedBatch(NamedTuple):
     lengths: np.ndarray
 
 
-class Tokenize(beam.DoFn):
-    """Encode batches of texts (the tokenizer's batch encode): ``(text hashes, <s> + ids + </s> flat, lengths)``.
+class OneAhead(beam.DoFn):
+    """A DoFn whose work on each element runs on a thread of its own, one element ahead of its output.
 
-    A batch is encoded on a thread while this worker's own thread cleans the next batch and
-    makes the examples of the previous one (SentencePiece releases the GIL while it encodes), so
-    one worker keeps two cores busy. The tokenizer is loaded in setup().
+    While the thread works on an element, this worker's own thread hands the previous result on
+    and goes back upstream for the next element (SentencePiece and numpy release the GIL while
+    they work). Subclasses give :meth:`work` (on the thread) and :meth:`emit` (on the worker's
+    thread: its outputs, main or tagged).
     """
 
-    def __init__(self, tokenizer_path: str):
-        self.tokenizer_path = tokenizer_path
+    thread_name = "work"
 
     def setup(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.tok = open_tokenizer(self.tokenizer_path)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
-        freeze_worker_heap()  # a worker process's modules and tokenizer live as long as it does
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=self.thread_name)
 
     def start_bundle(self) -> None:
-        self.pending: deque[tuple[list[str], Future[Any]]] = deque()
+        self.pending: deque[tuple[Any, Future[Any]]] = deque()
 
-    def process(self, texts: list[str]) -> Iterator[Any]:
-        self.pending.append((texts, self.pool.submit(self.encode, texts)))
+    def process(self, element: Any) -> Iterator[Any]:
+        self.pending.append((element, self.pool.submit(self.work, element)))
         while len(self.pending) > 1:
-            yield self.result(*self.pending.popleft())
+            element, done = self.pending.popleft()
+            yield from self.emit(element, done.result())
 
     def finish_bundle(self) -> Iterator[Any]:
         while self.pending:
-            yield GlobalWindows.windowed_value(self.result(*self.pending.popleft()))
+            element, done = self.pending.popleft()
+            for out in self.emit(element, done.result()):
+                if isinstance(out, beam.pvalue.TaggedOutput):
+                    yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+                else:
+                    yield GlobalWindows.windowed_value(out)
 
     def teardown(self) -> None:
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def work(self, element: Any) -> Any:
+        raise NotImplementedError
+
+    def emit(self, element: Any, result: Any) -> Iterator[Any]:
+        raise NotImplementedError
+
+
+class Tokenize(OneAhead):
+    """Encode batches of texts (the tokenizer's batch encode): ``(text hashes, <s> + ids + </s> flat, lengths)``.
+
+    A batch is encoded on a thread (:class:`OneAhead`) while this worker's own thread cleans the
+    next batch and makes the examples of the previous one, so one worker keeps two cores busy.
+    The tokenizer is loaded in setup().
+    """
+
+    thread_name = "encode"
+
+    def __init__(self, tokenizer_path: str):
+        self.tokenizer_path = tokenizer_path
+
+    def setup(self) -> None:
+        super().setup()
+        self.tok = open_tokenizer(self.tokenizer_path)
+        freeze_worker_heap()  # a worker process's modules and tokenizer live as long as it does
+
+    def work(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         flat, lengths = records.flatten(self.tok.encode_batch(texts))
         return records.frame_flat(flat, lengths, self.tok.bos_id, self.tok.eos_id)
 
-    @staticmethod
-    def result(texts: list[str], encoded: Future[Any]) -> EncodedBatch:
-        flat, lengths = encoded.result()
-        return EncodedBatch(records.stable_hashes(texts), flat, lengths)
+    def emit(self, texts: list[str], encoded: tuple[np.ndarray, np.ndarray]) -> Iterator[EncodedBatch]:
+        yield EncodedBatch(records.stable_hashes(texts), *encoded)
 
 
 def window_indices(owners: list[int]) -> list[int]:
@@ -232,7 +259,7 @@ def window_indices(owners: list[int]) -> list[int]:
     return out
 
 
-class MakeExamples(beam.DoFn):
+class MakeExamples(OneAhead):
     """Assign split and shard by the text hash; fit, pad, serialize and frame as TFRecords, a batch at a time.
 
     With ``packing`` sentences stay whole (token ids) until :class:`~pipelines.sorted_shards.WriteShards`
@@ -241,6 +268,7 @@ class MakeExamples(beam.DoFn):
     """
 
     STATS = "stats"
+    thread_name = "examples"
 
     def __init__(self, config: PreprocessConfig, plan: Plan):
         self.max_len = config.max_len
@@ -252,38 +280,16 @@ class MakeExamples(beam.DoFn):
         self.unk_id = int(plan.tokenizer["unk_id"])
 
     def setup(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
+        super().setup()  # the examples of a batch are made on a thread (:class:`OneAhead`)
         self.counters = Counters()
-        # the examples of a batch are made on a thread (numpy releases the GIL) while this
-        # worker's thread reads and cleans the next ones
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="examples")
 
-    def start_bundle(self) -> None:
-        self.pending: deque[Future[tuple[FileBatch, dict[str, int]]]] = deque()
-
-    def process(self, batch: EncodedBatch) -> Iterator[Any]:
-        self.pending.append(self.pool.submit(self.examples, batch))
-        while len(self.pending) > 1:
-            yield from self.outputs(self.pending.popleft().result())
-
-    def finish_bundle(self) -> Iterator[Any]:
-        while self.pending:
-            items, stats = self.outputs(self.pending.popleft().result())
-            yield GlobalWindows.windowed_value(items)
-            yield beam.pvalue.TaggedOutput(self.STATS, GlobalWindows.windowed_value(stats.value))
-
-    def teardown(self) -> None:
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-    def outputs(self, made: tuple[FileBatch, dict[str, int]]) -> tuple[FileBatch, beam.pvalue.TaggedOutput]:
+    def emit(self, batch: EncodedBatch, made: tuple[FileBatch, dict[str, int]]) -> Iterator[Any]:
         items, stats = made
         self.counters.add(stats)
-        return items, beam.pvalue.TaggedOutput(self.STATS, stats)
+        yield items
+        yield beam.pvalue.TaggedOutput(self.STATS, stats)
 
-    def examples(self, batch: EncodedBatch) -> tuple[FileBatch, dict[str, int]]:
+    def work(self, batch: EncodedBatch) -> tuple[FileBatch, dict[str, int]]:
         """The run records of a batch, with their output files, and its counts."""
         digests, flat, lengths = batch
         names = (self.names["train"], self.names["validation"])

@@ -28,7 +28,6 @@ from kogpt2.records import split_buffer
 KEY_LEN = 20
 #: Bytes a record's key and size take in a block.
 RECORD_HEAD = KEY_LEN + 4
-_KEY = np.dtype(f"S{KEY_LEN}")
 _KEY_AND_SIZE = np.dtype(f"S{RECORD_HEAD}")
 
 
@@ -39,7 +38,7 @@ def run_record(key: bytes, payload: bytes) -> bytes:
 
 def record_payload(record: bytes) -> bytes:
     """The payload of a :func:`run_record`."""
-    return record[KEY_LEN + 4 :]
+    return record[RECORD_HEAD:]
 
 
 class RunBatch(NamedTuple):
@@ -223,47 +222,37 @@ def last_record(batch: RunBatch) -> tuple[bytes, bytes]:
 # --- blocks on disk ---------------------------------------------------------------------
 
 
-def encode_blocks(batch: RunBatch, block_bytes: int) -> Iterator[bytes]:
-    """A batch as blocks of about ``block_bytes`` (at least one record each), ready to write."""
-    n = batch.n_records
-    if not n:
-        return
-    ends = np.cumsum(batch.sizes + RECORD_HEAD)
-    start = 0
+def _block_spans(sizes: np.ndarray, block_bytes: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive records filling blocks of about ``block_bytes`` (at least one record each)."""
+    ends = np.cumsum(sizes + RECORD_HEAD)
+    n, start = len(sizes), 0
     while start < n:
         base = int(ends[start - 1]) if start else 0
         stop = max(start + 1, int(np.searchsorted(ends, base + block_bytes, side="right")))
-        part = batch.slice(start, stop)
-        yield b"".join(
-            (
-                (stop - start).to_bytes(4, "big"),
-                part.keys.tobytes(),
-                part.sizes.astype(">u4").tobytes(),
-                part.data.tobytes(),
-            )
-        )
+        yield start, stop
         start = stop
+
+
+def _block(keys: np.ndarray, sizes: np.ndarray, payloads: bytes) -> bytes:
+    """One block on disk: record count, keys, sizes (big-endian), payloads."""
+    return b"".join((len(sizes).to_bytes(4, "big"), keys.tobytes(), sizes.astype(">u4").tobytes(), payloads))
+
+
+def encode_blocks(batch: RunBatch, block_bytes: int) -> Iterator[bytes]:
+    """A batch as blocks of about ``block_bytes`` (at least one record each), ready to write."""
+    offsets = np.r_[0, np.cumsum(batch.sizes)]
+    for start, stop in _block_spans(batch.sizes, block_bytes):
+        payloads = batch.data[int(offsets[start]) : int(offsets[stop])].tobytes()
+        yield _block(batch.keys[start:stop], batch.sizes[start:stop], payloads)
 
 
 def encode_pieces(
     keys: np.ndarray, sizes: np.ndarray, pieces: Sequence[bytes], index: np.ndarray, block_bytes: int
 ) -> Iterator[bytes]:
     """Records ``index`` of columns whose payloads are ``pieces``, in that order, as :func:`encode_blocks` writes them."""
-    ends = np.cumsum(sizes[index] + RECORD_HEAD)
-    n, start = len(index), 0
-    while start < n:
-        base = int(ends[start - 1]) if start else 0
-        stop = max(start + 1, int(np.searchsorted(ends, base + block_bytes, side="right")))
+    for start, stop in _block_spans(sizes[index], block_bytes):
         at = index[start:stop]
-        yield b"".join(
-            (
-                (stop - start).to_bytes(4, "big"),
-                keys[at].tobytes(),
-                sizes[at].astype(">u4").tobytes(),
-                b"".join(map(pieces.__getitem__, at.tolist())),
-            )
-        )
-        start = stop
+        yield _block(keys[at], sizes[at], b"".join(map(pieces.__getitem__, at.tolist())))
 
 
 def decode_blocks(buf: bytes) -> tuple[list[RunBatch], int]:

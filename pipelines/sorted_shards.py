@@ -85,22 +85,23 @@ def _create_run(prefix: str) -> tuple[str, Any]:
     return path, FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
-def _write_batches(f: Any, batches: Iterable[RunBatch]) -> tuple[int, int]:
-    """Write sorted batches as blocks; return (bytes, records) written."""
-    nbytes = count = 0
-    for batch in batches:
-        for block in encode_blocks(batch, RUN_BLOCK):
-            f.write(block)
-            nbytes += len(block)
-        count += batch.n_records
-    return nbytes, count
+def _write_blocks(f: Any, blocks: Iterable[bytes]) -> int:
+    """Write blocks; return the bytes written."""
+    nbytes = 0
+    for block in blocks:
+        f.write(block)
+        nbytes += len(block)
+    return nbytes
 
 
 def write_run(prefix: str, batches: Iterable[RunBatch]) -> RunRef:
     """Write sorted batches as a new run file; return its section."""
     path, f = _create_run(prefix)
+    nbytes = count = 0
     with f:
-        nbytes, count = _write_batches(f, batches)
+        for batch in batches:
+            nbytes += _write_blocks(f, encode_blocks(batch, RUN_BLOCK))
+            count += batch.n_records
     return (path, 0, nbytes, count)
 
 
@@ -250,10 +251,7 @@ class SpillRuns(beam.DoFn):
                 a, b = int(bounds[i]), int(bounds[i + 1])
                 if a == b:
                     continue
-                nbytes = 0
-                for block in encode_pieces(keys, sizes, pieces, order[a:b], RUN_BLOCK):
-                    f.write(block)
-                    nbytes += len(block)
+                nbytes = _write_blocks(f, encode_pieces(keys, sizes, pieces, order[a:b], RUN_BLOCK))
                 sections.append((name, (path, offset, nbytes, b - a)))
                 offset += nbytes
         self._clear()
