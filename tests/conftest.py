@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,45 @@ def tiny_shards(tiny_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """Padded shards (max_len 32) from make_sentences: 48 train and 16 validation examples."""
     texts = make_sentences(64)
     return write_test_shards(tmp_path_factory.mktemp("shards"), tiny_tokenizer, texts[:48], texts[48:], max_len=32)
+
+
+# --- object storage: a GCS emulator for gs:// paths (tests/gcs_emulator.py, docs/TESTING.md) ---
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory):
+    """The GCS emulator, started once; gs:// in this process and its subprocesses reaches it.
+
+    Sets STORAGE_EMULATOR_HOST, GOOGLE_APPLICATION_CREDENTIALS (fake, needs no network),
+    GOOGLE_CLOUD_PROJECT and NO_GCE_CHECK for the session. ``gcs_server.fail(kind, status,
+    times=..., method=..., prefix=...)`` injects faults, ``gcs_server.clear_faults()`` removes
+    them, ``gcs_server.requests()`` is the request journal, ``gcs_server.client()`` a
+    google.cloud.storage client.
+    """
+    from gcs_emulator import GcsEmulator, missing_requirements, reset_beam_credentials
+
+    missing = missing_requirements()
+    if missing:
+        pytest.skip(f"the GCS emulator needs {', '.join(missing)} (pip install -e '.[dev]')")
+    server = GcsEmulator(tmp_path_factory.mktemp("gcs")).start()
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            for key, value in server.env.items():
+                env.setenv(key, value)
+            reset_beam_credentials()  # in case gs:// was touched before the variables were set
+            yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A new, empty bucket on the emulator for this test, as ``gs://name``; no faults set."""
+    import re
+    import uuid
+
+    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    gcs_server.clear_faults()
+    url = gcs_server.create_bucket(f"{stem or 'test'}-{uuid.uuid4().hex[:8]}")
+    yield url
+    gcs_server.clear_faults()
