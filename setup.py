@@ -36,7 +36,15 @@ setup(
     ],
     extras_require={
         "dataflow": ["apache-beam[gcp]==2.77.*"],
-        "dev": ["pytest>=8", "ruff>=0.6", "mypy>=1.10", "jsonschema>=4"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "mypy>=1.10",
+            "jsonschema>=4",
+            # gs:// in the tests: Beam's GCS IO against a local emulator (tests/gcs_emulator.py)
+            "apache-beam[gcp]==2.77.*",
+            "gcp-storage-emulator==2026.7.19",  # its handlers are patched by name: upgrade deliberately
+        ],
     },
     entry_points={"console_scripts": ["kogpt2=kogpt2.cli:main"]},
 )
