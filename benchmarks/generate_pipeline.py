@@ -58,7 +58,8 @@ started = time.perf_counter()
 status = run(argv)
 seconds = time.perf_counter() - started
 out = argv[argv.index("--output") + 1]
-info = json.load(open(out + "/info.json", encoding="utf-8"))
+from kogpt2 import outputs
+info = outputs.open_committed(out).read_json("info.json")
 print(json.dumps({"status": status, "rows": info["counts"]["rows"], "tokens": info["new_tokens"],
                   "seconds": seconds, "files": info["units"]["total"],
                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

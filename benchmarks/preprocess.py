@@ -157,7 +157,9 @@ def child_command(pattern: str, tokenizer: str, output: str, workers: int, max_l
     argv += [f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
     code = preprocess.command(argv)  # what `python -m pipelines.preprocess` runs, exit included
     assert code == 0, code
-    info = json.loads(Path(output, "info.json").read_text())
+    from kogpt2 import outputs
+
+    info = outputs.open_committed(output).read_json("info.json")
     return {"lines": info["counts"]["lines_read"], "tensorflow_imported": "tensorflow" in sys.modules}
 
 

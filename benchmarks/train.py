@@ -31,7 +31,7 @@ the Keras train function, the step ``fit`` runs; the order rotates every round),
 from other processes spreads over all variants. Ratios are medians over rounds of the
 ratio within a round. Targets: ours >= 2x notebook; ours on
 shards >= 0.95x ours on synthetic batches. The shards are written here with
-``tf.io.TFRecordWriter`` in the preprocessing format (info.json, COMPLETED).
+``tf.io.TFRecordWriter`` in the preprocessing format (info.json, committed by its manifest).
 """
 
 from __future__ import annotations
@@ -84,8 +84,15 @@ def write_shards(
     num_shards: int = 4,
     val_lines: list[str] | None = None,
 ) -> Path:
-    """A shard folder in the preprocessing format (all lines in ``train``; ``val_lines``, or 1 row, in ``validation``)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """A shard folder in the preprocessing format (all lines in ``train``; ``val_lines``, or 1 row, in ``validation``),
+    committed as the pipeline commits it (:mod:`kogpt2.outputs`)."""
+    from kogpt2 import outputs
+
+    out = folder
+    lease = outputs.Lease(str(out), "preprocess").acquire()
+    claim = outputs.begin(str(out), "preprocess", {"bench": len(lines), "max_len": max_len, "packing": packing},
+                          lease, overwrite=True)  # fmt: skip
+    folder = Path(claim.work)
 
     def rows_of(texts: list[str]) -> list[tuple[list[int], int]]:
         seqs = [records.frame(ids, tokenizer.bos_id, tokenizer.eos_id) for ids in tokenizer.encode_batch(texts)]
@@ -119,8 +126,9 @@ def write_shards(
         "shards": names,
     }  # fmt: skip
     (folder / "info.json").write_text(json.dumps(info), encoding="utf-8")
-    (folder / "COMPLETED").write_text("ok\n")
-    return folder
+    outputs.commit(claim, [*names["train"], *names["validation"], "info.json"])
+    lease.release()
+    return out
 
 
 # ----------------------------------------------------------------------------- variants

@@ -25,6 +25,10 @@ STEP_SLEEP_ENV = "KOGPT2_TEST_STEP_SLEEP"
 METRICS = ("loss", "accuracy", "perplexity")
 
 
+class StoppedAtCheckpoint(Exception):
+    """Raised out of ``fit`` when the time budget stops a run at a step checkpoint (caught by training)."""
+
+
 def weights_finite(variables: list[Any]) -> bool:
     """True when every value of every variable is finite."""
     return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables]).numpy())
@@ -72,6 +76,8 @@ class RunTracker(_Callback):
         self._base: dict[str, list[float]] = {}
         self._train_totals: dict[str, list[float]] = {}
         self._skipped = self._done = 0
+        #: stopped by the time budget at a step checkpoint: the epoch in progress is not recorded
+        self.stopped_mid_epoch = False
 
     # -- helpers
 
@@ -150,10 +156,23 @@ class RunTracker(_Callback):
         s.epoch_steps = epoch_steps
         s.checkpoint = self.manager.save(checkpoint_number=self._epoch * self.steps_per_epoch + epoch_steps)
         s.step = int(self.model.optimizer.iterations.numpy())
+        if self._out_of_time():  # stop here: --resume continues from this very batch
+            s.stopped_by_time = True
+            self.stopped_mid_epoch = True
+            self.model.stop_training = True
+            log.info("time budget of %ss spent: stopped at the checkpoint after batch %d of epoch %d",
+                     self.max_seconds, epoch_steps, self._epoch + 1)  # fmt: skip
         self._save_state()
+        if self.stopped_mid_epoch:
+            raise StoppedAtCheckpoint(epoch_steps)  # out of fit now: Keras would validate the partial epoch first
+
+    def _out_of_time(self) -> bool:
+        return bool(self.max_seconds) and time.monotonic() - self.started > float(self.max_seconds or 0)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         s, n = self.state, epoch + 1
+        if self.stopped_mid_epoch:
+            return  # the epoch is not over: its step checkpoint holds it
         if s.failure or not self._weights_ok(f"in epoch {n}"):
             return  # a failed epoch is neither recorded nor checkpointed
         logs = dict(logs or {})
@@ -180,7 +199,7 @@ class RunTracker(_Callback):
             log.info("early stopping after epoch %d: no better val_loss than epoch %d's for %d epochs",
                      n, s.best_epoch, s.wait)  # fmt: skip
         budget = self.max_seconds
-        if budget and time.monotonic() - self.started > budget and n < self.epochs and not s.stopped_early:
+        if self._out_of_time() and n < self.epochs and not s.stopped_early:
             s.stopped_by_time = True
             self.model.stop_training = True
             log.info("time budget of %ss spent after epoch %d", budget, n)
@@ -199,18 +218,22 @@ class EpochSummaries(_Callback):
     perplexity, learning rate), written with TensorFlow's own summary ops, so no
     ``tensorboard`` package is needed to write them."""
 
-    def __init__(self, log_dir: str):
-        super().__init__()
-        self.log_dir = log_dir
-        self._writers: dict[str, Any] = {}
-
     def _writer(self, name: str) -> Any:
         if name not in self._writers:
             self._writers[name] = tf.summary.create_file_writer(join(self.log_dir, name))
         return self._writers[name]
 
+    def __init__(self, log_dir: str, tracker: RunTracker | None = None):
+        super().__init__()
+        self.log_dir = log_dir
+        self.tracker = tracker
+        self._writers: dict[str, Any] = {}
+
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         from tensorflow.core.framework import summary_pb2
+
+        if self.tracker is not None and self.tracker.stopped_mid_epoch:
+            return  # a partial epoch's figures are not the epoch's
 
         meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
         step = epoch + 1

@@ -1,7 +1,7 @@
-"""Resume state of a training job: what survives a kill, and how ``--output`` is claimed.
+"""Resume state of a training job: what survives a kill.
 
-``--output/backup/`` holds ``state.json`` (:class:`RunState`, replaced atomically) and the
-TensorFlow checkpoints it points at (model, optimizer with its step, token counter). A
+A run's work folder (``--output/w-.../``, see :mod:`kogpt2.outputs`) holds ``backup/`` with
+``state.json`` (:class:`RunState`, replaced atomically) and the TensorFlow checkpoints it points at (model, optimizer with its step, token counter). A
 checkpoint is written at every epoch end and, with ``--save-steps N``, every N batches
 within an epoch; the state then records how many batches of the epoch in progress the
 checkpoint holds and the running loss/accuracy sums over them, so ``--resume`` skips exactly
@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kogpt2.jobs import DivergedError
 from kogpt2.tf_setup import import_tf
 
 log = logging.getLogger(__name__)
@@ -28,19 +29,12 @@ STATE_FILE = "state.json"
 HISTORY_FILE = "history.json"
 CURVES_FILE = "curves.png"
 LOGS_DIR = "logs"
-#: Files a finished run writes into ``--output`` (removed by ``overwrite``).
-OUTPUT_FILES = ("config.json", "generation_config.json", "tf_model.h5", "tokenizer.spiece", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json",
-                "kogpt2.json", HISTORY_FILE, CURVES_FILE)  # fmt: skip
-#: Published last, in this order: a folder without ``history.json`` is not a finished run, and one
-#: without ``config.json`` does not load, so a copy cut short never looks complete.
+#: Copied last, in this order (the manifest written after them is what commits the version).
 PUBLISH_LAST = ("config.json", "kogpt2.json", HISTORY_FILE)
-#: Config fields that may change between a killed run and its ``resume``.
-RESUMABLE_CHANGES = frozenset({"output", "resume", "overwrite", "max_seconds"})
 
 
-class TrainingFailed(RuntimeError):
-    """Training stopped on a non-finite loss or weights; the last good checkpoint is kept."""
+class TrainingFailed(DivergedError):
+    """Training stopped on a non-finite loss or weights; the last good checkpoint is kept (exit status 4)."""
 
 
 @dataclass
@@ -91,18 +85,6 @@ class RunState:
         return self.stopped_early or self.stopped_by_time or len(self.epochs) >= int(self.config["epochs"])
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
-    """``key: old -> new`` for settings a resumed run may not change.
-
-    A setting missing from ``old`` (a run started by an earlier release) counts as its value
-    in ``defaults``; the old boolean ``mixed_precision`` counts as ``auto``/``no``.
-    """
-    old = {**(defaults or {}), **old}
-    if isinstance(old.get("mixed_precision"), bool):
-        old["mixed_precision"] = "auto" if old["mixed_precision"] else "no"
-    return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in RESUMABLE_CHANGES and old.get(k) != v]
-
-
 def join(folder: str, *names: str) -> str:
     """``folder/name/...`` for local paths and URLs (``gs://``, ``ram://``) alike."""
     return "/".join([str(folder).rstrip("/"), *names])
@@ -114,7 +96,16 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write through a temporary name and rename: a kill leaves the old file or the new one."""
+    """Write through a temporary name and rename: a kill leaves the old file or the new one.
+
+    Local files are fsynced before the rename (:mod:`kogpt2.storage`); remote ones go through
+    ``tf.io.gfile`` (one object write on Cloud Storage).
+    """
+    from kogpt2.storage import scheme, store_for
+
+    if not scheme(path):
+        store_for(path).write(path, text.encode("utf-8"))
+        return
     gfile = import_tf().io.gfile
     tmp = f"{path}.tmp-{os.getpid()}"
     with gfile.GFile(tmp, "w") as f:
@@ -130,8 +121,8 @@ def _copy_file(src: str, dst: str) -> None:
 
 
 def publish(staging: Path, out: str, *, copy: Callable[[str, str], None] | None = None) -> list[str]:
-    """Copy the files of a local ``staging`` folder into ``out`` (local or remote), each through a
-    temporary name, :data:`PUBLISH_LAST` last; return the names in copy order."""
+    """Copy the files of a local ``staging`` folder into the version folder ``out`` (local or remote),
+    each through a temporary name, :data:`PUBLISH_LAST` last; return the names in copy order."""
     gfile = import_tf().io.gfile
     gfile.makedirs(out)
     names = sorted(p.name for p in staging.iterdir() if p.is_file())
@@ -139,65 +130,3 @@ def publish(staging: Path, out: str, *, copy: Callable[[str, str], None] | None 
     for name in order:
         (copy or _copy_file)(str(staging / name), join(out, name))
     return order
-
-
-def prepare_output(
-    out: str,
-    config: dict[str, Any],
-    data_fingerprint: str,
-    *,
-    resume: bool,
-    overwrite: bool,
-    data: str,
-    defaults: dict[str, Any] | None = None,
-) -> RunState | None:
-    """Check ``out`` (local or remote) against ``resume``/``overwrite``; return the run state,
-    or None if the run already finished.
-
-    Raises:
-        RuntimeError: ``out`` holds another run and neither flag says what to do.
-        ValueError: ``resume`` with other settings or changed shards.
-    """
-    gfile = import_tf().io.gfile
-    backup = join(out, BACKUP_DIR)
-    state_path = join(backup, STATE_FILE)
-    if gfile.exists(state_path):
-        state = RunState.load(state_path)
-        if resume:
-            changes = config_changes(state.config, config, defaults)
-            if changes:
-                raise ValueError(f"--resume: {out} holds a run with other settings ({'; '.join(changes)})")
-            if state.data_fingerprint != data_fingerprint:
-                raise ValueError(f"--resume: the shards in {data} changed since the run in {out} started")
-            if state.failure:
-                log.warning("resuming a run that stopped with: %s", state.failure)
-                state.failure = None
-            return state
-        if not overwrite:
-            where = f", {state.epoch_steps} batches into epoch {len(state.epochs) + 1}" if state.epoch_steps else ""
-            why = f" (it stopped with: {state.failure})" if state.failure else ""
-            raise RuntimeError(
-                f"{out} holds an interrupted run ({len(state.epochs)} of {state.config['epochs']} epochs "
-                f"checkpointed{where}){why}: pass --resume to continue it, or --overwrite to start again"
-            )
-    elif gfile.exists(join(out, HISTORY_FILE)) and not overwrite:
-        if resume:
-            done = json.loads(read_text(join(out, HISTORY_FILE)))
-            changes = config_changes(done.get("config", {}), config, defaults)
-            if changes:
-                raise ValueError(f"--resume: {out} holds a finished run with other settings ({'; '.join(changes)})")
-            return None
-        raise RuntimeError(f"{out} already holds a finished run: pass --overwrite to replace it, or another --output")
-    elif not overwrite and any(gfile.exists(join(out, name)) for name in OUTPUT_FILES):
-        raise RuntimeError(f"{out} already holds a model folder: pass --overwrite to replace it, or another --output")
-    if overwrite:
-        for name in OUTPUT_FILES:
-            if gfile.exists(join(out, name)):
-                gfile.remove(join(out, name))
-        for name in (BACKUP_DIR, LOGS_DIR):
-            if gfile.exists(join(out, name)):
-                gfile.rmtree(join(out, name))
-    gfile.makedirs(backup)
-    state = RunState(config=config, data_fingerprint=data_fingerprint)
-    state.save(state_path)
-    return state

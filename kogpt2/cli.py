@@ -1,7 +1,7 @@
 """The ``kogpt2`` command: one subcommand per module in :mod:`kogpt2.commands`.
 
 Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; its one-line
-help lives in :data:`COMMANDS`. Modules are imported only when their command runs, so
+help lives in :data:`COMMANDS`. Failures become the exit statuses of :mod:`kogpt2.jobs`. Modules are imported only when their command runs, so
 ``kogpt2 --help`` stays fast.
 """
 
@@ -23,11 +23,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("kogpt2.commands.generate", "continue seed words with a model"),
     "report": ("kogpt2.commands.report", "build report.html for a run folder, or summarize a generation folder"),
     "export": ("kogpt2.commands.export", "add Hugging Face tokenizer files to a model folder (AutoTokenizer opens it)"),
+    "status": (
+        "kogpt2.commands.status",
+        "whether an output folder is complete: its version, files, run in progress, lock",
+    ),
 }
-
-
-class CommandError(Exception):
-    """A user-facing failure: printed as ``kogpt2 <cmd>: error: ...`` with exit status 2."""
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -60,11 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         force=True,
     )
     module = importlib.import_module(args._module)
-    try:
-        return int(module.run(args) or 0)
-    except (CommandError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"kogpt2 {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    from kogpt2.jobs import run_main
+
+    return run_main(f"kogpt2 {args.command}", lambda: int(module.run(args) or 0))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """tf.data input: preprocessing shards as ``(inputs, targets)`` batches for a causal LM.
 
-A shard folder (written by ``pipelines/preprocess.py``) holds ``info.json``, gzip
-TFRecord shards per split and a ``COMPLETED`` marker written last. Examples hold
+A shard folder (written by ``pipelines/preprocess.py``) holds a committed version:
+``info.json`` and gzip TFRecord shards per split, named with their sizes and checksums by the
+``COMPLETED`` manifest written last (:mod:`kogpt2.outputs`). Examples hold
 ``input_ids`` (``max_len`` ids, right-padded with ``<pad>``) and ``length`` (real
 tokens). Packed shards hold full blocks of concatenated ``<s> ... </s>`` sentences.
 
@@ -11,12 +12,13 @@ position is padding is :data:`IGNORE_ID`, so loss and metrics skip it.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from kogpt2.folders import COMPLETED_FILE, INFO_FILE
+from kogpt2.outputs import INFO_FILE
 from kogpt2.records import SPLITS
 from kogpt2.schemas import tf_feature_spec, validate_info
 from kogpt2.tf_setup import import_tf
@@ -36,21 +38,22 @@ class TokenizerMismatchError(ValueError):
     """Shards were tokenized with a different tokenizer than the model's."""
 
 
-def _join(folder: str, name: str) -> str:
-    return folder.rstrip("/") + "/" + name
-
-
 @dataclass(frozen=True)
 class ShardSet:
-    """A finished shard folder and its ``info.json``.
+    """The committed shards of one or more preprocessing outputs, as one data set.
 
     Attributes:
-        folder: the folder (local path or ``gs://`` URL).
-        info: the parsed ``info.json``.
+        folder: what was given (one output folder, or several joined by ``, ``).
+        info: the ``info.json`` of the data: one folder's as written; for several, the first's
+            with the counts summed, every shard listed and a combined fingerprint.
+        paths: full paths of each split's shards, in order.
+        roots: the committed version folders read (one per output folder).
     """
 
     folder: str
     info: dict[str, Any]
+    paths: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    roots: tuple[str, ...] = ()
 
     @property
     def max_len(self) -> int:
@@ -71,7 +74,7 @@ class ShardSet:
     def files(self, split: str) -> list[str]:
         """Full paths of the shards of ``split`` (``train`` or ``validation``)."""
         _check_split(split)
-        return [_join(self.folder, name) for name in self.info["shards"][split]]
+        return list(self.paths.get(split, ()))
 
     def num_examples(self, split: str) -> int:
         """Number of examples in ``split``, from ``info.json``."""
@@ -89,49 +92,97 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split={split!r}: must be one of {SPLITS}")
 
 
-def open_shards(folder: str) -> ShardSet:
-    """Read and check a shard folder's ``info.json``.
+def open_shards(folders: str | Sequence[str]) -> ShardSet:
+    """The committed shards of one or several preprocessing outputs (folders or globs of folders).
+
+    Each folder is read through its ``COMPLETED`` manifest (:func:`kogpt2.outputs.open_committed`):
+    ``info.json`` is checked against its recorded size and CRC32C, and every shard it lists must
+    be a file of the committed version with its recorded size. Several folders (a daily span
+    each, say) become one data set when they share the tokenizer and the example format.
 
     Args:
-        folder: the preprocessing output folder (local or ``gs://``).
+        folders: output folders of ``pipelines.preprocess`` (local, ``gs://``), or globs over
+            the last path part (``gs://bucket/data/span-*``).
 
     Returns:
         A :class:`ShardSet`.
 
     Raises:
-        ShardError: no folder, no ``COMPLETED`` marker (an unfinished or failed run),
-            an ``info.json`` that does not match ``schemas/shard_info.json``, or a listed
-            shard file that is missing.
+        ShardError: nothing matches; a folder with nothing committed (an unfinished or failed
+            run); an ``info.json`` that does not match ``schemas/shard_info.json``; shards that
+            do not match the manifest; folders that differ in tokenizer, ``max_len`` or packing
+            (the odd one named).
     """
-    tf = import_tf()
-    folder = str(folder)
-    if not tf.io.gfile.isdir(folder):
-        raise ShardError(f"shard folder not found: {folder}")
-    if not tf.io.gfile.exists(_join(folder, COMPLETED_FILE)):
-        raise ShardError(
-            f"{folder} has no {COMPLETED_FILE} marker: preprocessing did not finish (or is still running); "
-            "rerun it before training"
-        )
-    info_path = _join(folder, INFO_FILE)
-    if not tf.io.gfile.exists(info_path):
-        raise ShardError(f"{folder} has {COMPLETED_FILE} but no {INFO_FILE}")
-    with tf.io.gfile.GFile(info_path, "r") as f:
-        try:
-            info = json.loads(f.read())
-        except json.JSONDecodeError as exc:
-            raise ShardError(f"{info_path}: not valid JSON: {exc}") from exc
+    from kogpt2 import outputs
+
+    given = [folders] if isinstance(folders, str) else list(folders)
+    try:
+        names = outputs.expand_folders([str(f) for f in given], flag="--data")
+    except FileNotFoundError as exc:
+        raise ShardError(str(exc)) from None
+    sets = [_open_one(folder) for folder in names]
+    if not sets:
+        raise ShardError("no shard folder given")
+    if len(sets) == 1:
+        return sets[0]
+    first = sets[0]
+    for other in sets[1:]:
+        for key, what in (("tokenizer", "tokenizer"), ("max_len", "max_len"), ("packing", "packing")):
+            if other.info[key] != first.info[key]:
+                shown = (lambda i: i["fingerprint"][:16]) if key == "tokenizer" else (lambda v: v)
+                raise ShardError(
+                    f"--data {other.folder}: {what} {shown(other.info[key])}, but {first.folder} has "
+                    f"{shown(first.info[key])}; shard folders trained together need the same tokenizer and "
+                    "example format"
+                )
+    info = dict(first.info)
+    counts = dict(info["counts"])
+    counts["examples"] = {s: sum(x.num_examples(s) for x in sets) for s in SPLITS}
+    counts["tokens"] = {s: sum(int(x.info["counts"].get("tokens", {}).get(s, 0)) for x in sets) for s in SPLITS}
+    info["counts"] = counts
+    info["shards"] = {s: [p for x in sets for p in x.files(s)] for s in SPLITS}
+    info["data_fingerprint"] = hashlib.sha256(
+        "".join(f"{x.data_fingerprint}\n" for x in sets).encode("utf-8")
+    ).hexdigest()
+    info["inputs"] = [i for x in sets for i in x.info.get("inputs", [])]
+    return ShardSet(
+        ", ".join(x.folder for x in sets),
+        info,
+        {s: tuple(info["shards"][s]) for s in SPLITS},
+        tuple(r for x in sets for r in x.roots),
+    )
+
+
+def _open_one(folder: str) -> ShardSet:
+    from kogpt2 import outputs
+
+    try:
+        done = outputs.open_committed(str(folder), job="preprocess")
+    except outputs.NotCommittedError as exc:
+        raise ShardError(f"{exc}; rerun preprocessing before training") from None
+    info_path = done.path(INFO_FILE)
+    try:
+        info = done.read_json(INFO_FILE)
+    except outputs.NotCommittedError as exc:
+        raise ShardError(str(exc)) from None
+    except ValueError as exc:
+        raise ShardError(f"{info_path}: not valid JSON: {exc}") from None
     try:
         validate_info(info)
     except ValueError as exc:
         raise ShardError(f"{info_path}: {exc}") from exc
-    shards = ShardSet(folder, info)
+    paths = {}
     for split in SPLITS:
-        if shards.num_examples(split) and not info["shards"][split]:
-            raise ShardError(f"{info_path}: counts {shards.num_examples(split)} {split} examples but lists no shard")
-        for path in shards.files(split):
-            if not tf.io.gfile.exists(path):
-                raise ShardError(f"{info_path} lists {path}, which does not exist")
-    return shards
+        names = list(info["shards"][split])
+        if int(info["counts"]["examples"][split]) and not names:
+            raise ShardError(
+                f"{info_path}: counts {info['counts']['examples'][split]} {split} examples but lists no shard"
+            )
+        missing = [n for n in names if n not in done.manifest.files]
+        if missing:
+            raise ShardError(f"{info_path} lists {missing[0]}, which is not a file of the committed version")
+        paths[split] = tuple(done.path(n) for n in names)
+    return ShardSet(str(folder).rstrip("/"), info, paths, (done.root,))
 
 
 def check_tokenizer(

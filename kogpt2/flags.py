@@ -77,6 +77,7 @@ def flag(
     const: Any = None,
     name: str | None = None,
     hidden: bool = False,
+    per_run: bool = False,
 ) -> dict[str, Any]:
     """Field metadata describing the field's command-line flag.
 
@@ -91,6 +92,8 @@ def flag(
         const: the value of a bare ``nargs="?"`` flag.
         name: the flag's spelling when it is not ``--field-name`` (``--input`` for ``inputs``).
         hidden: a tuning knob left out of ``--help``.
+        per_run: a decision for one invocation (``--overwrite``), never taken from a ``--config``
+            file or written to a run's settings file.
     """
     return {
         "help": help,
@@ -103,6 +106,7 @@ def flag(
         "const": const,
         "name": name,
         "hidden": hidden,
+        "per_run": per_run,
     }
 
 
@@ -143,13 +147,14 @@ def add_config_arguments(
             help_text += f" (default {default})"
         kind = hints[f.name]
         origin = typing.get_origin(kind)
-        if kind is bool:
-            kwargs["action"] = "store_true"
-        elif origin is tuple:
-            kwargs["action"] = "append"
+        if kind is bool:  # --flag / --no-flag, so a --config file's true can be switched off
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is tuple:  # --input a.txt b.txt, and repeatable
+            kwargs["action"] = "extend"
+            kwargs["nargs"] = "+"
             kwargs["type"] = typing.get_args(kind)[0]
             kwargs["default"] = None
-            help_text += " (repeatable)"
+            help_text += " (one or more; repeatable)"
         else:
             base = [a for a in typing.get_args(kind) if a is not type(None)] if origin else [kind]
             kwargs["type"] = base[0] if base and base[0] in (int, float, str) else str
@@ -213,7 +218,15 @@ def config_from_args(cls: type, args: argparse.Namespace, *, base: dict[str, Any
     import dataclasses
 
     names = [f.name for f in dataclasses.fields(cls)]
-    settings = {k: v for k, v in (base or {}).items() if k in names}
+    per_run = {f.name for f in dataclasses.fields(cls) if f.metadata.get("per_run")}
+    for key, value in (base or {}).items():
+        if key in per_run and value:
+            flag_name = "--" + key.replace("_", "-")
+            raise ValueError(
+                f"the --config file sets {key}={value!r}: {flag_name} is decided for each run; "
+                f"give {flag_name} on the command line"
+            )
+    settings = {k: v for k, v in (base or {}).items() if k in names and k not in per_run}
     settings.update(given_values(args, names))
     settings.update(fixed)
     missing = [

@@ -1,7 +1,7 @@
-"""Summarize any bulk-generation output folder (local, ``gs://``, any ``tf.io.gfile`` path), streaming.
+"""Summarize any bulk-generation output folder (local or ``gs://``), streaming.
 
-Reads the folder's ``generations-*.parquet`` a record batch at a time (never a whole
-file), plus its ``info.json`` when present. Exact over every row: counts, finish
+Reads the Parquet files of the folder's committed version (as its manifest lists them) a record
+batch at a time (never a whole file), plus its ``info.json``. Exact over every row: counts, finish
 reasons, token and log-probability figures, ``<unk>`` and U+FFFD counts. Distinct-n
 and repetition rate (which need every n-gram kept) are computed over the first
 ``sample_rows`` rows in file order, and say so.
@@ -9,45 +9,12 @@ and repetition rate (which need every n-gram kept) are computed over the first
 
 from __future__ import annotations
 
-import io
-import json
 from collections import Counter
 from typing import Any
 
 from kogpt2.genstats import UNK_SURFACE, distinct_n, repetition_rate
 
 COLUMNS = ["continuation", "new_tokens", "finish_reason", "logprob_mean", "logprob_sum"]
-
-
-def _gfile() -> Any:
-    from kogpt2.tf_setup import import_tf
-
-    return import_tf().io.gfile
-
-
-class _GFileReader(io.RawIOBase):
-    """A seekable, readable file object over a ``tf.io.gfile.GFile`` (what pyarrow needs)."""
-
-    def __init__(self, gfile: Any) -> None:
-        self._f = gfile
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self._f.seek(offset, whence)
-        return int(self._f.tell())
-
-    def tell(self) -> int:
-        return int(self._f.tell())
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._f.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 def summarize_generations(folder: str, *, sample_rows: int = 100_000, batch_rows: int = 8192) -> dict[str, Any]:
@@ -69,16 +36,23 @@ def summarize_generations(folder: str, *, sample_rows: int = 100_000, batch_rows
     """
     import pyarrow.parquet as pq
 
-    gfile = _gfile()
-    files = sorted(gfile.glob(folder.rstrip("/") + "/generations-*.parquet"))
+    from kogpt2 import outputs
+    from kogpt2.storage import store_for
+
+    try:
+        done = outputs.open_committed(folder, job="generate")
+    except outputs.NotCommittedError as exc:
+        raise FileNotFoundError(f"{exc}: is it a pipelines.generate output?") from None
+    files = [done.path(n) for n in done.names(suffix=".parquet")]
     if not files:
-        raise FileNotFoundError(f"{folder} holds no generations-*.parquet: is it a pipelines.generate output?")
+        raise FileNotFoundError(f"{folder} holds no Parquet file: is it a pipelines.generate output?")
+    store = store_for(done.root)
     rows = tokens = unk = fffd = 0
     reasons: Counter[str] = Counter()
     lp_total, lp_min, lp_max = 0.0, float("inf"), float("-inf")
     sample: list[str] = []
     for path in files:
-        with gfile.GFile(path, "rb") as raw, io.BufferedReader(_GFileReader(raw), 1 << 20) as f:
+        with store.open_read(path) as f:
             parquet = pq.ParquetFile(f)
             columns = [c for c in COLUMNS if c in parquet.schema_arrow.names]
             for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
@@ -94,11 +68,9 @@ def summarize_generations(folder: str, *, sample_rows: int = 100_000, batch_rows
                     lp_min, lp_max = min(lp_min, lp), max(lp_max, lp)
                 if len(sample) < sample_rows:
                     sample.extend(conts[: sample_rows - len(sample)])
-    info_path = folder.rstrip("/") + "/info.json"
     info = None
-    if gfile.exists(info_path):
-        with gfile.GFile(info_path, "r") as f:
-            doc = json.loads(f.read())
+    if outputs.INFO_FILE in done.manifest.files:
+        doc = done.read_json(outputs.INFO_FILE)
         info = {"status": doc.get("status", "completed"), "counts": doc.get("counts"), "config": doc.get("config")}
     has_lp = lp_min != float("inf")
     return {

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kogpt2.folders import MODEL_INFO_FILE
+from kogpt2.outputs import MODEL_INFO_FILE
 from kogpt2.tf_setup import import_tf
 from kogpt2.tokenizer import Tokenizer, file_fingerprint, load_tokenizer
 from kogpt2.validate import check_int
@@ -79,13 +79,39 @@ def library_versions() -> dict[str, str]:
 
 
 def model_fingerprint(folder: str | Path) -> str:
-    """sha256 of the weight file that loads: the first of :data:`WEIGHT_FILES` present, in
-    ``from_pretrained``'s order (``model.safetensors`` before ``tf_model.h5``)."""
-    folder = Path(folder)
+    """sha256 of the weights that load: the first of :data:`WEIGHT_FILES` present, in
+    ``from_pretrained``'s order (``model.safetensors`` before ``tf_model.h5``).
+
+    A sharded checkpoint (an ``*.index.json``) is hashed over the index and every shard it names,
+    in the index's order, so a changed shard changes the fingerprint.
+    """
+    import hashlib
+    import json
+
+    folder = resolve_model_folder(folder)
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
-            return file_fingerprint(folder / name)
+            if not name.endswith(".index.json"):
+                return file_fingerprint(folder / name)
+            index = json.loads((folder / name).read_text(encoding="utf-8"))
+            shards = sorted(set(dict(index.get("weight_map") or {}).values()))
+            digest = hashlib.sha256(f"{name}\t{file_fingerprint(folder / name)}\n".encode())
+            for shard in shards:
+                if not (folder / shard).is_file():
+                    raise ModelLoadError(f"{folder}: {name} names {shard}, which is missing")
+                digest.update(f"{shard}\t{file_fingerprint(folder / shard)}\n".encode())
+            return digest.hexdigest()
     raise ModelLoadError(f"{folder}: no weight file ({', '.join(WEIGHT_FILES)})")
+
+
+def resolve_model_folder(path: str | Path) -> Path:
+    """A local model folder as it is, or the committed version of a training output folder (its ``COMPLETED``)."""
+    from kogpt2 import outputs
+
+    try:
+        return Path(outputs.version_root(str(path), job="train"))
+    except outputs.NotCommittedError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -123,7 +149,7 @@ def _resolve(path_or_id: str | Path) -> Path:
     if p.exists():
         if not p.is_dir():
             raise ModelLoadError(f"{p} is a file; give the model folder that holds config.json")
-        return p
+        return resolve_model_folder(p)
     text = str(path_or_id)
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise ModelLoadError(f"model folder not found: {text}")
@@ -348,8 +374,8 @@ def _stamp(path: Path) -> tuple[int, int, int]:
 
 
 def read_model_info(folder: str | Path) -> dict[str, Any]:
-    """Return ``kogpt2.json`` of a model folder, or ``{}`` for folders saved elsewhere."""
-    path = Path(folder) / MODEL_INFO_FILE
+    """Return ``kogpt2.json`` of a model folder (or of a training output's current version), or ``{}``."""
+    path = resolve_model_folder(folder) / MODEL_INFO_FILE
     if not path.is_file():
         return {}
     return dict(json.loads(path.read_text(encoding="utf-8")))

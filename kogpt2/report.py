@@ -1,11 +1,12 @@
 """``report.html`` for a run folder: training curves, preprocessing counts, generations.
 
-A run folder (what ``make demo`` writes) holds::
+A run folder (what ``make demo`` writes) holds output folders, each read through its committed
+version (:mod:`kogpt2.outputs`)::
 
-    data/info.json                       preprocessing counts (pipelines.preprocess)
-    model/history.json                   per-epoch training figures (kogpt2 train)
-    generations/{before,after}-{greedy,top_p}/*.parquet   bulk generations
-    demo.json                            stages and timings (optional)
+    data/          info.json: preprocessing counts (pipelines.preprocess)
+    model/         history.json: per-epoch training figures (kogpt2 train)
+    generations/{before,after}-{greedy,top_p}/   *.parquet: bulk generations
+    demo.json      stages and timings (optional)
 
 The report reads only those files; every figure it shows is also written to
 ``report.json`` so a test (or a person) can check it against the run's own files.
@@ -29,11 +30,25 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def _committed(folder: Path, name: str) -> dict[str, Any] | None:
+    """A JSON file of an output folder's committed version (checked against its manifest), or None."""
+    from kogpt2 import outputs
+
+    try:
+        done = outputs.open_committed(str(folder))
+    except outputs.NotCommittedError:
+        return None
+    return dict(done.read_json(name)) if name in done.manifest.files else None
+
+
 def read_generations(folder: Path) -> list[dict[str, Any]]:
-    """All rows of the Parquet files in ``folder``, sorted by (seed, sample_index)."""
+    """All rows of the Parquet files of a generation output's committed version, sorted by (seed, sample_index)."""
     import pyarrow.parquet as pq
 
-    files = sorted(folder.glob("*.parquet"))
+    from kogpt2 import outputs
+
+    done = outputs.open_committed(str(folder), job="generate")
+    files = [Path(done.path(n)) for n in done.names(suffix=".parquet")]
     rows: list[dict[str, Any]] = []
     for f in files:
         rows.extend(pq.read_table(f).to_pylist())
@@ -51,13 +66,13 @@ def collect(run: str | Path) -> dict[str, Any]:
         FileNotFoundError: the run folder holds none of the expected files.
     """
     run = Path(run)
-    info = _read_json(run / "data" / "info.json")
-    history = _read_json(run / "model" / "history.json")
+    info = _committed(run / "data", "info.json")
+    history = _committed(run / "model", "history.json")
     gens: dict[str, Any] = {}
     for phase in PHASES:
         for strategy in GENERATION_SETS:
             folder = run / "generations" / f"{phase}-{strategy}"
-            if not folder.is_dir():
+            if not (folder / "COMPLETED").is_file():
                 continue
             rows = read_generations(folder)
             stats = generation_stats(

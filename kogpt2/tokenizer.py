@@ -378,7 +378,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
     Args:
         path: a ``.spiece``/``.model`` file; a ``tokenizer.json``; or a folder holding one
-            (the KoGPT2 v1 layout, a saved kogpt2 model, or an HF folder).
+            (the KoGPT2 v1 layout, a saved kogpt2 model, an HF folder, or an output folder of
+            training or preprocessing, whose committed version holds it).
 
     Returns:
         A :class:`Tokenizer`.
@@ -388,6 +389,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """
     p = Path(path)
     if p.is_dir():
+        from kogpt2.outputs import NotCommittedError, version_root
+
+        try:  # an output folder of these jobs: its committed version holds the tokenizer
+            p = Path(version_root(str(p)))
+        except NotCommittedError as exc:
+            raise TokenizerError(str(exc)) from None
         p = find_tokenizer_file(p)
     if not p.is_file():
         raise TokenizerError(

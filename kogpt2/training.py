@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from kogpt2.callbacks import EXIT_AFTER_EPOCH_ENV, STEP_SLEEP_ENV, EpochSummaries, RunTracker
+from kogpt2 import outputs
+from kogpt2.callbacks import EXIT_AFTER_EPOCH_ENV, STEP_SLEEP_ENV, EpochSummaries, RunTracker, StoppedAtCheckpoint
 from kogpt2.checkpointing import (
     BACKUP_DIR,
     HISTORY_FILE,
@@ -29,11 +30,8 @@ from kogpt2.checkpointing import (
     STATE_FILE,
     RunState,
     TrainingFailed,
-    config_changes,
     join,
-    prepare_output,
     publish,
-    read_text,
 )
 from kogpt2.curves import plot_curves, write_history
 from kogpt2.dataset import ShardSet, check_tokenizer, make_dataset, open_shards
@@ -41,7 +39,16 @@ from kogpt2.distribute import DISTRIBUTION_STRATEGIES, InputPlan, Worker, make_s
 from kogpt2.evaluate import LMTrainer
 from kogpt2.flags import flag
 from kogpt2.model import PRESETS, load_model, model_fingerprint, new_model, read_model_info, save_model
-from kogpt2.paths import FolderLock, refuse_output_over_inputs
+from kogpt2.outputs import (
+    ALREADY_COMPLETE,
+    DEFAULT_KEEP_VERSIONS,
+    DEFAULT_LEASE_SECONDS,
+    RESUME,
+    WORK_PREFIX,
+    OutputConflictError,
+    OutputRun,
+    refuse_output_over_inputs,
+)
 from kogpt2.precision import AUTO, PRECISIONS, dtype_policy, normalize_precision, resolve_policy
 from kogpt2.schedules import SCHEDULES, WarmupSchedule, make_optimizer
 from kogpt2.tf_setup import import_keras, import_tf
@@ -51,6 +58,9 @@ from kogpt2.validate import check_bool, check_choice, check_int, check_number
 tf = import_tf()
 keras = import_keras()
 log = logging.getLogger(__name__)
+
+#: The job's name in manifests and locks.
+JOB = "train"
 
 __all__ = [
     "EXIT_AFTER_EPOCH_ENV", "STEP_SLEEP_ENV", "PRECISIONS", "SCHEDULES", "DISTRIBUTION_STRATEGIES", "TrainConfig", "TrainResult",
@@ -92,7 +102,14 @@ class TrainConfig:
         eval_steps: also score the validation split every this many batches (0: epoch ends only).
     """
 
-    data: str = field(metadata=flag("preprocessing output (info.json, shards, COMPLETED)", metavar="DIR"))
+    data: tuple[str, ...] = field(
+        metadata=flag(
+            "preprocessing outputs: one folder, several, or a glob of them (daily spans) with the same tokenizer "
+            "and example format",
+            metavar="DIR",
+            required=True,
+        )
+    )
     model: str = field(
         metadata=flag(
             "model folder to fine-tune, or a preset to train from scratch: tiny, small, base", metavar="PATH_OR_PRESET"
@@ -145,10 +162,29 @@ class TrainConfig:
     tokenizer: str | None = field(
         default=None, metadata=flag("tokenizer of the shards, for preset training", metavar="PATH")
     )
-    resume: bool = field(default=False, metadata=flag("continue an interrupted run in --output"))
-    overwrite: bool = field(default=False, metadata=flag("replace a run already in --output"))
+    resume: bool = field(
+        default=False, metadata=flag("continue an interrupted or time-stopped run in --output", per_run=True)
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=flag(
+            "start a new run even if --output holds another one (its version stays readable until this one commits)",
+            per_run=True,
+        ),
+    )
     max_seconds: float | None = field(
-        default=None, metadata=flag("time budget: stop after the epoch that passes it", metavar="S")
+        default=None,
+        metadata=flag(
+            "time budget: stop at the first checkpoint (epoch end, or --save-steps) past it; --resume continues",
+            metavar="S",
+        ),
+    )
+    keep_versions: int = field(
+        default=DEFAULT_KEEP_VERSIONS,
+        metadata=flag("committed model versions kept after a commit, the new one included", metavar="N"),
+    )
+    lease_seconds: float = field(
+        default=DEFAULT_LEASE_SECONDS, metadata=flag("the output lock's lease", metavar="S", hidden=True)
     )
     save_steps: int = field(
         default=0,
@@ -161,13 +197,22 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
-        for name in ("data", "model", "output"):
+        data = (self.data,) if isinstance(self.data, str) else tuple(self.data)
+        object.__setattr__(self, "data", tuple(outputs.local_path(str(d)) for d in data))
+        if not self.data or not all(self.data):
+            raise ValueError(f"{owner}.data={self.data!r}: required (one or more shard folders)")
+        object.__setattr__(
+            self, "output", outputs.local_path(self.output) if isinstance(self.output, str) else self.output
+        )
+        for name in ("model", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{owner}.{name}={getattr(self, name)!r}: required (a path)")
         for name in ("epochs", "batch_size", "steps_per_execution", "shuffle_buffer"):
             check_int(owner, name, getattr(self, name), low=1)
         for name in ("warmup_steps", "early_stopping_patience", "seed", "save_steps", "eval_steps"):
             check_int(owner, name, getattr(self, name), low=0)
+        check_int(owner, "keep_versions", self.keep_versions, low=1, note="the new version included")
+        check_number(owner, "lease_seconds", self.lease_seconds, gt=0)
         check_number(owner, "learning_rate", self.learning_rate, gt=0, lt=1)
         check_number(owner, "weight_decay", self.weight_decay, ge=0, lt=1)
         if self.clip_norm is not None:
@@ -194,7 +239,9 @@ class TrainConfig:
             raise ValueError("TrainConfig.resume and TrainConfig.overwrite: choose one")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["data"] = list(self.data)
+        return out
 
 
 @dataclass
@@ -226,6 +273,12 @@ class TrainResult:
         """One line: best epoch, validation loss and perplexity, output folder."""
         h = self.history
         how = " (stopped early)" if h["stopped_early"] else " (time budget)" if h.get("stopped_by_time") else ""
+        if not h["epochs"]:
+            part = h.get("partial_epoch") or {}
+            return (
+                f"stopped by the time budget {part.get('epoch_steps', 0)} batches into epoch 1 (no epoch finished "
+                f"yet; --resume continues): {h['steps']} steps -> {self.output}"
+            )
         if h["best_val_loss"] is None:
             val = f"train loss {h['epochs'][-1]['loss']:.4f} (no validation split)"
         else:
@@ -244,7 +297,7 @@ def _preset_tokenizer(config: TrainConfig, shards: ShardSet) -> Tokenizer:
     if config.tokenizer:
         return load_tokenizer(config.tokenizer)
     candidates: list[Path] = []
-    folder = Path(shards.folder)
+    folder = Path(shards.roots[0]) if shards.roots else Path(shards.folder)  # the committed version's files
     if folder.is_dir():
         try:
             candidates.append(find_tokenizer_file(folder))
@@ -329,8 +382,8 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: list[Any] | 
     started = time.monotonic()
     # MultiWorkerMirroredStrategy configures collectives: before any other TensorFlow work.
     strategy = make_strategy(config.strategy) if config.strategy == "multi_worker" else None
-    out = config.output.rstrip("/") or "/"  # a local path or a URL (gs://, ram://): written through tf.io.gfile
-    refuse_output_over_inputs(config.output, _inputs_of(config))  # before anything is deleted
+    out = config.output.rstrip("/") or "/"  # a local path or a URL (gs://, ram://)
+    refuse_output_over_inputs(config.output, _inputs_of(config))  # before anything is written
     shards = open_shards(config.data)
     tokenizer, vocab_rows = _load_tokenizer_for(config, shards)
     check_tokenizer(shards, tokenizer, model_vocab_size=vocab_rows, model=f"--model {config.model}")
@@ -339,32 +392,104 @@ def train(config: TrainConfig, *, progress: bool = True, callbacks: list[Any] | 
     policy = resolve_policy(config.mixed_precision)
     strategy = strategy or make_strategy(config.strategy)
     worker = worker_of(strategy)
-    # a second run into a local output folder is refused while this one lives (remote folders: no lock)
-    lock = FolderLock(out, job="kogpt2 train") if worker.chief and "://" not in out else None
-    if lock is not None:
-        lock.acquire()
-    try:
-        if worker.chief:
-            state = prepare_output(out, config.to_dict(), shards.data_fingerprint, resume=config.resume,
-                                   overwrite=config.overwrite, data=shards.folder, defaults=_defaults())  # fmt: skip
-        else:  # writes nothing that could clash with the chief's: a scratch folder, deleted at the end
-            state, out = _worker_scratch(config, shards, worker)
+    sig = signature(config, shards, tokenizer)
+    if not worker.chief:  # writes nothing that could clash with the chief's: a scratch folder, deleted at the end
+        state, scratch = _worker_scratch(config, shards, worker, sig)
         if state is None:
-            log.info("%s: run already finished; nothing to resume", config.output)
-            return TrainResult(_result_path(config.output), json.loads(read_text(join(config.output, HISTORY_FILE))))
+            return TrainResult(_result_path(out), {})
         try:
-            return _run(config, state, out, shards, tokenizer, strategy, worker, policy, started, progress, callbacks)
+            return _run(config, state, None, scratch, shards, tokenizer, strategy, worker, policy, started, progress,
+                        callbacks)  # fmt: skip
         finally:
-            if not worker.chief:
-                tf.io.gfile.rmtree(out)
-    finally:
-        if lock is not None:
-            lock.release()
+            tf.io.gfile.rmtree(scratch)
+    with outputs.claimed(out, JOB, sig, overwrite=config.overwrite, keep_versions=config.keep_versions,
+                         lease_seconds=config.lease_seconds, work_prefix=WORK_PREFIX) as claim:  # fmt: skip
+        state = _claimed_state(config, claim, shards)
+        if state is None:
+            done = outputs.open_committed(out, job=JOB)
+            return TrainResult(_result_path(out), done.read_json(HISTORY_FILE))
+        return _run(config, state, claim, claim.work, shards, tokenizer, strategy, worker, policy, started, progress,
+                    callbacks)  # fmt: skip
+
+
+#: Settings that do not shape the model (where it goes, how it is kept, when this start stops).
+PER_RUN_SETTINGS = ("output", "resume", "overwrite", "max_seconds", "keep_versions", "lease_seconds")
+
+
+def signature(config: TrainConfig, shards: ShardSet, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What shapes a run's model: the settings, the data's and tokenizer's contents, the base weights' contents.
+
+    Paths are left out (a moved data folder is the same data); contents are hashed.
+    """
+    settings = {k: v for k, v in config.to_dict().items() if k not in PER_RUN_SETTINGS}
+    settings.pop("data")
+    settings.pop("tokenizer")
+    base = _base_model_info(config)
+    settings["model"] = base.get("preset") or base.get("fingerprint") or config.model
+    return {
+        "job": JOB,
+        "settings": settings,
+        "data_fingerprint": shards.data_fingerprint,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+    }
+
+
+def _claimed_state(config: TrainConfig, claim: OutputRun, shards: ShardSet) -> RunState | None:
+    """The run state to train from in the claimed output folder, or None when there is nothing to do.
+
+    Raises:
+        OutputConflictError: an interrupted run with these settings and no ``--resume``.
+    """
+    state_path = join(claim.work, BACKUP_DIR, STATE_FILE)
+    if claim.action == ALREADY_COMPLETE:
+        log.info("%s already holds this run's model (version %d): nothing to do", claim.folder,
+                 claim.current.version if claim.current else 0)  # fmt: skip
+        return None
+    if claim.action == RESUME and tf.io.gfile.exists(state_path):
+        state = RunState.load(state_path)
+        committed = claim.current is not None and claim.current.signature_hash == outputs.signature_hash(
+            claim.signature
+        )
+        if committed and state.finished and not (state.stopped_by_time and len(state.epochs) < config.epochs):
+            pending = outputs.read_pending(claim.folder)  # it committed, then died before forgetting its work
+            if pending is not None:
+                outputs.drop_pending(claim.folder, pending)
+            log.info("%s already holds this run's model: nothing to do", claim.folder)
+            return None
+        if not config.resume:
+            if committed and state.stopped_by_time:
+                log.info(
+                    "%s: this run stopped at its time budget and its model is committed (version %d); pass --resume "
+                    "to train on",
+                    claim.folder,
+                    claim.current.version if claim.current else 0,
+                )
+                return None
+            where = f", {state.epoch_steps} batches into epoch {len(state.epochs) + 1}" if state.epoch_steps else ""
+            why = f" (it stopped with: {state.failure})" if state.failure else ""
+            raise OutputConflictError(
+                f"{claim.folder} holds an interrupted run of these settings ({len(state.epochs)} of "
+                f"{state.config['epochs']} epochs checkpointed{where}){why}: pass --resume to continue it, or "
+                "--overwrite to start a new one"
+            )
+        if state.failure:
+            log.warning("resuming a run that stopped with: %s", state.failure)
+            state.failure = None
+        if state.stopped_by_time:
+            state.stopped_by_time = False  # this start has a budget of its own
+            log.info("continuing the run stopped by its time budget (%d epochs done)", len(state.epochs))
+        state.config = config.to_dict()
+        return state
+    tf.io.gfile.makedirs(join(claim.work, BACKUP_DIR))
+    state = RunState(config=config.to_dict(), data_fingerprint=shards.data_fingerprint)
+    state.save(state_path)
+    return state
 
 
 def _run(
     config: TrainConfig,
     state: RunState,
+    claim: OutputRun | None,
     out: str,
     shards: ShardSet,
     tokenizer: Tokenizer,
@@ -375,7 +500,10 @@ def _run(
     progress: bool,
     callbacks: list[Any] | None,
 ) -> TrainResult:
-    """Build, restore, fit, save: the body of :func:`train` once ``out`` is claimed."""
+    """Build, restore, fit, commit: the body of :func:`train` once its work folder ``out`` is claimed.
+
+    ``claim`` is the chief's claim on the output folder (None on other workers).
+    """
     state.starts += 1
     backup = join(out, BACKUP_DIR)
     multi = config.strategy == "multi_worker"
@@ -419,25 +547,29 @@ def _run(
                 save_steps=config.save_steps, eval_steps=config.eval_steps, scorer=scorer, val_data=val_ds,
                 val_steps=val_steps,
             )  # fmt: skip
-            fit_callbacks = [EpochSummaries(join(out, LOGS_DIR)), tracker, *(callbacks or [])]
+            fit_callbacks = [tracker, EpochSummaries(join(out, LOGS_DIR), tracker), *(callbacks or [])]
             verbose = (1 if sys.stdout.isatty() else 2) if progress else 0
             for first, last, skip in _segments(state, config.epochs):
                 train_ds = _input(strategy, worker, train_plan, shards, "train", config, first, last, skip)
-                trainer.fit(train_ds, epochs=last, initial_epoch=first, steps_per_epoch=steps_per_epoch - skip,
-                            validation_data=val_ds, validation_steps=val_steps, callbacks=fit_callbacks,
-                            verbose=verbose)  # fmt: skip
+                try:
+                    trainer.fit(train_ds, epochs=last, initial_epoch=first, steps_per_epoch=steps_per_epoch - skip,
+                                validation_data=val_ds, validation_steps=val_steps, callbacks=fit_callbacks,
+                                verbose=verbose)  # fmt: skip
+                except StoppedAtCheckpoint:
+                    break  # the time budget, at a step checkpoint: state.stopped_by_time
                 if state.failure or state.finished:
                     break
         if state.failure:
             _record_failure(out, config, state, shards, strategy, started)
-        if not state.epochs:
+        if not state.epochs and not state.stopped_by_time:
             raise RuntimeError("training stopped before the first epoch ended")
-        if not worker.chief:
+        if not worker.chief or claim is None:
             return TrainResult(_result_path(config.output), _history(config, state, shards, strategy, 0.0))
         if state.best_checkpoint:
             weights.read(state.best_checkpoint).assert_existing_objects_matched()
-        else:  # no validation split: the last epoch is the result
+        elif state.epochs:  # no validation split: the last epoch is the result
             state.best_epoch = len(state.epochs)
+        # else: stopped by the time budget inside the first epoch: the weights as they are now
         history = _history(config, state, shards, strategy, time.monotonic() - started)
         info = {
             "data_fingerprint": shards.data_fingerprint,
@@ -452,29 +584,67 @@ def _run(
             "base_model": _base_model_info(config),
             "config": config.to_dict(),
         }
+        resumable = state.stopped_by_time and len(state.epochs) < config.epochs
+        history["resumable"] = resumable
         with tempfile.TemporaryDirectory(prefix="kogpt2-train-") as staging:
-            # Written locally, then copied in with history.json last: a run preempted while
-            # copying leaves no folder that looks finished (and keeps its backup to resume from).
+            # Written locally, then copied into a new version folder and committed by its manifest:
+            # a run preempted while copying commits nothing (and keeps its backup to resume from).
             save_model(lm, tokenizer, staging, info)
             write_history(staging, history)
-            publish(Path(staging), out)
-    tf.io.gfile.rmtree(backup)
-    return TrainResult(_result_path(out), history)
+            version = outputs.new_folder_name()
+            root = join(claim.folder, version)
+            names = publish(Path(staging), root) + _copy_logs(join(out, LOGS_DIR), join(root, LOGS_DIR))
+            manifest = outputs.commit(claim, names, summary=_status_summary(history), version_folder=version,
+                                      keep_pending=resumable)  # fmt: skip
+        log.info("committed %s version %d: %s", claim.folder, manifest.version, root)
+    return TrainResult(_result_path(claim.folder), history)
 
 
-def _worker_scratch(config: TrainConfig, shards: ShardSet, worker: Worker) -> tuple[RunState | None, str]:
+def _copy_logs(source: str, target: str) -> list[str]:
+    """Copy the TensorBoard logs of the work folder into the version; their names relative to the version."""
+    gfile = tf.io.gfile
+    names: list[str] = []
+    if not gfile.exists(source):
+        return names
+    for root, _, files in gfile.walk(source):
+        for name in files:
+            src = join(root, name)
+            rel = src[len(source.rstrip("/")) + 1 :]
+            gfile.makedirs(join(target, *rel.split("/")[:-1]))
+            gfile.copy(src, join(target, rel), overwrite=True)
+            names.append(f"{LOGS_DIR}/{rel}")
+    return sorted(names)
+
+
+def _status_summary(history: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "epochs": history["epochs_run"],
+        "best_epoch": history["best_epoch"],
+        "best_val_loss": history["best_val_loss"],
+        "steps": history["steps"],
+        "stopped_by_time": history["stopped_by_time"],
+        "resumable": history.get("resumable", False),
+    }
+
+
+def _worker_scratch(
+    config: TrainConfig, shards: ShardSet, worker: Worker, sig: dict[str, Any]
+) -> tuple[RunState | None, str]:
     """A non-chief worker's run state and scratch folder (tf.distribute's advice: write to a
     temporary folder, deleted after). With ``--resume`` it starts from the chief's state and
-    checkpoint, which must then be on storage every worker reads (``gs://``)."""
+    checkpoint (the run in progress, named by ``.pending``), which must then be on storage every
+    worker reads (``gs://``)."""
     gfile = tf.io.gfile
-    chief_state = join(config.output, BACKUP_DIR, STATE_FILE)
-    if config.resume and gfile.exists(chief_state):
+    pending = outputs.read_pending(config.output) if config.resume else None
+    chief_state = join(config.output, pending.work, BACKUP_DIR, STATE_FILE) if pending else ""
+    if pending is not None and gfile.exists(chief_state):
+        if pending.signature_hash != outputs.signature_hash(sig):
+            diff = outputs.differences(pending.signature, sig)
+            raise OutputConflictError(f"--resume: {config.output} holds a run with other settings ({'; '.join(diff)})")
         state = RunState.load(chief_state)
-        changes = config_changes(state.config, config.to_dict(), _defaults())
-        if changes:
-            raise ValueError(f"--resume: {config.output} holds a run with other settings ({'; '.join(changes)})")
         state.failure = None
-    elif config.resume and gfile.exists(join(config.output, HISTORY_FILE)):
+        state.stopped_by_time = False
+    elif config.resume and outputs.read_manifest(config.output) is not None and pending is None:
         return None, ""
     else:
         state = RunState(config=config.to_dict(), data_fingerprint=shards.data_fingerprint)
@@ -521,7 +691,7 @@ def _defaults() -> dict[str, Any]:
 
 def _inputs_of(config: TrainConfig) -> list[str]:
     """What the job reads, which ``--output`` must not overlap: shards, tokenizer, base model folder."""
-    inputs = [config.data, *([config.tokenizer] if config.tokenizer else [])]
+    inputs = [*config.data, *([config.tokenizer] if config.tokenizer else [])]
     if not (config.model in PRESETS and not Path(config.model).exists()):
         inputs.append(config.model)
     return inputs
@@ -555,15 +725,16 @@ def _segments(state: RunState, epochs: int) -> list[tuple[int, int, int]]:
 def _record_failure(
     out: str, config: TrainConfig, state: RunState, shards: ShardSet, strategy: Any, started: float
 ) -> None:
-    """Write ``history.json`` saying why; keep the backup (the last good checkpoint); raise TrainingFailed."""
+    """Write ``history.json`` into the work folder saying why; keep the backup (the last good checkpoint); raise TrainingFailed."""
     history = _history(config, state, shards, strategy, time.monotonic() - started)
     with tempfile.TemporaryDirectory(prefix="kogpt2-train-") as staging:
         write_history(staging, history)
         publish(Path(staging), out)
     kept = state.checkpoint or "none yet: it failed before the first checkpoint"
     raise TrainingFailed(
-        f"{state.failure}. No model was saved in {out}; history.json records the run, and the last good "
-        f"checkpoint ({kept}) stays in {join(out, BACKUP_DIR)}. Try a lower --lr or --clip-norm, with --overwrite"
+        f"{state.failure}. No model was committed to {config.output} (its current version, if any, is unchanged); "
+        f"{join(out, HISTORY_FILE)} records the run, and the last good checkpoint ({kept}) stays in "
+        f"{join(out, BACKUP_DIR)}. Try a lower --lr or --clip-norm, with --overwrite"
     )
 
 
@@ -582,7 +753,7 @@ def _history(config: TrainConfig, state: RunState, shards: ShardSet, strategy: A
         "stopped_early": state.stopped_early,
         "stopped_by_time": state.stopped_by_time,
         "train_tokens": last.get("train_tokens", 0),
-        "steps": last.get("steps", 0),
+        "steps": max(int(last.get("steps", 0)), int(state.step)),
         "seconds": round(sum(e["seconds"] for e in epochs), 3),
         "wall_seconds_last_start": round(seconds, 3),
         "starts": state.starts,
@@ -591,5 +762,6 @@ def _history(config: TrainConfig, state: RunState, shards: ShardSet, strategy: A
         "data": shards.folder,
         "data_fingerprint": shards.data_fingerprint,
         "tokenizer_fingerprint": shards.tokenizer_info["fingerprint"],
-        "config": config.to_dict(),
+        "partial_epoch": {"epoch": len(epochs) + 1, "epoch_steps": state.epoch_steps} if state.epoch_steps else None,
+        "config": {k: v for k, v in config.to_dict().items() if k not in ("resume", "overwrite")},
     }

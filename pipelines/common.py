@@ -1,4 +1,4 @@
-"""What every pipeline shares: Beam options and runner choice, output folders, JSON files.
+"""What every pipeline shares: Beam options and runner choice, argument checks, small files.
 
 Beam's DirectRunner first tries the Prism runner, which downloads a binary on first
 use; on an offline machine that stalls before falling back. :func:`create_pipeline`
@@ -17,19 +17,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
-from kogpt2.folders import COMPLETED_FILE, RUN_FILE
+from kogpt2 import storage
 
 log = logging.getLogger(__name__)
 
 DIRECT_RUNNERS = {None, "", "DirectRunner", "direct", "FnApiRunner"}
-
-
-class OutputConflictError(RuntimeError):
-    """The output folder holds files of a different run."""
 
 
 def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
@@ -110,61 +105,23 @@ def frozen_heap() -> Iterator[None]:
 
 
 def join(folder: str, name: str) -> str:
-    """Join a path in any Beam filesystem (local, ``gs://``, ...)."""
-    return FileSystems.join(folder, name)
-
-
-TEMP_PREFIX = ".tmp-"
-
-
-def temp_path(path: str) -> str:
-    """A unique temporary name beside ``path`` (``.tmp-<name>.<random>``), never matched by output globs."""
-    import uuid
-
-    folder, name = path.rsplit("/", 1) if "/" in path else ("", path)
-    return f"{folder}/{TEMP_PREFIX}{name}.{uuid.uuid4().hex[:12]}" if folder else f"{TEMP_PREFIX}{name}"
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path``, then rename it into place.
-
-    A reader (or a rerun) sees the old file or the whole new one, never a part.
-    """
-    tmp = temp_path(path)
-    with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(data)
-    commit_temp(tmp, path)
-
-
-def commit_temp(tmp: str, path: str) -> None:
-    """Rename a finished temporary file into place (replacing ``path`` if it exists)."""
-    if FileSystems.get_scheme(path) in (None, "file"):
-        import os
-
-        os.replace(tmp, path)  # atomic on POSIX, replaces
-        return
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
+    """Join a path in any filesystem (local, ``gs://``, ...)."""
+    return storage.join(folder, name)
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a UTF-8 text file through Beam filesystems, atomically."""
-    write_atomic(path, text.encode("utf-8"))
+    """Write a UTF-8 text file atomically: a reader sees the old file or the whole new one (:mod:`kogpt2.storage`)."""
+    storage.store_for(path).write(path, text.encode("utf-8"))
 
 
 def read_text(path: str) -> str:
-    """Read a UTF-8 text file through Beam filesystems."""
-    with FileSystems.open(path) as f:
-        return f.read().decode("utf-8")
+    """Read a UTF-8 text file (any filesystem)."""
+    return storage.store_for(path).read(path).decode("utf-8")
 
 
 def copy_file(source: str, destination: str) -> None:
-    """Copy one file between any Beam filesystems (local, ``gs://``, ...)."""
-    with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as src:
-        data = src.read()
-    with FileSystems.create(destination, compression_type=CompressionTypes.UNCOMPRESSED) as dst:
-        dst.write(data)
+    """Copy one (small) file between any filesystems, atomically at the destination."""
+    storage.store_for(destination).write(destination, storage.store_for(source).read(source))
 
 
 _LOCAL_COPIES: dict[str, str] = {}
@@ -174,23 +131,28 @@ def local_copy(path: str) -> str:
     """A local path holding ``path``: itself when local, else a copy made once per process.
 
     Remote files (``gs://.../tokenizer.spiece``) and folders (``gs://.../model``: the files
-    directly in it) are copied into a temporary folder, because tokenizers and TensorFlow
-    models are read from local files.
+    directly in it, or in its committed version when it is an output folder of these jobs)
+    are copied into a temporary folder, because tokenizers and TensorFlow models are read
+    from local files.
     """
-    if FileSystems.get_scheme(path) in (None, "file"):
-        return path
+    if not storage.scheme(path):
+        return storage.local_path(path)
     if path not in _LOCAL_COPIES:
         import os
         import tempfile
 
+        from kogpt2.outputs import version_root
+
+        store = storage.store_for(path)
+        root = version_root(path.rstrip("/"))
         target = tempfile.mkdtemp(prefix="kogpt2-")
-        inside = [p for p in list_folder(path.rstrip("/")) if not p.endswith("/")]
+        inside = [n for n in store.children(root) if not n.endswith("/")]
         if inside:  # a folder
-            for remote in inside:
-                copy_file(remote, os.path.join(target, remote.rstrip("/").rsplit("/", 1)[-1]))
+            for name in inside:
+                copy_file(join(root, name), os.path.join(target, name))
             _LOCAL_COPIES[path] = target
         else:
-            local = os.path.join(target, path.rstrip("/").rsplit("/", 1)[-1])
+            local = os.path.join(target, storage.basename(path))
             copy_file(path, local)
             _LOCAL_COPIES[path] = local
         log.info("copied %s to %s", path, _LOCAL_COPIES[path])
@@ -198,91 +160,8 @@ def local_copy(path: str) -> str:
 
 
 def write_json(path: str, data: Any) -> None:
-    """Write pretty, key-sorted UTF-8 JSON through Beam filesystems."""
+    """Write pretty, key-sorted UTF-8 JSON, atomically."""
     write_text(path, json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
-
-
-def list_folder(folder: str) -> list[str]:
-    """Paths of the files directly in ``folder`` (empty if it does not exist)."""
-    pattern = join(folder, "*")
-    try:
-        result = FileSystems.match([pattern])[0]
-    except Exception:  # a missing local folder raises on some filesystems
-        return []
-    return sorted(m.path for m in result.metadata_list)
-
-
-def same_run(
-    folder: str, existing: Sequence[str], signature: dict[str, Any], *, overwrite: bool, note: str = ""
-) -> bool:
-    """Whether the non-empty ``folder`` (holding ``existing``) holds a run with ``signature`` (its ``run.json``).
-
-    Raises:
-        OutputConflictError: it holds another run's (or unknown) files and ``overwrite`` is off;
-            the message names what differs, then ``note``.
-    """
-    run_path = join(folder, RUN_FILE)
-    previous = None
-    if run_path in existing or FileSystems.exists(run_path):
-        try:
-            previous = json.loads(read_text(run_path))
-        except (OSError, ValueError):
-            previous = None
-    same = previous == json.loads(json.dumps(signature))
-    if not same and not overwrite:
-        what = "a different run" if previous is not None else "files not written by this pipeline"
-        differ = ""
-        if isinstance(previous, dict):
-            keys = sorted(k for k in set(previous) | set(signature) if previous.get(k) != signature.get(k))
-            differ = f"; it differs in {', '.join(keys)}"
-        raise OutputConflictError(
-            f"output folder {folder} already holds {what} ({len(existing)} files{differ}). "
-            f"Choose another --output, or pass --overwrite to replace its contents{note}."
-        )
-    return same
-
-
-def prepare_output(folder: str, signature: dict[str, Any], *, overwrite: bool = False, resume: bool = False) -> str:
-    """Make ``folder`` ready for a run with ``signature``; never mix two runs' files.
-
-    - empty or missing: created; ``run.json`` records the signature.
-    - holding a run with the same signature: with ``resume``, its committed files are
-      kept (the run skips them) and only leftover temporary files are removed; without,
-      its files are removed, so the rerun rewrites them (reruns reproduce).
-    - holding anything else: :class:`OutputConflictError`, unless ``overwrite``.
-
-    A lock file (``.lock``) is never counted as the folder's content.
-
-    Args:
-        folder: output folder (any Beam filesystem).
-        signature: JSON-able description of inputs and flags that define the run.
-        overwrite: remove whatever the folder holds.
-        resume: keep a same-signature run's files.
-
-    Returns:
-        ``"new"``, ``"resume"`` (a same-signature run's files kept) or ``"replace"``.
-
-    Raises:
-        OutputConflictError: the folder holds a different run's files.
-    """
-    from kogpt2.paths import LOCK_FILE
-
-    existing = [p for p in list_folder(folder) if p.rstrip("/").rsplit("/", 1)[-1] != LOCK_FILE]
-    same = False
-    if existing:
-        same = same_run(folder, existing, signature, overwrite=overwrite)
-    if existing and same and resume:
-        leftovers = [p for p in existing if p.rstrip("/").rsplit("/", 1)[-1].startswith(TEMP_PREFIX)]
-        if leftovers:
-            FileSystems.delete(leftovers)
-        return "resume"
-    if existing:
-        log.info("clearing %d files of the previous run in %s", len(existing), folder)
-        FileSystems.delete(existing)
-    if not FileSystems.exists(folder):
-        FileSystems.mkdirs(folder)
-    write_json(join(folder, RUN_FILE), signature)
-    return "replace" if existing else "new"
 
 
 def file_sizes(paths: Sequence[str]) -> dict[str, list[int]]:
@@ -295,31 +174,42 @@ def file_sizes(paths: Sequence[str]) -> dict[str, list[int]]:
 
 
 def check_beam_args(beam_args: Sequence[str], ours: Sequence[str]) -> None:
-    """Refuse leftover arguments that Beam does not know either (Beam would drop them with a warning).
+    """Refuse every leftover argument that Beam would not use (Beam drops them with a mere warning).
+
+    What our parser left over must be Beam options, parsed as Beam parses them. Anything else is
+    refused, never dropped: an unknown ``--option`` (with the closest of ours), a single-dash
+    option, or a stray value, which is how a second file after ``--input a.txt`` used to vanish
+    (and how an unquoted shell glob expands).
 
     Args:
         beam_args: what our parser did not consume.
         ours: our option strings, for "did you mean".
 
     Raises:
-        ValueError: naming each unknown option (and the closest of ours).
+        ValueError: naming each argument that is neither ours nor Beam's.
     """
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
     from kogpt2.flags import refuse_lookalikes
 
-    options = PipelineOptions(list(beam_args))
-    unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
-    flagged = [a for a in beam_args if a.startswith("--") and a.split("=", 1)[0][2:].replace("-", "_") in unknown]
-    refuse_lookalikes(flagged, ours)
-
-
-def mark_completed(folder: str) -> None:
-    """Write the ``COMPLETED`` marker; call it last, after every other output."""
-    write_text(join(folder, COMPLETED_FILE), "")
-
-
-def is_completed(folder: str) -> bool:
-    """True when ``folder`` holds a ``COMPLETED`` marker."""
-    return bool(FileSystems.exists(join(folder, COMPLETED_FILE)))
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    classes: dict[str, type] = {}
+    for cls in PipelineOptions.__subclasses__():
+        classes.setdefault(str(cls), cls)
+    for cls in classes.values():
+        cls._add_argparse_args(parser)  # type: ignore[attr-defined]  # what Beam itself does
+    _, unknown = parser.parse_known_args(list(beam_args))
+    refuse_lookalikes([a for a in unknown if a.startswith("--")], ours)
+    dashed = [a for a in unknown if a.startswith("-") and not a.startswith("--") and a != "-"]
+    if dashed:
+        raise ValueError(f"unknown option {dashed[0]}: options are spelled --name (see --help)")
+    stray = [a for a in unknown if not a.startswith("-")]
+    if stray:
+        shown = " ".join(stray[:5]) + (" ..." if len(stray) > 5 else "")
+        raise ValueError(
+            f"unexpected argument(s): {shown}. Give several files after one flag (--input a.txt b.txt) or "
+            "quote a glob (--input 'corpus/*.txt') so the shell does not expand it"
+        )
 
 
 def match_globs(patterns: Sequence[str], *, flag: str = "--input") -> dict[str, tuple[int, int]]:
@@ -343,78 +233,3 @@ def match_globs(patterns: Sequence[str], *, flag: str = "--input") -> dict[str, 
 def expand_globs(patterns: Sequence[str], *, flag: str = "--input") -> list[str]:
     """The files some glob matches, sorted and de-duplicated (see :func:`match_globs`)."""
     return list(match_globs(patterns, flag=flag))
-
-
-STAGING_PREFIX = ".tmp-staging-"
-
-
-def staging_folder(folder: str, run_id: str) -> str:
-    """Where a run that must not disturb ``folder`` builds its files: ``folder/.tmp-staging-RUNID``.
-
-    Inside ``folder`` (same filesystem, so the final moves are renames) and hidden from output
-    globs, which never match a file in a subfolder or a ``.tmp-`` name.
-    """
-    return join(folder, f"{STAGING_PREFIX}{run_id}")
-
-
-def remove_folder(folder: str) -> None:
-    """Delete a folder and what it holds (any Beam filesystem); a missing folder is fine."""
-    if FileSystems.get_scheme(folder) in (None, "file"):
-        import shutil
-
-        shutil.rmtree(folder, ignore_errors=True)
-        return
-    files = [m.path for m in FileSystems.match([join(folder, "**")])[0].metadata_list]
-    if files:
-        FileSystems.delete(files)
-
-
-def remove_stale_staging(folder: str) -> list[str]:
-    """Remove the staging folders (:func:`staging_folder`) left in ``folder`` by runs that died.
-
-    Call it only while holding the folder's lock. Returns the folders removed.
-    """
-    if FileSystems.get_scheme(folder) in (None, "file"):
-        import os
-
-        if not os.path.isdir(folder):
-            return []
-        stale = [join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith(STAGING_PREFIX)]
-    else:
-        found = FileSystems.match([join(folder, STAGING_PREFIX + "*/**")])[0].metadata_list
-        stale = sorted({m.path[: m.path.index("/", len(folder.rstrip("/")) + 1)] for m in found})
-    for path in stale:
-        remove_folder(path)
-    return stale
-
-
-def commit_staged(staging: str, folder: str, *, keep: Sequence[str] = ()) -> list[str]:
-    """Swap a finished run's files from ``staging`` into ``folder``, then remove ``staging``.
-
-    Until this is called the previous run's files stay whole and in place. The swap:
-    ``COMPLETED`` is removed from ``folder`` first (a reader never sees the marker beside a
-    mix of two runs), every staged file is renamed over its namesake (atomic per file
-    locally), the previous run's files the new run did not write are deleted (except the
-    names in ``keep``), and the staged ``COMPLETED``, if any, moves in last.
-
-    Returns:
-        The names of the previous run's files that were deleted.
-    """
-    staged = {p.rstrip("/").rsplit("/", 1)[-1]: p for p in list_folder(staging)}
-    marker = join(folder, COMPLETED_FILE)
-    if FileSystems.exists(marker):
-        FileSystems.delete([marker])
-    for name, path in sorted(staged.items()):
-        if name != COMPLETED_FILE:
-            commit_temp(path, join(folder, name))
-    stale = [
-        p
-        for p in list_folder(folder)
-        if (name := p.rstrip("/").rsplit("/", 1)[-1]) not in staged and name not in keep and name != COMPLETED_FILE
-    ]
-    if stale:
-        FileSystems.delete(stale)
-    if COMPLETED_FILE in staged:
-        commit_temp(staged[COMPLETED_FILE], marker)
-    remove_folder(staging)
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in stale)

@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from kogpt2 import outputs
 from kogpt2 import tf_setup as _tf_setup  # (TF_USE_LEGACY_KERAS first)
 from kogpt2.flags import add_config_arguments, add_underscore_spellings, config_from_args, flag
 from kogpt2.model import PRESETS
@@ -209,7 +210,7 @@ class Demo:
             )
             if status != 0:
                 raise RuntimeError(f"bulk generation into {out} exited with status {status}")
-            info = json.loads((out / "info.json").read_text(encoding="utf-8"))
+            info = outputs.open_committed(str(out), job="generate").read_json("info.json")
             rows += int(info["counts"]["rows"])
         return f"{rows} samples written to {self.run_dir / 'generations'}/{phase}-*"
 
@@ -217,7 +218,7 @@ class Demo:
         from kogpt2.training import TrainConfig, train
 
         cfg = TrainConfig(
-            data=str(self.run_dir / "data"),
+            data=(str(self.run_dir / "data"),),
             model=self.config.model or self.config.preset,
             output=str(self.run_dir / "model"),
             epochs=self.config.epochs,
@@ -290,15 +291,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     run = Path(config.run)
     print(f"\nDone in {time.monotonic() - start:.0f} s. Everything is in {run}/:")
+    model_version = outputs.status(str(run / "model"))["current"]["path"]
     for what, path in [
         ("report", report),
         ("tokenizer", run / "tokenizer"),
-        ("TFRecord shards + info.json", run / "data"),
-        ("trained model (load_model / from_pretrained)", run / "model"),
-        ("generations (Parquet)", run / "generations"),
+        ("TFRecord shards + info.json (current version)", outputs.status(str(run / "data"))["current"]["path"]),
+        ("trained model (load_model runs/demo/model)", run / "model"),
+        ("  its current version (from_pretrained)", model_version),
+        ("generations (Parquet, one folder a run)", run / "generations"),
         ("stage timings", run / "demo.json"),
     ]:
-        print(f"  {what:45s} {path}")
+        print(f"  {what:47s} {path}")
+    print(f"  `kogpt2 status FOLDER` says what any output folder holds; e.g. kogpt2 status {run / 'model'}")
     return 0
 
 

@@ -42,34 +42,36 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from kogpt2 import outputs
 from kogpt2.flags import add_config_arguments, given_values, read_config_file
-from kogpt2.folders import COMPLETED_FILE, INFO_FILE, RUN_FILE
 from kogpt2.generation import GenerationConfig
+from kogpt2.jobs import DataFailedError, ExitStatus, run_main
+from kogpt2.outputs import ALREADY_COMPLETE, INFO_FILE, RESUME, OutputRun
 from pipelines.common import (
-    TEMP_PREFIX,
-    OutputConflictError,
     check_beam_args,
     create_pipeline,
     expand_globs,
     file_sizes,
-    is_completed,
     join,
-    list_folder,
     local_copy,
     pipeline_options,
-    prepare_output,
     read_text,
     write_json,
-    write_text,
 )
 from pipelines.generate_config import GenerateJob, GeneratePlan
-from pipelines.generate_units import PARQUET_PATTERN, GenerateUnits, UnitItem, UnitStats, unit_of
+from pipelines.generate_units import PARQUET_PATTERN, UNIT_PATTERN, GenerateUnits, UnitItem, UnitStats, unit_of
 from pipelines.seeds import ValidateSeeds, read_seeds
 
 log = logging.getLogger(__name__)
 
 #: The run's full, resolved settings: ``--config job.json`` repeats it.
 JOB_FILE = "job.json"
+#: The job's name in manifests and locks.
+JOB = "generate"
+
+
+class RowsFailedError(DataFailedError):
+    """Some rows failed (their units were not committed); a rerun of the same command redoes just those units."""
 
 
 # -- 1. parse and validate -------------------------------------------------------------------
@@ -114,6 +116,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GenerateJob, list[str
     job_fields = [f.name for f in dataclasses.fields(GenerateJob) if f.name != "config"]
     strategy_fields = [f.name for f in dataclasses.fields(GenerationConfig)]
     settings = read_config_file(args.config, job_fields + strategy_fields) if args.config else {}
+    per_run = {f.name for f in dataclasses.fields(GenerateJob) if f.metadata.get("per_run")}
+    for key in sorted(per_run & set(settings)):
+        if settings[key]:
+            raise ValueError(
+                f"the --config file sets {key}={settings[key]!r}: --{key.replace('_', '-')} is decided for each run; "
+                "give it on the command line"
+            )
+        del settings[key]
     job_settings = {k: v for k, v in settings.items() if k in job_fields}
     job_settings.update(given_values(args, job_fields))
     missing = [f"--{n}" for n in ("model", "seeds", "output") if n not in job_settings]
@@ -141,7 +151,11 @@ def make_plan(job: GenerateJob) -> GeneratePlan:
     from kogpt2.tokenizer import load_tokenizer
 
     try:
-        config_text = read_text(join(job.model, "config.json"))
+        root = outputs.version_root(job.model, job="train")
+    except outputs.NotCommittedError as exc:
+        raise ValueError(f"--model {job.model}: {exc}") from None
+    try:
+        config_text = read_text(join(root, "config.json"))
     except OSError as exc:
         raise ValueError(f"--model {job.model}: no readable config.json ({exc})") from None
     try:
@@ -172,13 +186,13 @@ def signature(job: GenerateJob, plan: GeneratePlan) -> dict[str, Any]:
     """What defines a run's output: a rerun with the same signature resumes into the folder."""
     return {
         "pipeline": "generate",
-        "model": job.model,
         "model_fingerprint": plan.model_fingerprint,
         "seeds": list(job.seeds),
         "seed_files": plan.seed_files,
         "seed_column": job.seed_column,
         "config": job.config.describe(),
         "dtype": job.dtype,
+        "batch_size": job.batch_size,  # near-tie tokens can flip with the batch shape
         "num_shards": job.num_shards,
         "rows_per_file": job.rows_per_file,
         "max_seed_tokens": plan.max_seed_tokens,
@@ -195,11 +209,13 @@ def num_units(valid_seeds: int, job: GenerateJob) -> int:
 # -- 4c. finalize (inside the pipeline) ------------------------------------------------------
 
 
-def finalize(stats: list[UnitStats], seeds_in: int, units: int, job: GenerateJob, plan: GeneratePlan) -> dict[str, Any]:
-    """Count every unit, check that no row is missing, write ``info.json`` then ``COMPLETED``.
+def finalize(
+    stats: list[UnitStats], seeds_in: int, units: int, job: GenerateJob, plan: GeneratePlan, claim: OutputRun
+) -> dict[str, Any]:
+    """Count every unit, check that no row is missing, write ``info.json`` and ``job.json``, then commit.
 
-    With failed rows, ``info.json`` says so (``status: failed``) and ``COMPLETED`` is not
-    written: a rerun redoes the failed units.
+    With failed rows, ``info.json`` (in the work folder) says so (``status: failed``) and nothing
+    is committed: a rerun redoes the failed units.
 
     Raises:
         RuntimeError: a unit is missing, or rows do not add up (a bug: nothing may vanish).
@@ -229,7 +245,8 @@ def finalize(stats: list[UnitStats], seeds_in: int, units: int, job: GenerateJob
     fresh_tokens = sum(s.new_tokens for s in fresh)
     wall = time.time() - plan.started
     status = "failed" if failed else "completed"
-    names = {p.rsplit("/", 1)[-1] for p in list_folder(job.output)}
+    done_units = [UNIT_PATTERN.format(unit=s.unit, units=units) for s in sorted(stats) if not s.failed]
+    unit_files = outputs.unit_files(claim.work, done_units)
     info = {
         "created_by": f"kogpt2-pipeline {kogpt2.__version__}",
         "status": status,
@@ -264,27 +281,28 @@ def finalize(stats: list[UnitStats], seeds_in: int, units: int, job: GenerateJob
         "tokens_per_second": round(fresh_tokens / wall, 2) if wall > 0 and fresh_tokens else None,
         "files": {
             "parquet": [PARQUET_PATTERN.format(unit=s.unit, units=units) for s in sorted(stats) if not s.failed],
-            "rejected": sorted(n for n in names if n.startswith("rejected-")),
-            "failed": sorted(n for n in names if n.startswith("failed-")),
+            "rejected": sorted(f for f in unit_files if f.startswith("rejected-")),
+            "failed": [
+                f"failed-{UNIT_PATTERN.format(unit=s.unit, units=units)}.jsonl" for s in sorted(stats) if s.failed
+            ],
         },
         "versions": library_versions(),
     }
-    leftovers = [join(job.output, n) for n in names if n.startswith(TEMP_PREFIX)]
-    if leftovers:
-        FileSystems.delete(leftovers)
-    write_json(join(job.output, RUN_FILE), signature(job, plan))
-    write_json(join(job.output, JOB_FILE), job.settings())
-    write_json(join(job.output, INFO_FILE), info)
+    write_json(join(claim.work, JOB_FILE), job.settings())
+    write_json(join(claim.work, INFO_FILE), info)
     if not failed:
-        write_text(join(job.output, COMPLETED_FILE), "")
+        summary = {"seeds_in": seeds_in, "rows": rows, "rejected": rejected, "new_tokens": tokens}
+        outputs.commit(claim, [*unit_files, JOB_FILE, INFO_FILE], summary=summary)
     return info
 
 
 # -- 4. the pipeline -------------------------------------------------------------------------
 
 
-def build_pipeline(p: beam.Pipeline, job: GenerateJob, plan: GeneratePlan) -> dict[str, beam.PCollection]:
-    """Add the generation steps to ``p``.
+def build_pipeline(
+    p: beam.Pipeline, job: GenerateJob, plan: GeneratePlan, claim: OutputRun
+) -> dict[str, beam.PCollection]:
+    """Add the generation steps to ``p`` (its files go to ``claim``'s work folder; the last step commits).
 
     Returns:
         ``valid`` (seed strings), ``rejected`` (:class:`Rejected`), ``units`` (:class:`UnitStats`)
@@ -311,7 +329,7 @@ def build_pipeline(p: beam.Pipeline, job: GenerateJob, plan: GeneratePlan) -> di
         (keyed_seeds, keyed_dead, markers)
         | "AllItems" >> beam.Flatten()
         | "ByUnit" >> beam.GroupByKey()
-        | "GenerateUnits" >> beam.ParDo(GenerateUnits(job, plan), units=n_units, unit_rows=AsDict(unit_rows))
+        | "GenerateUnits" >> beam.ParDo(GenerateUnits(job, plan, claim), units=n_units, unit_rows=AsDict(unit_rows))
     )
     seeds_in = raw | "CountIn" >> beam.combiners.Count.Globally()
     info = (
@@ -319,7 +337,7 @@ def build_pipeline(p: beam.Pipeline, job: GenerateJob, plan: GeneratePlan) -> di
         | "Finish" >> beam.Create([None])
         | "Finalize"
         >> beam.Map(
-            lambda _, st, si, u: finalize(st, si, u, job, plan),
+            lambda _, st, si, u: finalize(st, si, u, job, plan, claim),
             st=AsList(stats),
             si=AsSingleton(seeds_in),
             u=n_units,
@@ -357,73 +375,73 @@ def summary_line(info: dict[str, Any], output: str) -> str:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """Validate, plan, prepare the output, run the pipeline and print its summary.
+    """Parse the command line, then :func:`run_config`; print the summary.
 
     Returns:
-        0 when every row was written (``COMPLETED``), 1 when some rows failed (a rerun
-        with the same flags redoes just their units).
+        0 when every row was committed (or the output already held this very run).
 
     Raises:
-        ValueError / FileNotFoundError: bad flags or inputs (nothing was written).
-        OutputConflictError: ``--output`` holds another run (use ``--overwrite``).
-        OutputLockedError: another live run writes into ``--output``.
-        RuntimeError: the pipeline failed, or rows went missing (the accounting check).
+        See :func:`run_config`.
     """
-    from kogpt2.paths import FolderLock, refuse_output_over_inputs
     from kogpt2.tf_setup import set_verbose
 
     _show_progress()
     job, beam_args = parse_args(argv)
     if job.verbose:
         set_verbose(True)
-    refuse_output_over_inputs(job.output, [job.model, *job.seeds])
+    info, status = run_config(job, beam_args)
+    if status == ALREADY_COMPLETE:
+        log.info("already complete (same model, seeds and flags): %s", summary_line(info, job.output))
+    else:
+        log.info(summary_line(info, job.output))
+    return ExitStatus.DONE
+
+
+def run_config(job: GenerateJob, beam_args: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
+    """Validate, plan, claim the output folder, run the pipeline; the pipeline commits the new version.
+
+    Returns:
+        ``(info.json document, status)``: ``new``, ``resume`` (an unfinished run with these settings
+        continued: its committed units kept) or ``already complete`` (nothing generated).
+
+    Raises:
+        ValueError / FileNotFoundError: bad flags or inputs (nothing was written).
+        kogpt2.outputs.OutputConflictError: ``--output`` holds another run (use ``--overwrite``).
+        kogpt2.outputs.OutputLockedError: another live run writes into ``--output``.
+        RowsFailedError: some rows failed; the other units are committed in the work folder and a
+            rerun redoes just the failed ones.
+        RuntimeError: the pipeline failed, or rows went missing (the accounting check).
+    """
+    outputs.refuse_output_over_inputs(job.output, [job.model, *job.seeds])
     plan = make_plan(job)
     sig = signature(job, plan)
     options = pipeline_options(beam_args)
-    local = FileSystems.get_scheme(job.output) in (None, "file")
-    lock = FolderLock(job.output, job="pipelines.generate") if local else None
-    if lock is not None:
-        lock.acquire()
-    try:
-        state = prepare_output(job.output, sig, overwrite=job.overwrite, resume=True)
-        if state == "resume" and is_completed(job.output):
-            info = json.loads(read_text(join(job.output, INFO_FILE)))
-            log.info("already complete (same model, seeds and flags): %s", summary_line(info, job.output))
-            return 0
-        if state == "resume":
-            log.info("resuming into %s: committed files are kept, the rest is generated", job.output)
+    with outputs.claimed(job.output, JOB, sig, overwrite=job.overwrite, keep_versions=job.keep_versions,
+                         lease_seconds=job.lease_seconds) as claim:  # fmt: skip
+        if claim.action == ALREADY_COMPLETE:
+            return outputs.open_committed(job.output, job=JOB).read_json(INFO_FILE), ALREADY_COMPLETE
+        if claim.action == RESUME:
+            log.info("resuming into %s: committed units are kept, the rest is generated", claim.work)
         log.info("generating from %d seed files into %s: %s", len(job.seeds), job.output, job.config.summary())
         p = create_pipeline(options)
-        build_pipeline(p, job, plan)
-        result = p.run()
-        pipeline_state = result.wait_until_finish()
-    finally:
-        if lock is not None:
-            lock.release()
-    if str(pipeline_state).split(".")[-1] not in ("DONE", "None"):
-        raise RuntimeError(f"pipeline ended in state {pipeline_state}")
-    info = json.loads(read_text(join(job.output, INFO_FILE)))
+        build_pipeline(p, job, plan, claim)
+        pipeline_state = p.run().wait_until_finish()
+        if str(pipeline_state).split(".")[-1] not in ("DONE", "None"):
+            raise RuntimeError(f"pipeline ended in state {pipeline_state}")
+        current = outputs.read_manifest(job.output)
+        if current is not None and current[0].run_id == claim.run_id:
+            return outputs.open_committed(job.output, job=JOB).read_json(INFO_FILE), claim.action
+        info = json.loads(read_text(join(claim.work, INFO_FILE)))
     log.info(summary_line(info, job.output))
-    if info["status"] != "completed":
-        log.error(
-            "%d rows failed (see %s/failed-*.jsonl; first error: %s); rerun the same command to redo their units",
-            info["counts"]["failed_rows"],
-            job.output,
-            (info["errors"] or ["?"])[0],
-        )
-        return 1
-    return 0
+    raise RowsFailedError(
+        f"{info['counts']['failed_rows']} rows failed (see {claim.work}/failed-*.jsonl; first error: "
+        f"{(info['errors'] or ['?'])[0]}); nothing was committed. Rerun the same command to redo their units"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: bad flags and inputs print one line and exit with status 2."""
-    from kogpt2.paths import OutputLockedError
-
-    try:
-        return run(argv)
-    except (ValueError, FileNotFoundError, OutputConflictError, OutputLockedError) as exc:
-        print(f"pipelines.generate: error: {exc}", file=sys.stderr)
-        return 2
+    """Command-line entry point: exit statuses as in :mod:`kogpt2.jobs`."""
+    return run_main("pipelines.generate", lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from typing import Any
 from kogpt2.decoder import DTYPES
 from kogpt2.flags import flag
 from kogpt2.generation import DEFAULT_BATCH_SIZE, GenerationConfig
+from kogpt2.outputs import DEFAULT_KEEP_VERSIONS, DEFAULT_LEASE_SECONDS
+from kogpt2.storage import local_path
 from kogpt2.validate import check_bool, check_choice, check_int, check_number
 from pipelines.seeds import FORMATS
 
@@ -45,7 +47,19 @@ class GenerateJob:
     share_model_across_processes: bool = field(
         default=False, metadata=flag("one model per machine shared by all worker processes (GPU workers)")
     )
-    overwrite: bool = field(default=False, metadata=flag("replace a different run's files in --output"))
+    overwrite: bool = field(
+        default=False,
+        metadata=flag(
+            "build a new version over another run (the current one stays readable until it commits)", per_run=True
+        ),
+    )
+    keep_versions: int = field(
+        default=DEFAULT_KEEP_VERSIONS,
+        metadata=flag("committed versions kept after a commit, the new one included", metavar="N"),
+    )
+    lease_seconds: float = field(
+        default=DEFAULT_LEASE_SECONDS, metadata=flag("the output lock's lease", metavar="S", hidden=True)
+    )
     verbose: bool = field(default=False, metadata=flag("show TensorFlow, Beam and transformers messages"))
 
     def __post_init__(self) -> None:
@@ -56,6 +70,10 @@ class GenerateJob:
         check_int(owner, "num_shards", self.num_shards, low=0, note="0 = from --rows-per-file")
         check_int(owner, "max_seed_tokens", self.max_seed_tokens, low=0, note="0 = the model's limit")
         check_number(owner, "progress_seconds", self.progress_seconds, gt=0)
+        check_int(owner, "keep_versions", self.keep_versions, low=1, note="the new version included")
+        check_number(owner, "lease_seconds", self.lease_seconds, gt=0)
+        object.__setattr__(self, "output", local_path(self.output))
+        object.__setattr__(self, "model", local_path(self.model))
         for name in ("share_model_across_processes", "overwrite", "verbose"):
             check_bool(owner, name, getattr(self, name))
         for path in self.seeds:
@@ -64,7 +82,11 @@ class GenerateJob:
 
     def settings(self) -> dict[str, Any]:
         """Every setting as a flat JSON object: what ``--config FILE`` reads back to repeat the run."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config"}
+        out = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "config" and not f.metadata.get("per_run")
+        }
         out["seeds"] = list(self.seeds)
         return {**out, **self.config.describe()}
 

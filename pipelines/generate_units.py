@@ -1,8 +1,11 @@
 """Work units of bulk generation: each one generated, written and committed in one step.
 
-A unit is one output file. :class:`GenerateUnits` skips a unit whose file exists (it
-was committed earlier; its counts are in the file's footer), or generates its rows in
-full length-bucketed batches and commits the file by renaming it into place.
+A unit is one output file (and its dead letters), in the run's work folder. :class:`GenerateUnits`
+skips a unit that is committed (its record in ``_units/`` names its files with sizes and CRC32C,
+and they still match: :func:`kogpt2.outputs.read_unit`), or generates its rows in full
+length-bucketed batches, writes its files (each one atomically) and commits the unit by writing
+its record last (:func:`kogpt2.outputs.commit_unit`). No rename: on object storage a rename is a
+copy and a delete, which is not a commit.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from kogpt2 import outputs
 from kogpt2.records import assign_shard, stable_hash
-from pipelines.common import commit_temp, join, list_folder, local_copy, temp_path, write_text
+from kogpt2.storage import store_for
+from pipelines.common import join, local_copy, write_text
 from pipelines.generate_config import GenerateJob, GeneratePlan
 from pipelines.seeds import NAMESPACE, Rejected
 
@@ -28,7 +32,8 @@ log = logging.getLogger("pipelines.generate")
 PARQUET_PATTERN = "generations-{unit:05d}-of-{units:05d}.parquet"
 REJECTED_PATTERN = "rejected-{unit:05d}-of-{units:05d}.jsonl"
 FAILED_PATTERN = "failed-{unit:05d}-of-{units:05d}.jsonl"
-#: Parquet footer key holding a unit's counts, so a resumed run counts committed units without reading rows.
+UNIT_PATTERN = "{unit:05d}-of-{units:05d}"
+#: Parquet footer key holding a unit's counts (the unit record holds them too).
 UNIT_STATS_KEY = b"kogpt2.unit_stats"
 ROW_GROUP_ROWS = 2048
 
@@ -67,7 +72,12 @@ class UnitStats(NamedTuple):
 
     @classmethod
     def from_footer(cls, data: bytes) -> UnitStats:
-        return cls(**{**json.loads(data), "resumed": True})
+        return cls.from_record(json.loads(data))
+
+    @classmethod
+    def from_record(cls, meta: dict[str, Any]) -> UnitStats:
+        """A committed unit's counts, from its record (:func:`kogpt2.outputs.read_unit`)."""
+        return cls(**{**meta, "resumed": True})
 
 
 def to_record(sample: Any, config: Any, model_fp: str, tokenizer_fp: str) -> dict[str, Any]:
@@ -95,26 +105,24 @@ def to_record(sample: Any, config: Any, model_fp: str, tokenizer_fp: str) -> dic
 
 
 def write_parquet_atomic(path: str, records: list[dict[str, Any]], stats: UnitStats) -> None:
-    """Write ``records`` (already ordered) to ``path`` through a temporary name; the rename commits."""
+    """Write ``records`` (already ordered) as one Parquet file, atomically (a reader sees all of it or none)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from kogpt2.schemas import arrow_schema
 
     schema = arrow_schema().with_metadata({UNIT_STATS_KEY: stats.to_footer()})
-    tmp = temp_path(path)
-    with FileSystems.create(tmp) as f:
+    with store_for(path).open_write(path) as f:
         with pq.ParquetWriter(f, schema) as writer:
             for start in range(0, max(len(records), 1), ROW_GROUP_ROWS):
                 writer.write_table(pa.Table.from_pylist(records[start : start + ROW_GROUP_ROWS], schema=schema))
-    commit_temp(tmp, path)
 
 
 def read_unit_stats(path: str) -> UnitStats:
-    """A committed unit's counts, from its Parquet footer."""
+    """A unit file's counts, from its Parquet footer."""
     import pyarrow.parquet as pq
 
-    with FileSystems.open(path) as f:
+    with store_for(path).open_read(path) as f:
         metadata = pq.read_metadata(f).metadata or {}
     if UNIT_STATS_KEY not in metadata:
         raise ValueError(f"{path}: no {UNIT_STATS_KEY.decode()} in its footer; not written by this pipeline")
@@ -139,12 +147,16 @@ class Progress:
         self.last_log = time.monotonic()
 
     def committed_rows(self) -> int:
-        prefix = PARQUET_PATTERN.split("{", 1)[0]
+        """Rows of the units committed so far (their records in the work folder), for the progress line."""
         done = 0
-        for path in list_folder(self.output):
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith(prefix) and name.endswith(f"-of-{self.units:05d}.parquet"):
-                done += self.unit_rows.get(int(name[len(prefix) : len(prefix) + 5]), 0)
+        try:
+            names = store_for(self.output).children(join(self.output, outputs.UNITS_DIR))
+        except OSError as exc:  # progress only: the next line tries again
+            log.warning("progress: could not list the committed units (%s)", exc)
+            return 0
+        for name in names:
+            if name.endswith(f"-of-{self.units:05d}.json"):
+                done += self.unit_rows.get(int(name[:5]), 0)
         return done
 
     def add(self, rows: int, tokens: int, seconds: float) -> None:
@@ -180,18 +192,18 @@ class Progress:
 
 
 class GenerateUnits(beam.DoFn):
-    """``(unit, items)`` -> its files, committed atomically; yields its :class:`UnitStats`.
+    """``(unit, items)`` -> its files, committed by their record; yields its :class:`UnitStats`.
 
-    A unit whose Parquet file exists was committed by an earlier run (or attempt): its
-    counts are read from the footer and nothing is generated. The model is loaded on the
+    A unit whose record exists and whose files still match it was committed by an earlier run
+    (or attempt): its counts are read from the record and nothing is generated. The model is loaded on the
     first unit that needs it, once per process (``apache_beam.utils.shared``, as
     RunInference does) or once per machine (``--share-model-across-processes``).
     """
 
-    def __init__(self, job: GenerateJob, plan: GeneratePlan) -> None:
+    def __init__(self, job: GenerateJob, plan: GeneratePlan, claim: outputs.OutputRun) -> None:
         from apache_beam.utils import shared
 
-        self._job, self._plan = job, plan
+        self._job, self._plan, self._claim = job, plan, claim
         self._shared = shared.Shared()
         self._model: Any = None
         self._progress: Progress | None = None
@@ -230,14 +242,17 @@ class GenerateUnits(beam.DoFn):
 
     def process(self, element: tuple[int, Iterable[UnitItem]], units: int, unit_rows: dict[int, int]):  # type: ignore[no-untyped-def]
         unit, items = element
-        job, plan = self._job, self._plan
-        final = join(job.output, PARQUET_PATTERN.format(unit=unit, units=units))
-        if FileSystems.exists(final):
+        job, plan, work = self._job, self._plan, self._claim.work
+        name = UNIT_PATTERN.format(unit=unit, units=units)
+        final = join(work, PARQUET_PATTERN.format(unit=unit, units=units))
+        committed = outputs.read_unit(work, name)
+        if committed is not None:
             self._resumed.inc()
-            yield read_unit_stats(final)
+            yield UnitStats.from_record(committed)
             return
+        outputs.renew_if_due(self._claim.lease)  # long jobs keep the folder's lease alive from the workers
         if self._progress is None:
-            self._progress = Progress(job.output, units, unit_rows, job.progress_seconds)
+            self._progress = Progress(work, units, unit_rows, job.progress_seconds)
         seeds: list[str] = []
         dead: list[Rejected] = []
         for item in items:
@@ -279,11 +294,12 @@ class GenerateUnits(beam.DoFn):
                 ]
         seconds = time.perf_counter() - started
         rejected_by = dict(Counter(r.reason for r in dead))
+        files = [PARQUET_PATTERN.format(unit=unit, units=units)]
         if dead:
             lines = sorted(r.to_json() for r in dead)
-            path = join(job.output, REJECTED_PATTERN.format(unit=unit, units=units))
-            write_text(path, "".join(line + "\n" for line in lines))
-        failed_path = join(job.output, FAILED_PATTERN.format(unit=unit, units=units))
+            files.append(REJECTED_PATTERN.format(unit=unit, units=units))
+            write_text(join(work, files[-1]), "".join(line + "\n" for line in lines))
+        failed_path = join(work, FAILED_PATTERN.format(unit=unit, units=units))
         if failures:
             # The unit is not committed, so none of its rows is written: the failing batches' rows
             # carry their error, the others say why they were held back. A rerun redoes the unit.
@@ -304,13 +320,15 @@ class GenerateUnits(beam.DoFn):
             self._progress.committed(len(rows))
             yield UnitStats(unit, len(seeds), 0, rejected_by, len(rows), 0, 0, seconds, False, failures[0]["detail"])
             return
-        if FileSystems.exists(failed_path):
-            FileSystems.delete([failed_path])
+        store_for(failed_path).delete(failed_path)  # an earlier attempt's, if any
         records = [to_record(samples[r], job.config, plan.model_fingerprint, plan.tokenizer_fingerprint) for r in rows]
         eos = sum(r["finish_reason"] == "eos" for r in records)
         tokens = sum(r["new_tokens"] for r in records)
         stats = UnitStats(unit, len(seeds), len(records), rejected_by, 0, tokens, eos, seconds, False)
         write_parquet_atomic(final, records, stats)
+        meta = stats._asdict()
+        meta.pop("resumed")
+        outputs.commit_unit(work, name, files, meta, self._claim.lease)
         self._rows.inc(len(records))
         self._tokens.inc(new_tokens)
         self._units.inc()

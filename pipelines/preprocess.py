@@ -44,28 +44,21 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from kogpt2 import records
+from kogpt2 import outputs, records
 from kogpt2.flags import add_config_arguments, add_underscore_spellings, config_from_args, our_flags
-from kogpt2.folders import COMPLETED_FILE, INFO_FILE, RUN_FILE
+from kogpt2.jobs import ExitStatus, run_main
+from kogpt2.outputs import ALREADY_COMPLETE, INFO_FILE, RESUME, OutputRun
+from kogpt2.storage import store_for
 from pipelines.common import (
-    OutputConflictError,
     check_beam_args,
-    commit_staged,
     copy_file,
     create_pipeline,
     file_sizes,
     freeze_heap,
     frozen_heap,
-    is_completed,
     join,
-    list_folder,
     pipeline_options,
     read_text,
-    remove_folder,
-    remove_stale_staging,
-    same_run,
-    staging_folder,
-    write_json,
 )
 from pipelines.counters import NAMESPACE as NAMESPACE  # re-exported
 from pipelines.preprocess_config import (
@@ -75,39 +68,88 @@ from pipelines.preprocess_config import (
 )
 from pipelines.preprocess_info import (
     CollectRun,
-    EmptyOutputError,
     WriteInfo,
-    empty_output_message,
-    empty_splits,
+    blocking_problems,
+    failure_error,
 )
 from pipelines.preprocess_steps import CleanLines, Dedup, MakeExamples, Tokenize, open_tokenizer
 from pipelines.sorted_shards import SPILL_PREFIX as SPILL_PREFIX  # re-exported
 from pipelines.sorted_shards import SpillRuns, WriteShards, spill_prefix
 from pipelines.textio import REJECTED_FILE, ReadLines, match_files, plan_ranges
 
+#: The job's name in manifests and locks.
+JOB = "preprocess"
+#: What :func:`execute` returns when no input file is new (``--exclude-inputs-of``): nothing was written.
+NOTHING_NEW = "nothing new"
+
+
+class NothingNewError(Exception):
+    """Every input file was already preprocessed into one of the ``--exclude-inputs-of`` folders."""
+
 
 def make_plan(config: PreprocessConfig) -> Plan:
-    """Match the inputs and read the tokenizer, before anything is written.
+    """Match the inputs (minus those of ``--exclude-inputs-of``) and read the tokenizer, before anything is written.
 
     Raises:
         FileNotFoundError: a glob matches no file.
         kogpt2.tokenizer.TokenizerError: the tokenizer cannot be read.
+        NothingNewError: every matched file was already preprocessed (``--exclude-inputs-of``).
+        ValueError: an input file changed since a previous span read it.
     """
     files = match_files(config.inputs)
+    stats = file_sizes(sorted(files))
+    if config.exclude_inputs_of:
+        done = inputs_of_spans(config.exclude_inputs_of)
+        changed = [p for p in stats if p in done and done[p][0] != stats[p]]
+        if changed:
+            path = changed[0]
+            raise ValueError(
+                f"--input {path} changed since {done[path][1]} preprocessed it (size and time {done[path][0]}, now "
+                f"{stats[path]}): files of an incremental corpus must not change. Move the new data to a new file, "
+                "or rebuild the spans"
+            )
+        files = {p: n for p, n in files.items() if p not in done}
+        if not files:
+            raise NothingNewError(
+                f"nothing new: every file --input matches was already preprocessed into "
+                f"{', '.join(sorted({where for _, where in done.values()}))}"
+            )
+        stats = {p: stats[p] for p in files}
     tok = open_tokenizer(config.tokenizer)
     total = sum(files.values())
     counts = shard_counts(config, total)
     names = {s: tuple(records.shard_name(s, i, n) for i in range(n)) for s, n in counts.items()}
     paths = tuple(sorted(files))
-    return Plan(
-        paths,
-        total,
-        tok.describe(),
-        names,
-        uuid.uuid4().hex[:12],
-        (str(tok.path), tok.canonical_name),
-        file_sizes(paths),
-    )
+    return Plan(paths, total, tok.describe(), names, uuid.uuid4().hex[:12], (str(tok.path), tok.canonical_name), stats)
+
+
+def inputs_of_spans(patterns: Sequence[str]) -> dict[str, tuple[list[int], str]]:
+    """``path -> ([size, mtime], span folder)`` of every input file the complete shard folders matching ``patterns`` read.
+
+    Raises:
+        FileNotFoundError: a pattern matches no folder.
+        outputs.NotCommittedError: a matched folder is not a complete shard folder.
+    """
+    out: dict[str, tuple[list[int], str]] = {}
+    for folder in outputs.expand_folders(patterns, flag="--exclude-inputs-of"):
+        done = outputs.open_committed(folder, job=JOB, verify="none")
+        sig = done.manifest.signature
+        for path in sig.get("files", []):
+            out[path] = (list(sig.get("file_stats", {}).get(path, [])), folder)
+    return out
+
+
+#: Settings that do not shape the output (how it is built, kept or accepted): outside the signature.
+PER_RUN_SETTINGS = (
+    "overwrite",
+    "keep_versions",
+    "lease_seconds",
+    "exclude_inputs_of",
+    "allow_empty",
+    "allow_corrupt_input",
+    "batch_size",
+    "spill_mb",
+)
 
 
 def signature(config: PreprocessConfig, plan: Plan) -> dict[str, Any]:
@@ -117,7 +159,7 @@ def signature(config: PreprocessConfig, plan: Plan) -> dict[str, Any]:
     place (appended to, replaced) makes a different run.
     """
     flags = dataclasses.asdict(config)
-    for key in ("output", "overwrite", "batch_size", "spill_mb", "allow_empty"):
+    for key in (*PER_RUN_SETTINGS, "output"):
         flags.pop(key)
     flags["inputs"] = list(config.inputs)
     return {
@@ -129,62 +171,23 @@ def signature(config: PreprocessConfig, plan: Plan) -> dict[str, Any]:
     }
 
 
-# --- the output folder -----------------------------------------------------------------
-
-#: What :func:`output_action` decides.
-NEW, ALREADY_COMPLETE, STAGE = "new", "already complete", "stage"
-
-
-def _name(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
-
-
-def output_action(folder: str, sig: dict[str, Any], *, overwrite: bool) -> str:
-    """What a run does with its output folder, decided before anything in it is written or deleted.
-
-    - :data:`NEW`: the folder is missing or empty (a lock file aside): build in it directly.
-    - :data:`ALREADY_COMPLETE`: it holds a ``COMPLETED`` run with this signature (same flags,
-      tokenizer, input files, sizes and modification times) and ``overwrite`` is off: nothing to do.
-    - :data:`STAGE`: it holds an unfinished run with this signature, or (``overwrite``) any
-      run: build in a staging folder inside it and swap the files in when the run commits
-      (:func:`pipelines.common.commit_staged`), so readers see the old files until then.
-
-    Raises:
-        OutputConflictError: the folder holds something else and ``overwrite`` is off.
-    """
-    from kogpt2.paths import LOCK_FILE
-
-    existing = [p for p in list_folder(folder) if _name(p) != LOCK_FILE]
-    if not existing:
-        return NEW
-    same = same_run(
-        folder, existing, sig, overwrite=overwrite, note=" (the old files stay readable until the new run finishes)"
-    )
-    if same and not overwrite and COMPLETED_FILE in {_name(p) for p in existing}:
-        return ALREADY_COMPLETE
-    return STAGE
-
-
 # --- the pipeline ----------------------------------------------------------------------
 
 
-def build_pipeline(
-    p: beam.Pipeline, config: PreprocessConfig, plan: Plan | None = None, target: str | None = None
-) -> beam.PCollection:
+def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, plan: Plan, run: OutputRun) -> beam.PCollection:
     """Add the preprocessing steps to ``p``.
 
     Args:
         p: a pipeline (or ``TestPipeline``).
         config: the run's configuration.
-        plan: the resolved inputs and tokenizer (:func:`make_plan` by default).
-        target: the folder the files are written to (``config.output`` by default; a staging
-            folder when a finished run must stay readable until this one commits).
+        plan: the resolved inputs and tokenizer (:func:`make_plan`).
+        run: the run's claim on its output folder (:func:`kogpt2.outputs.begin`): files go to its
+            work folder, and the last step commits them.
 
     Returns:
         A PCollection holding the one ``info.json`` document, once everything is written.
     """
-    plan = plan or make_plan(config)
-    target = target or config.output
+    target = run.work
     prefix = spill_prefix(target, plan.run_id)
     ranges = (
         p
@@ -237,7 +240,7 @@ def build_pipeline(
         tagged
         | "CountsAndShards" >> beam.Flatten()
         | "CollectRun" >> beam.CombineGlobally(CollectRun()).without_defaults()
-        | "WriteInfo" >> beam.ParDo(WriteInfo(config, plan, target))
+        | "WriteInfo" >> beam.ParDo(WriteInfo(config, plan, run))
     )
 
 
@@ -282,22 +285,23 @@ def _plan_ranges(path: str, size: int, workers: int, compressed: int = 1) -> lis
     return plan_ranges(path, size, compressed_parts=compressed_parts(size, workers, compressed))
 
 
-def finished_info(config: PreprocessConfig) -> dict[str, Any]:
-    """The ``info.json`` of a finished run.
+def finished_info(config: PreprocessConfig, run: OutputRun) -> dict[str, Any]:
+    """The ``info.json`` of the version this run committed.
 
     Raises:
-        EmptyOutputError: a split training needs has no example (no ``COMPLETED``).
-        RuntimeError: no ``COMPLETED`` for another reason.
+        EmptyOutputError / CorruptInputError: the run's data blocked the commit (exit status 1).
+        RuntimeError: the pipeline finished without committing for another reason.
     """
-    if not is_completed(config.output):
-        try:
-            info = json.loads(read_text(join(config.output, INFO_FILE)))
-        except Exception:
-            info = None
-        if info is not None and empty_splits(config, info["counts"]):
-            raise EmptyOutputError(empty_output_message(config, info))
-        raise RuntimeError(f"the pipeline finished but {config.output} has no COMPLETED marker")
-    return dict(json.loads(read_text(join(config.output, INFO_FILE))))
+    got = outputs.read_manifest(config.output)
+    if got is not None and got[0].run_id == run.run_id:
+        return dict(outputs.open_committed(config.output, job=JOB).read_json(INFO_FILE))
+    try:
+        info = json.loads(read_text(join(run.work, INFO_FILE)))
+    except Exception:  # noqa: BLE001 - explained below
+        info = None
+    if info is not None and blocking_problems(config, info["counts"]):
+        raise failure_error(config, info, run.work)
+    raise RuntimeError(f"the pipeline finished but did not commit {config.output} (see the log above)")
 
 
 # --- command line ----------------------------------------------------------------------
@@ -334,7 +338,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the preprocessing pipeline from command-line arguments and wait for it.
 
     Returns:
-        The ``info.json`` document written (or already there: see :func:`execute`).
+        The ``info.json`` document of the committed version (see :func:`execute`).
 
     Raises:
         See :func:`execute`.
@@ -343,86 +347,97 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def execute(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], str]:
-    """Run the preprocessing pipeline, unless its output folder already holds this very run.
+    """Parse the command line, then :func:`run_config`."""
+    config, beam_args = parse_args(argv)
+    return run_config(config, beam_args)
 
-    Everything is validated (flags, globs, tokenizer, output folder) before the output
-    folder is touched. A folder that is ``COMPLETED`` with the same signature (``run.json``:
-    flags, tokenizer, input files with their sizes and modification times) is left as it is
-    (unless ``--overwrite``). A folder holding files is never cleared first: the run builds in
-    a staging folder inside it and swaps its files in when it commits (:func:`output_action`).
+
+def run_config(config: PreprocessConfig, beam_args: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
+    """Run the preprocessing pipeline into a new version of ``config.output``, unless it already holds this run.
+
+    Everything is validated (flags, globs, tokenizer, output folder) before the output folder is
+    touched. The run holds the folder's lease (:class:`kogpt2.outputs.Lease`), builds in a work
+    folder of its own and commits it with one manifest written last; the previous version stays
+    readable until then, and stays current if the run fails.
 
     Returns:
-        ``(info.json document, status)``: status :data:`NEW`, :data:`STAGE` (files swapped
-        in over a previous run) or :data:`ALREADY_COMPLETE` (nothing was run or written).
+        ``(info.json document, status)``: status :data:`~kogpt2.outputs.NEW` (committed),
+        :data:`~kogpt2.outputs.RESUME` (an unfinished run's work folder rebuilt and committed) or
+        :data:`~kogpt2.outputs.ALREADY_COMPLETE` (the current version is this run: nothing written).
 
     Raises:
-        ValueError: bad flag values or unknown options; an unreadable tokenizer.
+        ValueError: bad flag values or unknown options; an unreadable tokenizer; a changed input.
         FileNotFoundError: a glob matches no file.
-        pipelines.common.OutputConflictError: the output folder holds another run.
-        EmptyOutputError: a split training needs has no example and ``--allow-empty`` was not given.
-        RuntimeError: the pipeline finished without writing ``COMPLETED``.
+        NothingNewError: ``--exclude-inputs-of`` left no input file (nothing written).
+        kogpt2.outputs.OutputConflictError: the output folder holds another run (no ``--overwrite``).
+        kogpt2.outputs.OutputLockedError: another live run holds the output folder.
+        EmptyOutputError / CorruptInputError: the data blocked the commit.
+        RuntimeError: the pipeline finished without committing.
     """
-    from apache_beam.io.filesystems import FileSystems
-
-    from kogpt2.paths import LOCK_FILE, FolderLock, refuse_output_over_inputs
-
-    config, beam_args = parse_args(argv)
     plan = make_plan(config)
-    refuse_output_over_inputs(config.output, [*plan.files, config.tokenizer])
+    refuse_output_over_inputs(config.output, [*plan.files, config.tokenizer, *config.exclude_inputs_of])
     options = pipeline_options(beam_args)
     sig = signature(config, plan)
-    local = FileSystems.get_scheme(config.output) in (None, "file")
-    lock = FolderLock(config.output, job="pipelines.preprocess") if local else None
-    if lock is not None:
-        lock.acquire()  # a second run into this folder is refused while this one lives
-    try:
-        action = output_action(config.output, sig, overwrite=config.overwrite)
-        if action == ALREADY_COMPLETE:
-            return finished_info(config), ALREADY_COMPLETE
-        remove_stale_staging(config.output)  # left by runs that died (we hold the lock)
-        target = config.output if action == NEW else staging_folder(config.output, plan.run_id)
-        if not FileSystems.exists(target):
-            FileSystems.mkdirs(target)
-        try:
-            write_json(join(target, RUN_FILE), sig)
-            # the shards' tokenizer travels with them: `kogpt2 train --model small` finds it there
-            copy_file(plan.tokenizer_file[0], join(target, plan.tokenizer_file[1]))
-            p = create_pipeline(options)
-            build_pipeline(p, config, plan, target)
-            with frozen_heap():
-                p.run().wait_until_finish()
-        except BaseException:
-            if target != config.output:
-                remove_folder(target)  # the previous run stays as it was
-            raise
-        if target != config.output:
-            commit_staged(target, config.output, keep=(LOCK_FILE,))
-    finally:
-        if lock is not None:
-            lock.release()
-    return finished_info(config), action
+    with outputs.claimed(
+        config.output,
+        JOB,
+        sig,
+        overwrite=config.overwrite,
+        keep_versions=config.keep_versions,
+        lease_seconds=config.lease_seconds,
+        note=" (the current version stays readable until the new one commits)",
+    ) as claim:
+        if claim.action == ALREADY_COMPLETE:
+            return dict(outputs.open_committed(config.output, job=JOB).read_json(INFO_FILE)), ALREADY_COMPLETE
+        prepare_work(plan, claim)
+        p = create_pipeline(options)
+        build_pipeline(p, config, plan, claim)
+        with frozen_heap():
+            p.run().wait_until_finish()
+        return finished_info(config, claim), claim.action
+
+
+def prepare_work(plan: Plan, claim: OutputRun) -> None:
+    """Make the run's work folder ready: emptied if an unfinished run of these inputs left files, the tokenizer copied in.
+
+    The shards' tokenizer travels with them: ``kogpt2 train --model small`` finds it there.
+    """
+    store = store_for(claim.work)
+    if claim.action == RESUME:  # nobody reads an uncommitted work folder: its partial files go
+        store.delete_tree(join(claim.work, ""))
+    store.makedirs(claim.work)
+    copy_file(plan.tokenizer_file[0], join(claim.work, plan.tokenizer_file[1]))
+
+
+def refuse_output_over_inputs(output: str, inputs: Sequence[str]) -> None:
+    outputs.refuse_output_over_inputs(output, inputs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: run, print a summary; errors exit with status 2."""
-    from kogpt2.paths import OutputLockedError
-
+    """Command-line entry point: run and print a summary; exit statuses as in :mod:`kogpt2.jobs`."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
-    try:
-        info, status = execute(argv)
-    except (ValueError, FileNotFoundError, OutputConflictError, OutputLockedError) as exc:
-        print(f"preprocess: error: {exc}", file=sys.stderr)
-        return 2
-    except EmptyOutputError as exc:
-        print(f"preprocess: error: {exc}", file=sys.stderr)
-        return 1
-    if status == ALREADY_COMPLETE:
-        print(
-            f"{parse_args(argv)[0].output} is already complete: same inputs (sizes, modification times), tokenizer "
-            "and flags; nothing to do (pass --overwrite to rebuild it)"
-        )
-    print(summary_line(info))
-    return 0
+
+    def body() -> int:
+        config, beam_args = parse_args(argv)
+        try:
+            info, status = run_config(config, beam_args)
+        except NothingNewError as exc:
+            print(f"{exc}; no folder written")
+            return ExitStatus.DONE
+        if status == ALREADY_COMPLETE:
+            print(
+                f"{config.output} is already complete: same inputs (sizes, modification times), tokenizer and "
+                "flags; nothing to do (pass --overwrite to build a new version)"
+            )
+        print(summary_line(info))
+        if status != ALREADY_COMPLETE:
+            current = outputs.read_manifest(config.output)
+            if current is not None:
+                m = current[0]
+                print(f"committed {config.output} version {m.version}: {join(config.output, m.folder)}")
+        return ExitStatus.DONE
+
+    return run_main("preprocess", body)
 
 
 def summary_line(info: dict[str, Any]) -> str:
@@ -437,8 +452,8 @@ def summary_line(info: dict[str, Any]) -> str:
     corrupt = c.get("corrupt_inputs") or []
     if corrupt:
         line += (
-            f"; WARNING: {len(corrupt)} corrupt or truncated input file(s), read only up to the damage: "
-            f"{', '.join(corrupt)} (see {info.get('rejected_file', REJECTED_FILE)})"
+            f"; WARNING: {len(corrupt)} corrupt or truncated input file(s) accepted (--allow-corrupt-input), read "
+            f"only up to the damage: {', '.join(corrupt)} (see {info.get('rejected_file', REJECTED_FILE)})"
         )
     return line
 

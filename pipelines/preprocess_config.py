@@ -14,6 +14,8 @@ from typing import Any
 from kogpt2 import records
 from kogpt2 import text as textlib
 from kogpt2.flags import flag
+from kogpt2.outputs import DEFAULT_KEEP_VERSIONS, DEFAULT_LEASE_SECONDS
+from kogpt2.storage import local_path
 from kogpt2.validate import check_bool, check_choice, check_int, check_number
 from pipelines.textio import MAX_LINE_BYTES, REJECTED_FILE
 
@@ -45,10 +47,17 @@ class PreprocessConfig:
         min_chars: shortest normalized text kept, in characters.
         dedup: drop exact duplicates of normalized texts (sentences with ``split_sentences``).
         num_shards: train shards; 0 chooses one per 128 MiB of input.
-        overwrite: replace whatever the output folder holds.
+        overwrite: build a new version even if the output folder holds another run (or this very
+            run, complete); the current version stays readable until the new one commits.
+        keep_versions: committed versions kept after a commit, the new one included.
+        exclude_inputs_of: complete shard folders (globs) whose input files this run skips: a
+            scheduled run preprocesses only the files that arrived since (one span per run).
         max_line_bytes: longest line read, in bytes (terminator excluded); longer lines are
             dead letters (``too_long``).
-        allow_empty: finish (``COMPLETED``) even when a split training needs has no example.
+        allow_empty: commit even when a split training needs has no example.
+        allow_corrupt_input: commit even when a compressed input is truncated or corrupt (its
+            lines before the damage are used; ``info.json`` lists it).
+        lease_seconds: the output folder's lock expires this long after its last renewal.
         batch_size: lines per element between steps (tuning).
         spill_mb: memory a worker sorts in before it spills a run to disk (tuning).
     """
@@ -72,7 +81,23 @@ class PreprocessConfig:
     min_chars: int = field(default=1, metadata=flag("drop texts shorter than this", metavar="N"))
     dedup: bool = field(default=False, metadata=flag("drop exact duplicates of normalized texts"))
     num_shards: int = field(default=0, metadata=flag("train shards; 0 = one per 128 MiB of input", metavar="N"))
-    overwrite: bool = field(default=False, metadata=flag("replace what the output folder holds"))
+    overwrite: bool = field(
+        default=False,
+        metadata=flag(
+            "build a new version over another run (the current one stays readable until it commits)", per_run=True
+        ),
+    )
+    keep_versions: int = field(
+        default=DEFAULT_KEEP_VERSIONS,
+        metadata=flag("committed versions kept after a commit, the new one included", metavar="N"),
+    )
+    exclude_inputs_of: tuple[str, ...] = field(
+        default=(),
+        metadata=flag(
+            "skip the input files that these complete shard folders (globs) were built from: only new files are read",
+            metavar="DIR_GLOB",
+        ),
+    )
     max_line_bytes: int = field(
         default=MAX_LINE_BYTES,
         metadata=flag("longest line in bytes; longer lines are rejected as too_long", metavar="N"),
@@ -80,6 +105,13 @@ class PreprocessConfig:
     allow_empty: bool = field(
         default=False,
         metadata=flag("mark the run COMPLETED even when train (or validation, with --val-fraction > 0) has no example"),
+    )
+    allow_corrupt_input: bool = field(
+        default=False,
+        metadata=flag("commit even when a compressed input is truncated or corrupt (it is listed in info.json)"),
+    )
+    lease_seconds: float = field(
+        default=DEFAULT_LEASE_SECONDS, metadata=flag("the output lock's lease", metavar="S", hidden=True)
     )
     batch_size: int = field(default=4096, metadata=flag("lines per element between steps", hidden=True))
     spill_mb: float = field(default=32.0, metadata=flag("MiB a worker sorts before spilling a run", hidden=True))
@@ -92,6 +124,7 @@ class PreprocessConfig:
         for name in ("tokenizer", "output"):
             if not getattr(self, name):
                 raise ValueError(f"{name}={getattr(self, name)!r}: required")
+            object.__setattr__(self, name, local_path(getattr(self, name)))
         owner = "PreprocessConfig"
         check_int(owner, "max_len", self.max_len, low=3, note="<s> + one token + </s>")
         check_number(owner, "val_fraction", self.val_fraction, ge=0, lt=1)
@@ -102,7 +135,10 @@ class PreprocessConfig:
         check_int(owner, "max_line_bytes", self.max_line_bytes, low=1, note="bytes; default 1 MiB")
         check_int(owner, "batch_size", self.batch_size, low=1, note="lines")
         check_number(owner, "spill_mb", self.spill_mb, gt=0, note="MiB")
-        for name in ("packing", "split_sentences", "dedup", "overwrite", "allow_empty"):
+        check_int(owner, "keep_versions", self.keep_versions, low=1, note="the new version included")
+        check_number(owner, "lease_seconds", self.lease_seconds, gt=0)
+        object.__setattr__(self, "exclude_inputs_of", tuple(self.exclude_inputs_of))
+        for name in ("packing", "split_sentences", "dedup", "overwrite", "allow_empty", "allow_corrupt_input"):
             check_bool(owner, name, getattr(self, name))
 
 

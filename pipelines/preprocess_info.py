@@ -2,7 +2,8 @@
 
 :class:`CollectRun` sums every step's counts and lists the shards written; :class:`WriteInfo`
 builds ``info.json`` (checked against ``schemas/shard_info.json``), removes the spill files and
-writes ``COMPLETED`` last, unless a split training needs came out empty.
+commits the run's version (:mod:`kogpt2.outputs`), unless a split training needs came out empty or
+an input was corrupt.
 """
 
 from __future__ import annotations
@@ -16,13 +17,10 @@ import apache_beam as beam
 
 import kogpt2
 from kogpt2 import records
-from kogpt2.folders import INFO_FILE
+from kogpt2.jobs import DataFailedError
+from kogpt2.outputs import INFO_FILE, OutputRun, commit
 from kogpt2.schemas import validate_info
-from pipelines.common import (
-    join,
-    mark_completed,
-    write_json,
-)
+from pipelines.common import join, write_json
 from pipelines.counters import Counters
 from pipelines.preprocess_config import (
     FINGERPRINT_METHOD,
@@ -146,6 +144,7 @@ def build_info(
         "min_chars": config.min_chars,
         "dedup": config.dedup,
         "inputs": list(plan.files),
+        "allow_corrupt_input": config.allow_corrupt_input,
         "counts": summarize_counts(config, stats, shards),
         "shards": {split: list(plan.shard_names[split]) for split in records.SPLITS},
         "rejected_file": REJECTED_FILE,
@@ -154,8 +153,12 @@ def build_info(
     return info
 
 
-class EmptyOutputError(RuntimeError):
+class EmptyOutputError(DataFailedError):
     """A run ended with no example in a split training needs (and ``--allow-empty`` was not given)."""
+
+
+class CorruptInputError(DataFailedError):
+    """A compressed input was truncated or corrupt (and ``--allow-corrupt-input`` was not given)."""
 
 
 def empty_splits(config: PreprocessConfig, counts: dict[str, Any]) -> list[str]:
@@ -164,30 +167,62 @@ def empty_splits(config: PreprocessConfig, counts: dict[str, Any]) -> list[str]:
     return [split for split in needed if not counts["examples"][split]]
 
 
-def empty_output_message(config: PreprocessConfig, info: dict[str, Any]) -> str:
-    """Why a run without ``COMPLETED`` is refused, with the counts that explain it."""
+def blocking_problems(config: PreprocessConfig, counts: dict[str, Any]) -> list[str]:
+    """Why this run's output must not be committed (empty splits, corrupt inputs), or [] to commit it."""
+    problems = []
+    if empty_splits(config, counts) and not config.allow_empty:
+        problems.append("empty")
+    if counts.get("corrupt_inputs") and not config.allow_corrupt_input:
+        problems.append("corrupt_input")
+    return problems
+
+
+def failure_error(config: PreprocessConfig, info: dict[str, Any], where: str) -> DataFailedError:
+    """The error of a run that was not committed, with the counts that explain it."""
     c = info["counts"]
-    splits = " and ".join(empty_splits(config, c))
-    return (
-        f"no {splits} examples: of {c['lines_read']} lines read, {c['kept']} kept, filtered {c['filtered']}, "
-        f"rejected {c['rejected']} {c.get('rejected_by_reason', {})}"
-        + (f", corrupt input files {c['corrupt_inputs']}" if c.get("corrupt_inputs") else "")
-        + f"; see {join(config.output, REJECTED_FILE)} (wrong --encoding? UTF-16 input?). "
-        f"{config.output} is not marked COMPLETED; pass --allow-empty to accept an empty split"
+    kept = f"{config.output}'s current version (if any) is unchanged"
+    if "empty" in blocking_problems(config, c):
+        splits = " and ".join(empty_splits(config, c))
+        return EmptyOutputError(
+            f"no {splits} examples: of {c['lines_read']} lines read, {c['kept']} kept, filtered {c['filtered']}, "
+            f"rejected {c['rejected']} {c.get('rejected_by_reason', {})}"
+            + (f", corrupt input files {c['corrupt_inputs']}" if c.get("corrupt_inputs") else "")
+            + f"; see {join(where, REJECTED_FILE)} (wrong --encoding? UTF-16 input?). Nothing was committed: {kept}; "
+            "pass --allow-empty to accept an empty split"
+        )
+    return CorruptInputError(
+        f"{len(c['corrupt_inputs'])} corrupt or truncated input file(s), read only up to the damage: "
+        f"{', '.join(c['corrupt_inputs'])} (see {join(where, REJECTED_FILE)}). Nothing was committed: {kept}. "
+        "Re-fetch the files and rerun, or pass --allow-corrupt-input to use what could be read"
     )
 
 
-class WriteInfo(beam.DoFn):
-    """Write ``info.json``, remove the spill files, then write ``COMPLETED``.
+def status_summary(info: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures ``kogpt2 status`` shows for a shard folder."""
+    c = info["counts"]
+    return {
+        "lines_read": c["lines_read"],
+        "kept": c["kept"],
+        "rejected": c["rejected"],
+        "train_examples": c["examples"]["train"],
+        "validation_examples": c["examples"]["validation"],
+        "corrupt_inputs": len(c.get("corrupt_inputs") or []),
+        "data_fingerprint": info["data_fingerprint"][:12],
+    }
 
-    A split training needs without examples (:func:`empty_splits`) leaves the folder without
-    ``COMPLETED`` unless ``allow_empty``; :func:`run` then raises :class:`EmptyOutputError`.
+
+class WriteInfo(beam.DoFn):
+    """Write ``info.json``, remove the spill files, then commit the run's version (its manifest last).
+
+    A split training needs without examples, or a corrupt input, leaves the run uncommitted (unless
+    ``allow_empty`` / ``allow_corrupt_input``): the output folder's current version stays, and the
+    command exits with status 1 saying why (:func:`failure_error`).
     """
 
-    def __init__(self, config: PreprocessConfig, plan: Plan, target: str | None = None):
+    def __init__(self, config: PreprocessConfig, plan: Plan, run: OutputRun):
         self.config = config
         self.plan = plan
-        self.target = target or config.output
+        self.run = run
 
     def process(self, collected: tuple[dict[str, int], list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
         stats, shards = collected
@@ -195,9 +230,10 @@ class WriteInfo(beam.DoFn):
         counts = info["counts"]
         if self.config.dedup:
             Counters().add({"kept": counts["kept"], "filtered.duplicate": counts["filtered"]["duplicate"]})
-        output = self.target
-        write_json(join(output, INFO_FILE), info)
-        delete_spills(output)
-        if self.config.allow_empty or not empty_splits(self.config, counts):
-            mark_completed(output)
+        work = self.run.work
+        write_json(join(work, INFO_FILE), info)
+        delete_spills(work)
+        if not blocking_problems(self.config, counts):
+            files = [*self.plan.all_names, INFO_FILE, self.plan.tokenizer_file[1]]
+            commit(self.run, files, summary=status_summary(info))
         yield info

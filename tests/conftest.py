@@ -84,8 +84,9 @@ def write_test_shards(
     num_shards: int = 2,
     completed: bool = True,
     tokenizer_overrides: dict | None = None,
+    include_tokenizer: bool = False,
 ) -> Path:
-    """Write a shard folder per the preprocessing contract (info.json, gzip TFRecords, COMPLETED).
+    """Write a shard folder per the preprocessing contract (info.json, gzip TFRecords, a committed version).
 
     Padded mode: one example per text, ``<s> ids </s>`` cut at the end to ``max_len`` and
     right-padded with ``<pad>``. Packed mode: all sequences concatenated into ``max_len``
@@ -94,11 +95,15 @@ def write_test_shards(
     import hashlib
     import json
 
+    from kogpt2 import outputs
     from kogpt2.tf_setup import import_tf
 
     tf = import_tf()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    out = Path(folder)
+    lease = outputs.Lease(str(out), "preprocess").acquire()
+    claim = outputs.begin(str(out), "preprocess", {"test_shards": str(out), "texts": len(train_texts) + len(val_texts)},
+                          lease, overwrite=True)  # fmt: skip
+    folder = Path(claim.work)
 
     from kogpt2 import records
 
@@ -149,9 +154,34 @@ def write_test_shards(
         "shards": shards,
     }
     (folder / "info.json").write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
-    if completed:
-        (folder / "COMPLETED").write_text("ok\n")
-    return folder
+    extra = []
+    if include_tokenizer:  # as the pipeline does: the shards' tokenizer travels with them
+        import shutil
+
+        shutil.copy(tokenizer.path, folder / "tokenizer.spiece")
+        extra.append("tokenizer.spiece")
+    if completed:  # committed as the preprocessing pipeline commits: the manifest last
+        outputs.commit(claim, [*shards["train"], *shards["validation"], "info.json", *extra])
+    lease.release()
+    return out
+
+
+def commit_folder(out: Path, job: str, files: dict[str, bytes], signature: dict | None = None) -> Path:
+    """Commit ``files`` (relative name -> bytes) as a new version of the output folder ``out``, as ``job`` would.
+
+    Returns:
+        The committed version folder.
+    """
+    from kogpt2 import outputs
+    from kogpt2.storage import store_for
+
+    with outputs.Lease(str(out), job) as lease:
+        claim = outputs.begin(str(out), job, signature or {"files": sorted(files)}, lease, overwrite=True)
+        store = store_for(claim.work)
+        for name, data in files.items():
+            store.write(claim.path(name), data)
+        outputs.commit(claim, list(files))
+    return Path(claim.work)
 
 
 @pytest.fixture(scope="session")

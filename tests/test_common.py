@@ -9,7 +9,7 @@ import pytest
 from apache_beam.io.filesystem import FileMetadata, MatchResult
 from apache_beam.io.localfilesystem import LocalFileSystem
 
-from pipelines.common import OutputConflictError, local_copy, prepare_output
+from pipelines.common import local_copy
 
 PREFIX = "kogpt2fake://"
 
@@ -63,23 +63,8 @@ def test_local_copy_of_a_remote_model_folder_and_tokenizer_file(tiny_model_dir: 
     assert local_copy(str(tiny_model_dir)) == str(tiny_model_dir)  # local paths are used in place
 
 
-def test_prepare_output_refuses_another_run_and_reruns_the_same(tmp_path: Path) -> None:
-    out = str(tmp_path / "out")
-    prepare_output(out, {"flags": 1})
-    (tmp_path / "out" / "shard-0").write_text("old")
-    prepare_output(out, {"flags": 1})  # the same run again: cleared, to be rewritten
-    assert not (tmp_path / "out" / "shard-0").exists()
-    with pytest.raises(OutputConflictError, match="--overwrite"):
-        prepare_output(out, {"flags": 2})
-    prepare_output(out, {"flags": 2}, overwrite=True)
-    (tmp_path / "stranger").mkdir()
-    (tmp_path / "stranger" / "notes.txt").write_text("mine")
-    with pytest.raises(OutputConflictError, match="not written by this pipeline"):
-        prepare_output(str(tmp_path / "stranger"), {"flags": 1})
-
-
 def test_an_output_over_an_input_is_refused_before_anything_is_deleted(tmp_path: Path) -> None:
-    from kogpt2.paths import refuse_output_over_inputs
+    from kogpt2.outputs import refuse_output_over_inputs
 
     corpus = tmp_path / "data"
     corpus.mkdir()
@@ -128,16 +113,17 @@ def test_preprocess_overwrite_into_the_corpus_folder_is_refused_and_the_corpus_k
 def test_a_second_preprocess_run_into_a_live_runs_folder_is_refused(
     tmp_path: Path, tiny_corpus, tiny_tokenizer, capsys
 ):
-    from kogpt2.paths import FolderLock
+    from kogpt2.outputs import Lease
     from pipelines.preprocess import main
 
     out = tmp_path / "out"
     args = ["--input", str(tiny_corpus), "--tokenizer", str(tiny_tokenizer.path), "--output", str(out)]
-    with FolderLock(str(out), job="a scheduled run"):
-        assert main(args) == 2
+    with Lease(str(out), job="a scheduled run"):
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+        assert main(args) == 3  # locked: retry later
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before  # nothing touched
     err = capsys.readouterr().err
-    assert "in use by another run (a scheduled run" in err and f"pid {os.getpid()}" in err
-    assert sorted(p.name for p in out.iterdir()) == []  # nothing written or deleted by the refused run
+    assert "in use by a scheduled run" in err and f"pid {os.getpid()}" in err and "expires" in err
 
 
 def test_frozen_heap_gives_the_collector_back_as_it_was() -> None:

@@ -88,23 +88,57 @@ def test_packed_shards_are_full_blocks(tmp_path: Path, tiny_tokenizer) -> None:
 
 def test_missing_completed_marker_is_refused(tmp_path: Path, tiny_tokenizer) -> None:
     folder = write_test_shards(tmp_path, tiny_tokenizer, ["가나다"], ["라마바"], completed=False)
-    with pytest.raises(ShardError, match="COMPLETED"):
+    with pytest.raises(ShardError, match="no committed version"):
         open_shards(str(folder))
-    with pytest.raises(ShardError, match="not found"):
+    with pytest.raises(ShardError, match="no such output folder"):
         open_shards(str(tmp_path / "nowhere"))
 
 
 def test_malformed_info_and_missing_shard_are_refused(tmp_path: Path, tiny_shards: Path) -> None:
+    from kogpt2 import outputs
+
     folder = tmp_path / "copy"
     shutil.copytree(tiny_shards, folder)
-    info = json.loads((folder / "info.json").read_text())
-    (folder / info["shards"]["train"][0]).unlink()
-    with pytest.raises(ShardError, match="does not exist"):
+    root = Path(outputs.open_committed(str(folder)).root)
+    info = json.loads((root / "info.json").read_text())
+    shard = root / info["shards"]["train"][0]
+    data = shard.read_bytes()
+    shard.unlink()
+    with pytest.raises(ShardError, match="is missing"):
         open_shards(str(folder))
+    shard.write_bytes(data[:-1])
+    with pytest.raises(ShardError, match="bytes, the manifest says"):
+        open_shards(str(folder))
+    shard.write_bytes(data)
+    (root / "info.json").write_text(json.dumps({**info, "max_len": 99}))  # edited after the commit
+    with pytest.raises(ShardError, match="does not match"):
+        open_shards(str(folder))
+    # a version committed with an info.json that breaks the schema
     del info["max_len"]
-    (folder / "info.json").write_text(json.dumps(info))
+    lease = outputs.Lease(str(folder), "preprocess").acquire()
+    claim = outputs.begin(str(folder), "preprocess", {"bad": True}, lease, overwrite=True)
+    (Path(claim.work) / "info.json").write_text(json.dumps(info))
+    outputs.commit(claim, ["info.json"])
+    lease.release()
     with pytest.raises(ShardError, match="max_len"):
         open_shards(str(folder))
+
+
+def test_several_span_folders_train_as_one_and_odd_ones_are_named(tmp_path: Path, tiny_tokenizer) -> None:
+    texts = make_sentences(40)
+    a = write_test_shards(tmp_path / "span-1", tiny_tokenizer, texts[:10], texts[10:14], max_len=16)
+    b = write_test_shards(tmp_path / "span-2", tiny_tokenizer, texts[14:30], texts[30:34], max_len=16)
+    both = open_shards(str(tmp_path / "span-*"))
+    assert both.num_examples("train") == 26 and both.num_examples("validation") == 8
+    assert both.files("train") == open_shards(str(a)).files("train") + open_shards(str(b)).files("train")
+    assert both.data_fingerprint not in (open_shards(str(a)).data_fingerprint, open_shards(str(b)).data_fingerprint)
+    rows = _rows(make_dataset(both, "train", 4))
+    assert len(rows) == 26
+    write_test_shards(tmp_path / "span-3", tiny_tokenizer, texts[34:38], texts[38:], max_len=24)
+    with pytest.raises(ShardError, match=r"span-3: max_len 24, but .*span-1 has 16"):
+        open_shards([str(tmp_path / "span-*")])
+    with pytest.raises(ShardError, match="matches no folder"):
+        open_shards(str(tmp_path / "nothing-*"))
 
 
 def test_tokenizer_mismatch_names_both_sides(tmp_path: Path, tiny_tokenizer, tiny_shards: Path) -> None:

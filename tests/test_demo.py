@@ -9,7 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_sentences
 
+from kogpt2 import outputs
 from kogpt2.genstats import generation_stats
+
+
+def version(out: Path) -> Path:
+    return Path(outputs.open_committed(str(out), verify="full").root)
+
 
 SEEDS = ["그는", "마침내 그는", "그날 밤"]
 
@@ -31,8 +37,8 @@ def test_demo_end_to_end_report_matches_run_files(tmp_path: Path) -> None:
     demo = json.loads((run / "demo.json").read_text(encoding="utf-8"))
     assert [s["status"] for s in demo["stages"]] == ["ok"] * 6
     summary = json.loads((run / "report.json").read_text(encoding="utf-8"))
-    info = json.loads((run / "data" / "info.json").read_text(encoding="utf-8"))
-    history = json.loads((run / "model" / "history.json").read_text(encoding="utf-8"))
+    info = json.loads((version(run / "data") / "info.json").read_text(encoding="utf-8"))
+    history = json.loads((version(run / "model") / "history.json").read_text(encoding="utf-8"))
 
     # preprocessing counts in the report are the pipeline's own
     assert summary["preprocess"] == info["counts"]
@@ -43,7 +49,7 @@ def test_demo_end_to_end_report_matches_run_files(tmp_path: Path) -> None:
     assert summary["evaluation"]["after"]["loss"] == pytest.approx(history["best_val_loss"], rel=1e-3)
     # generation statistics are recomputed from the Parquet files; every seed, before and after
     for name in ("before-greedy", "before-top_p", "after-greedy", "after-top_p"):
-        files = sorted((run / "generations" / name).glob("*.parquet"))
+        files = sorted(version(run / "generations" / name).glob("*.parquet"))
         rows = [r for f in files for r in pq.read_table(f).to_pylist()]
         per_seed = 1 if name.endswith("greedy") else 2
         assert sorted(r["seed"] for r in rows) == sorted(SEEDS * per_seed)
@@ -96,7 +102,7 @@ def test_demo_fine_tunes_a_model_folder_like_the_notebook(tmp_path: Path, tiny_m
     demo = json.loads((run / "demo.json").read_text(encoding="utf-8"))
     assert demo["stages"][0]["detail"].startswith("using ")  # the model's own tokenizer, nothing trained
     assert not (run / "tokenizer").exists() and not (run / "init-model").exists()
-    history = json.loads((run / "model" / "history.json").read_text(encoding="utf-8"))
+    history = json.loads((version(run / "model") / "history.json").read_text(encoding="utf-8"))
     assert history["config"]["learning_rate"] == 1e-4 and history["config"]["batch_size"] == 16
     assert demo["evaluation"]["before"]["model"] == str(tiny_model_dir)
     assert demo["evaluation"]["after"]["loss"] < demo["evaluation"]["before"]["loss"]

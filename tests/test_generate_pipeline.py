@@ -13,6 +13,33 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def version(out: Path) -> Path:
+    """The committed version folder of a generation output folder."""
+    from kogpt2 import outputs
+
+    return Path(outputs.open_committed(str(out), job="generate").root)
+
+
+def work(out: Path) -> Path:
+    """The work folder of the run in progress (or failed) in ``out``."""
+    from kogpt2 import outputs
+
+    pending = outputs.read_pending(str(out))
+    assert pending is not None
+    return out / pending.work
+
+
+def tree(out: Path) -> dict[str, int]:
+    """Every file under ``out`` (the lock and its mutex aside) with its modification time."""
+    return {
+        str(p.relative_to(out)): p.stat().st_mtime_ns
+        for p in out.rglob("*")
+        if p.is_file() and p.name not in (".lock", ".kogpt2-cas")
+    }
+
+
 GOOD_TXT = ["이때", "그날 밤", "마침내 그는"]
 
 
@@ -56,7 +83,7 @@ def first_run(tiny_model_dir, seeds_dir, tmp_path_factory):
 def read_rows(out: Path):
     import pyarrow.parquet as pq
 
-    files = sorted(out.glob("generations-*.parquet"))
+    files = sorted(version(out).glob("generations-*.parquet"))
     return files, [pq.read_table(f) for f in files]
 
 
@@ -87,12 +114,14 @@ def test_pipeline_writes_parquet_matching_the_schema(first_run):
     for t in tables:  # each file sorted by (seed, sample_index)
         keys = list(zip(t["seed"].to_pylist(), t["sample_index"].to_pylist(), strict=True))
         assert keys == sorted(keys)
-    assert not list(first_run.glob(".tmp-*")) and not (first_run / ".lock").exists()
+    assert not list(first_run.rglob(".tmp-*")) and not (first_run / ".lock").exists()
 
 
 def test_bad_seeds_are_dead_lettered_with_reasons_and_counted(first_run):
     rejected = [
-        json.loads(line) for f in sorted(first_run.glob("rejected-*.jsonl")) for line in f.read_text().splitlines()
+        json.loads(line)
+        for f in sorted(version(first_run).glob("rejected-*.jsonl"))
+        for line in f.read_text().splitlines()
     ]
     reasons: dict[str, int] = {}
     for r in rejected:
@@ -101,7 +130,7 @@ def test_bad_seeds_are_dead_lettered_with_reasons_and_counted(first_run):
     assert any(
         r["reason"] == "undecodable" and r["source"].endswith("a.txt") and "\\xff" in r["seed"] for r in rejected
     )
-    info = json.loads((first_run / "info.json").read_text())
+    info = json.loads((version(first_run) / "info.json").read_text())
     counts = info["counts"]
     assert info["status"] == "completed"
     assert counts["seeds_in"] == 13 and counts["rejected"] == 7 and counts["rows"] == 12
@@ -110,19 +139,24 @@ def test_bad_seeds_are_dead_lettered_with_reasons_and_counted(first_run):
     assert info["new_tokens"] > 0 and info["tokens_per_second"] > 0 and info["wall_seconds"] > 0
     assert info["units"] == {"total": 2, "generated": 2, "resumed": 0, "failed": 0, "rows_per_file": None}
     assert info["files"]["parquet"] == [f.name for f in read_rows(first_run)[0]]
-    assert (first_run / "COMPLETED").exists() and (first_run / "run.json").exists()
+    from kogpt2 import outputs
+
+    done = outputs.open_committed(str(first_run), job="generate", verify="full")  # every file as committed
+    assert set(done.manifest.files) >= {"info.json", "job.json", *info["files"]["parquet"], *info["files"]["rejected"]}
 
 
 def test_rerun_of_a_finished_folder_changes_nothing_and_another_run_is_refused(first_run, tiny_model_dir, seeds_dir):
-    from pipelines.common import OutputConflictError
+    from kogpt2.outputs import OutputConflictError
     from pipelines.generate import run
 
-    before = {p.name: p.stat().st_mtime_ns for p in first_run.iterdir()}
+    before = tree(first_run)
     assert run(argv(tiny_model_dir, seeds_dir / "*", first_run)) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in first_run.iterdir()} == before  # untouched, still complete
-    with pytest.raises(OutputConflictError, match="differs in config"):
+    assert tree(first_run) == before  # untouched, still complete
+    with pytest.raises(OutputConflictError, match=r"config\.seed: 0 -> 5"):
         run(argv(tiny_model_dir, seeds_dir / "*", first_run, "--seed", "5"))
-    assert {p.name: p.stat().st_mtime_ns for p in first_run.iterdir()} == before
+    with pytest.raises(OutputConflictError, match=r"batch_size: 64 -> 8"):  # near-tie tokens can flip with it
+        run(argv(tiny_model_dir, seeds_dir / "*", first_run, "--batch-size", "8"))
+    assert tree(first_run) == before
 
 
 def test_files_follow_the_job_size_and_rows_do_not_depend_on_them(first_run, tiny_model_dir, seeds_dir, tmp_path):
@@ -134,7 +168,7 @@ def test_files_follow_the_job_size_and_rows_do_not_depend_on_them(first_run, tin
     assert run([*args[:i], *args[i + 2 :], "--rows-per-file", "5"]) == 0
     files, _ = read_rows(out)
     assert len(files) == 3  # 12 rows, 5 per file
-    info = json.loads((out / "info.json").read_text())
+    info = json.loads((version(out) / "info.json").read_text())
     assert info["units"]["total"] == 3 and info["units"]["rows_per_file"] == 5
     ours, reference = all_rows(out), all_rows(first_run)
     assert ours.keys() == reference.keys()
@@ -145,15 +179,19 @@ def test_build_pipeline_on_a_test_pipeline(tiny_model_dir, seeds_dir, tmp_path, 
     import apache_beam as beam
     from apache_beam.testing.util import assert_that, equal_to
 
-    from pipelines.generate import build_pipeline, make_plan, parse_args
+    from kogpt2 import outputs
+    from pipelines.generate import JOB, build_pipeline, make_plan, parse_args, signature
 
     job, beam_args = parse_args(
         ["--model", str(tiny_model_dir), "--seeds", str(seeds_dir / "b.jsonl"), "--output", str(tmp_path),
          "--greedy", "--num-samples", "3", "--max-new-tokens", "4", "--batch-size", "2", "--direct_num_workers", "1"]
     )  # fmt: skip
     assert beam_args == ["--direct_num_workers", "1"]
+    plan = make_plan(job)
+    lease = outputs.Lease(job.output, JOB).acquire()
+    claim = outputs.begin(job.output, JOB, signature(job, plan), lease)
     with test_pipeline as p:
-        out = build_pipeline(p, job, make_plan(job))
+        out = build_pipeline(p, job, plan, claim)
         assert_that(out["valid"], equal_to(["노인은"]), label="Valid")
         reasons = out["rejected"] | "Reasons" >> beam.Map(lambda r: r.reason)
         assert_that(reasons, equal_to(["bad_record"]), label="Dead")
@@ -161,9 +199,10 @@ def test_build_pipeline_on_a_test_pipeline(tiny_model_dir, seeds_dir, tmp_path, 
         assert_that(units, equal_to([(0, 3, 0)]), label="Units")
         status = out["info"] | "Status" >> beam.Map(lambda i: (i["status"], i["counts"]["rows"]))
         assert_that(status, equal_to([("completed", 3)]), label="Info")
+    lease.release()
     texts = {r["text"] for r in read_rows(tmp_path)[1][0].to_pylist()}
     assert len(texts) == 1  # greedy: every sample the same
-    assert (tmp_path / "COMPLETED").exists()  # written by the pipeline itself, not by a launcher
+    assert outputs.read_manifest(str(tmp_path)) is not None  # committed by the pipeline itself, not by a launcher
 
 
 def test_flags_in_either_spelling_and_unknown_ones_refused(tiny_model_dir, seeds_dir, tmp_path):
@@ -179,6 +218,14 @@ def test_flags_in_either_spelling_and_unknown_ones_refused(tiny_model_dir, seeds
         parse_args([*base, "--top_pp", "0.5"])
     with pytest.raises(ValueError, match="unknown option --max-tokens"):
         parse_args([*base, "--max-tokens", "5"])
+    # every seed file given is read, or the command is refused: nothing is dropped
+    job, _ = parse_args(["--model", str(tiny_model_dir), "--seeds", str(seeds_dir / "a.txt"), str(seeds_dir / "b.jsonl"),
+                         "--output", str(tmp_path / "o")])  # fmt: skip
+    assert job.seeds == (str(seeds_dir / "a.txt"), str(seeds_dir / "b.jsonl"))
+    with pytest.raises(ValueError, match=r"unexpected argument\(s\): .*b\.jsonl"):
+        parse_args([*base, "--greedy", str(seeds_dir / "b.jsonl")])
+    with pytest.raises(ValueError, match="unknown option -x"):
+        parse_args([*base, "-x", "1"])
 
 
 def test_bad_inputs_exit_2_with_one_line_before_the_folder_is_touched(tiny_model_dir, seeds_dir, tmp_path, capsys):
@@ -208,18 +255,18 @@ def test_bad_inputs_exit_2_with_one_line_before_the_folder_is_touched(tiny_model
     assert not (tmp_path / "d").exists()
 
 
-def test_a_second_run_into_a_locked_folder_is_refused(tiny_model_dir, seeds_dir, tmp_path):
-    from kogpt2.paths import FolderLock, OutputLockedError
-    from pipelines.generate import run
+def test_a_second_run_into_a_locked_folder_is_refused(tiny_model_dir, seeds_dir, tmp_path, capsys):
+    from kogpt2.outputs import Lease
+    from pipelines.generate import main, run
 
     out = tmp_path / "locked"
-    with FolderLock(str(out), job="another run"):
-        with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
-            run(argv(tiny_model_dir, seeds_dir / "b.jsonl", out))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (out / ".lock").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename, "job": "killed"}))
-    assert run(argv(tiny_model_dir, seeds_dir / "b.jsonl", out)) == 0  # a dead holder's lock is taken over
+    with Lease(str(out), job="another run"):
+        assert main(argv(tiny_model_dir, seeds_dir / "b.jsonl", out)) == 3  # locked: retry later
+        assert f"pid {os.getpid()}" in capsys.readouterr().err
+    # a crashed run's lock (never released) is taken over once its lease has expired
+    Lease(str(out), job="killed", lease_seconds=0.2).acquire()
+    time.sleep(0.3)
+    assert run(argv(tiny_model_dir, seeds_dir / "b.jsonl", out)) == 0
     assert not (out / ".lock").exists()
 
 
@@ -242,7 +289,7 @@ def test_a_failing_batch_dead_letters_its_rows_and_a_rerun_redoes_its_unit(
     tiny_model_dir, tiny_tokenizer, seeds_dir, tmp_path, monkeypatch, caplog
 ):
     import kogpt2.generation as generation
-    from pipelines.generate import run
+    from pipelines.generate import main, run
 
     seeds = tmp_path / "seeds.txt"
     words = ["이때", "그날 밤", "마침내 그는", "노인은", "우리는", "사람들은", "아이들은", "어머니는"]
@@ -253,27 +300,28 @@ def test_a_failing_batch_dead_letters_its_rows_and_a_rerun_redoes_its_unit(
 
     monkeypatch.setattr(generation, "_decode_batch", _marked_failure(tiny_tokenizer, "노인은"))
     with caplog.at_level("INFO", logger="pipelines.generate"):
-        assert run(argv(tiny_model_dir, seeds, out, *args)) == 1
+        assert main(argv(tiny_model_dir, seeds, out, *args)) == 1  # data failed: nothing committed
     assert any("progress:" in r.message and "of 16 rows" in r.message for r in caplog.records)
-    info = json.loads((out / "info.json").read_text())
+    info = json.loads((work(out) / "info.json").read_text())
     assert info["status"] == "failed" and not (out / "COMPLETED").exists()
     assert info["units"]["failed"] == 1 and info["units"]["generated"] == 3
     assert "simulated device failure" in info["errors"][0]
-    failed = [json.loads(line) for f in out.glob("failed-*.jsonl") for line in f.read_text().splitlines()]
+    failed = [json.loads(line) for f in work(out).glob("failed-*.jsonl") for line in f.read_text().splitlines()]
     errors = {(f["seed"], f["sample_index"]) for f in failed if f["reason"] == "inference_error"}
     assert errors == {("노인은", 0), ("노인은", 1)}
     held = [f for f in failed if f["reason"] != "inference_error"]  # the failed unit's other rows, held back
     assert all(f["reason"] == "unit_not_committed" for f in held)
     assert info["counts"]["failed_rows"] == len(failed) and info["counts"]["rows"] == 16 - len(failed)
-    committed = {p.name: p.stat().st_mtime_ns for p in out.glob("generations-*.parquet")}
-    assert len(committed) == 3  # the other units finished and committed
+    committed = {p.name: p.stat().st_mtime_ns for p in work(out).glob("generations-*.parquet")}
+    assert len(committed) == 3 and len(list((work(out) / "_units").iterdir())) == 3  # the other units committed
 
     monkeypatch.undo()  # the device is back: the rerun redoes just the failed unit
     assert run(argv(tiny_model_dir, seeds, out, *args)) == 0
-    info = json.loads((out / "info.json").read_text())
+    info = json.loads((version(out) / "info.json").read_text())
     assert info["units"]["resumed"] == 3 and info["units"]["generated"] == 1 and info["status"] == "completed"
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("generations-*.parquet") if p.name in committed} == committed
-    assert not list(out.glob("failed-*.jsonl")) and (out / "COMPLETED").exists()
+    done = {p.name: p.stat().st_mtime_ns for p in version(out).glob("generations-*.parquet")}
+    assert {k: v for k, v in done.items() if k in committed} == committed
+    assert not list(version(out).glob("failed-*.jsonl"))
     ours, ref = all_rows(out), all_rows(reference)
     assert ours.keys() == ref.keys() and all(ours[k]["text"] == ref[k]["text"] for k in ours)
 
@@ -305,29 +353,41 @@ def test_a_run_killed_mid_job_resumes_to_exactly_the_rows_of_an_uninterrupted_ru
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_MAIN, *argv(tiny_model_dir, seeds, out, *args)],
+        [sys.executable, "-c", SLOW_MAIN, *argv(tiny_model_dir, seeds, out, *args, "--lease-seconds", "2")],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and len(list(out.glob("generations-*.parquet"))) < 2:
+
+    def units_done() -> int:
+        return len(list(out.glob("v-*/_units/*.json")))
+
+    while time.time() < deadline and proc.poll() is None and units_done() < 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("generations-*.parquet")}
-    assert 2 <= len(kept) < 8, f"the kill should land mid-job: {len(kept)} of 8 units committed"
+    kept = {p.name: p.stat().st_mtime_ns for p in work(out).glob("generations-*.parquet")}
+    assert 2 <= units_done() < 8, f"the kill should land mid-job: {units_done()} of 8 units committed"
     assert not (out / "COMPLETED").exists()
 
-    assert run(argv(tiny_model_dir, seeds, out, *args)) == 0  # the stale lock of the killed run is taken over
-    info = json.loads((out / "info.json").read_text())
-    assert info["units"]["resumed"] == len(kept) and info["units"]["generated"] == 8 - len(kept)
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("generations-*.parquet") if p.name in kept} == kept
+    # the killed run's lock was never released: refused while its lease lives, taken over once it expired
+    from kogpt2.outputs import OutputLockedError
+
+    with pytest.raises(OutputLockedError, match="expires"):
+        run(argv(tiny_model_dir, seeds, out, *args))
+    time.sleep(2.1)
+    assert run(argv(tiny_model_dir, seeds, out, *args)) == 0
+    assert (out / "COMPLETED").exists()
+    info = json.loads((version(out) / "info.json").read_text())
+    assert info["units"]["resumed"] >= 2 and info["units"]["resumed"] + info["units"]["generated"] == 8
+    done = {p.name: p.stat().st_mtime_ns for p in version(out).glob("generations-*.parquet")}
+    assert all(done[k] == v for k, v in kept.items() if k in done)  # committed units were not rewritten
     ours, ref = all_rows(out), all_rows(reference)
     assert ours.keys() == ref.keys()  # no duplicates, no gaps
     assert all(ours[k]["text"] == ref[k]["text"] for k in ours)
-    assert info["counts"] == json.loads((reference / "info.json").read_text())["counts"]
-    assert not list(out.glob(".tmp-*"))
+    assert info["counts"] == json.loads((version(reference) / "info.json").read_text())["counts"]
+    assert not list(out.rglob(".tmp-*"))
 
 
 def test_report_summarizes_a_generation_folder_streaming(first_run, capsys):
@@ -353,9 +413,10 @@ def test_report_reads_a_remote_generation_folder(first_run):
     from kogpt2.gensummary import summarize_generations
 
     remote = "ram://generations/run1"
-    tf.io.gfile.makedirs(remote)
-    for f in [*first_run.glob("generations-*.parquet"), first_run / "info.json"]:
-        tf.io.gfile.copy(str(f), f"{remote}/{f.name}", overwrite=True)
+    for f in first_run.rglob("*"):
+        if f.is_file() and f.name != ".kogpt2-cas":
+            tf.io.gfile.makedirs(f"{remote}/{f.parent.relative_to(first_run)}".rstrip("/."))
+            tf.io.gfile.copy(str(f), f"{remote}/{f.relative_to(first_run)}", overwrite=True)
     here, there = summarize_generations(str(first_run)), summarize_generations(remote)
     assert {**there, "folder": None} == {**here, "folder": None}
 
@@ -363,10 +424,10 @@ def test_report_reads_a_remote_generation_folder(first_run):
 def test_a_run_writes_its_settings_and_config_file_repeats_it(first_run, tiny_model_dir, seeds_dir, tmp_path):
     from pipelines.generate import parse_args, run
 
-    settings = json.loads((first_run / "job.json").read_text())
+    settings = json.loads((version(first_run) / "job.json").read_text())
     assert settings["top_p"] == 0.9 and settings["num_samples"] == 2 and settings["num_shards"] == 2
     assert settings["model"] == str(tiny_model_dir) and settings["strategy"] == "sample"
-    job, _ = parse_args(["--config", str(first_run / "job.json")])
+    job, _ = parse_args(["--config", str(version(first_run) / "job.json")])
     assert job.settings() == settings  # the file alone gives the same job
     again = dict(settings, output=str(tmp_path / "again"))
     (tmp_path / "job.json").write_text(json.dumps(again))

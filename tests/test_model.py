@@ -164,6 +164,21 @@ def test_fingerprint_is_of_the_weight_file_that_loads(tmp_path: Path, tiny_token
     assert model_fingerprint(tmp_path) == file_fingerprint(tmp_path / which)
 
 
+def test_sharded_weights_are_fingerprinted_by_every_shard(tmp_path: Path, tiny_tokenizer) -> None:
+    model = new_model("tiny", tiny_tokenizer, seed=0)
+    model.save_pretrained(str(tmp_path), max_shard_size="200KB")  # tf_model-0000N-of-0000M.h5 + an index
+    shards = sorted(tmp_path.glob("tf_model-*.h5"))
+    assert len(shards) > 1 and (tmp_path / "tf_model.h5.index.json").is_file()
+    before = model_fingerprint(tmp_path)
+    data = bytearray(shards[-1].read_bytes())
+    data[-1] ^= 0xFF  # one byte of the last shard: the index is unchanged
+    shards[-1].write_bytes(bytes(data))
+    assert model_fingerprint(tmp_path) != before
+    shards[0].unlink()
+    with pytest.raises(ModelLoadError, match="missing"):
+        model_fingerprint(tmp_path)
+
+
 def _saved_tiny(folder: Path, tokenizer, **config_changes) -> Path:
     model = new_model("tiny", tokenizer, seed=0)
     model.save_pretrained(str(folder))

@@ -16,22 +16,45 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import assert_that
 from conftest import REPO, make_sentences
 
-from kogpt2 import records
-from kogpt2.folders import COMPLETED_FILE
+from kogpt2 import outputs, records
+from kogpt2.outputs import COMPLETED_FILE, MANIFEST_FILE
 from kogpt2.schemas import tf_feature_spec, validate_info
 from kogpt2.text import escape_bytes, normalize_text, split_sentences, unescape_bytes
 from pipelines import preprocess, preprocess_info, run_records, sorted_shards, textio
-from pipelines.common import is_completed
 from pipelines.preprocess import PreprocessConfig, build_pipeline, parse_args
 
 # --- helpers ---------------------------------------------------------------------------
 
 
+def current(out: Path) -> Path:
+    """The committed version folder of an output folder (what its COMPLETED manifest names)."""
+    return Path(outputs.open_committed(str(out)).root)
+
+
+def is_completed(out: Path | str) -> bool:
+    return outputs.read_manifest(str(out)) is not None
+
+
+def read_info(out: Path) -> dict[str, Any]:
+    return json.loads((current(out) / "info.json").read_text())
+
+
+def built(p, config: PreprocessConfig):  # type: ignore[no-untyped-def]
+    """The preprocessing steps on a test pipeline, claiming ``config.output`` as the command does."""
+    plan = preprocess.make_plan(config)
+    lease = outputs.Lease(config.output, preprocess.JOB).acquire()
+    claim = outputs.begin(config.output, preprocess.JOB, preprocess.signature(config, plan), lease)
+    preprocess.prepare_work(plan, claim)
+    return build_pipeline(p, config, plan, claim)
+
+
 def read_split(folder: Path, info: dict[str, Any], split: str) -> list[tuple[list[int], int]]:
-    """The examples of one split, shard by shard in file order, via tf.data."""
+    """The examples of one split of an output folder, shard by shard in file order, via tf.data."""
     from kogpt2.tf_setup import import_tf
 
     tf = import_tf()
+    if (folder / COMPLETED_FILE).exists():
+        folder = current(folder)
     files = [str(folder / name) for name in info["shards"][split]]
     if not files:
         return []
@@ -55,8 +78,8 @@ def as_counter(examples: list[tuple[list[int], int]]) -> Counter:
     return Counter((tuple(ids), length) for ids, length in examples)
 
 
-def shard_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tfrecord.gz"))}
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(current(out).glob("*.tfrecord.gz"))}
 
 
 def argv(inputs: list[Path] | list[str], tok, out: Path, *extra: str) -> list[str]:
@@ -72,15 +95,17 @@ def check_accounting(info: dict[str, Any]) -> None:
 
 
 def check_folder(out: Path, info: dict[str, Any]) -> None:
-    """Shards listed, info valid, no spill files left, COMPLETED written last."""
+    """Shards listed, info valid, no spill files left, the version holds exactly its manifest, COMPLETED last."""
     validate_info(info)
-    names = {p.name for p in out.iterdir()}
+    done = outputs.open_committed(str(out), job="preprocess", verify="full")
+    root = Path(done.root)
+    names = {p.name for p in root.iterdir()}
     listed = set(info["shards"]["train"]) | set(info["shards"]["validation"])
     assert listed == {n for n in names if n.endswith(".tfrecord.gz")}
     assert not [n for n in names if n.startswith(sorted_shards.SPILL_PREFIX)]
-    assert is_completed(str(out))
-    done = (out / COMPLETED_FILE).stat().st_mtime_ns
-    assert all((out / n).stat().st_mtime_ns <= done for n in names)
+    assert names - {MANIFEST_FILE} == set(done.manifest.files)
+    committed = (out / COMPLETED_FILE).stat().st_mtime_ns
+    assert all((root / n).stat().st_mtime_ns <= committed for n in names)
 
 
 # --- configuration and flags -----------------------------------------------------------
@@ -282,11 +307,11 @@ def test_pipeline_filters_rejects_dedups_and_writes_shards(tmp_path: Path, tiny_
         assert c["filtered"] == {"empty": 2, "too_short": 1, "duplicate": 2}
         assert c["examples"]["train"] + c["examples"]["validation"] == 60
 
-    assert_that(build_pipeline(test_pipeline, config), check)
+    assert_that(built(test_pipeline, config), check)
     result = test_pipeline.run()
     result.wait_until_finish()
 
-    info = json.loads((out / "info.json").read_text())
+    info = read_info(out)
     check_folder(out, info)
     check_accounting(info)
     # Beam counters carry the same figures as info.json
@@ -311,7 +336,7 @@ def test_pipeline_filters_rejects_dedups_and_writes_shards(tmp_path: Path, tiny_
     framed = [len(tiny_tokenizer.encode(s)) + 2 for s in sentences]
     assert info["counts"]["truncated"] == sum(n > 16 for n in framed) > 0
     assert info["counts"]["tokens"]["train"] == sum(n for _, n in train)
-    rejected = [json.loads(line) for line in (out / preprocess.REJECTED_FILE).read_text().splitlines()]
+    rejected = [json.loads(line) for line in (current(out) / preprocess.REJECTED_FILE).read_text().splitlines()]
     assert rejected == [
         {
             "file": str(a),
@@ -338,18 +363,18 @@ def test_cp949_corpus_and_undecodable_line(tmp_path: Path, tiny_tokenizer) -> No
     )
     out = tmp_path / "out"
     assert preprocess.main(argv([src], tiny_tokenizer, out, "--encoding", "cp949", "--max-len", "64")) == 0
-    info = json.loads((out / "info.json").read_text())
+    info = read_info(out)
     assert info["encoding"] == "cp949"
     assert info["counts"]["rejected"] == 1 and info["counts"]["kept"] == 20
     examples = read_split(out, info, "train") + read_split(out, info, "validation")
     assert as_counter(examples) == expected_examples(tiny_tokenizer, sentences, 64)
     assert {tiny_tokenizer.decode(ids[:n]) for ids, n in examples} == set(sentences)
-    (rejected,) = [json.loads(x) for x in (out / preprocess.REJECTED_FILE).read_text().splitlines()]
+    (rejected,) = [json.loads(x) for x in (current(out) / preprocess.REJECTED_FILE).read_text().splitlines()]
     assert rejected["line"] == 11 and rejected["raw"] == "\\x80\\x80 broken"
     # the shards' tokenizer is copied beside them, so training a preset needs no --tokenizer
     from kogpt2.tokenizer import load_tokenizer
 
-    assert load_tokenizer(out).fingerprint == tiny_tokenizer.fingerprint == info["tokenizer"]["fingerprint"]
+    assert load_tokenizer(current(out)).fingerprint == tiny_tokenizer.fingerprint == info["tokenizer"]["fingerprint"]
 
 
 def test_reruns_and_two_workers_write_identical_shards(tmp_path: Path, tiny_tokenizer, monkeypatch) -> None:
@@ -364,7 +389,7 @@ def test_reruns_and_two_workers_write_identical_shards(tmp_path: Path, tiny_toke
 
     assert preprocess.main(argv(inputs, tiny_tokenizer, first, *flags)) == 0
     reference = shard_bytes(first)
-    info = json.loads((first / "info.json").read_text())
+    info = read_info(first)
     check_folder(first, info)
     assert info["shards"]["train"] == [records.shard_name("train", i, 3) for i in range(3)]
     assert info["shards"]["validation"] == [records.shard_name("validation", i, 2) for i in range(2)]  # 3 x 0.4 / 0.6
@@ -377,9 +402,10 @@ def test_reruns_and_two_workers_write_identical_shards(tmp_path: Path, tiny_toke
     train = Counter(tuple(ids) for ids, _ in read_split(first, info, "train"))
     assert not set(val) & set(train) and sum(val.values()) + sum(train.values()) == 135
 
-    # the same run again with --overwrite: rebuilt (through a staging folder), byte-identical
+    # the same run again with --overwrite: rebuilt as a new version, byte-identical
+    old = current(first)
     assert preprocess.main(argv(inputs, tiny_tokenizer, first, *flags, "--overwrite")) == 0
-    assert shard_bytes(first) == reference
+    assert current(first) != old and shard_bytes(first) == reference
 
     # many tiny sorted runs merged in several rounds: same bytes
     monkeypatch.setattr(sorted_shards, "MAX_FANIN", 2)
@@ -401,7 +427,7 @@ def test_reruns_and_two_workers_write_identical_shards(tmp_path: Path, tiny_toke
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert shard_bytes(multi) == reference
-    assert json.loads((multi / "info.json").read_text())["data_fingerprint"] == info["data_fingerprint"]
+    assert read_info(multi)["data_fingerprint"] == info["data_fingerprint"]
 
 
 def test_output_folder_of_another_run_is_refused_unless_overwrite(tmp_path: Path, tiny_tokenizer, capsys) -> None:
@@ -409,23 +435,30 @@ def test_output_folder_of_another_run_is_refused_unless_overwrite(tmp_path: Path
     src.write_text("\n".join(make_sentences(30)) + "\n", encoding="utf-8")
     out = tmp_path / "out"
     assert preprocess.main(argv([src], tiny_tokenizer, out)) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = folder_state(out)
+    first = read_info(out)
     assert preprocess.main(argv([src], tiny_tokenizer, out, "--max-len", "12")) == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "flags.max_len: 30 -> 12" in err
+    assert folder_state(out) == before
     assert preprocess.main(argv([src], tiny_tokenizer, out, "--max-len", "12", "--overwrite")) == 0
-    info = json.loads((out / "info.json").read_text())
+    info = read_info(out)
     assert info["max_len"] == 12
-    assert info["data_fingerprint"] != json.loads(before["info.json"])["data_fingerprint"]
+    assert info["data_fingerprint"] != first["data_fingerprint"]
+    # the previous version is kept (--keep-versions 2) and still whole
+    versions = outputs.read_manifest(str(out))[0].versions  # type: ignore[index]
+    assert [v["version"] for v in versions] == [2, 1]
+    old = outputs.open_committed(str(out / versions[1]["folder"]), verify="full")
+    assert json.loads(old.read("info.json"))["data_fingerprint"] == first["data_fingerprint"]
 
 
 def folder_state(out: Path) -> dict[str, tuple[int, int, bytes]]:
-    """Every file directly in ``out`` but the run's lock: (inode, mtime_ns, bytes); a rewritten file has a new inode."""
-    files = [p for p in out.iterdir() if p.is_file() and p.name != ".lock"]
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    """Every file under ``out`` but the lock: (inode, mtime_ns, bytes); a rewritten file has a new inode."""
+    files = [p for p in out.rglob("*") if p.is_file() and p.name not in (".lock", ".kogpt2-cas")]
+    return {str(p.relative_to(out)): (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in files}
 
 
-def test_a_rerun_leaves_the_finished_folder_untouched_until_it_commits(
+def test_a_rerun_leaves_the_current_version_untouched_until_it_commits(
     tmp_path: Path, tiny_tokenizer, capsys, monkeypatch
 ) -> None:
     src = tmp_path / "a.txt"
@@ -433,7 +466,7 @@ def test_a_rerun_leaves_the_finished_folder_untouched_until_it_commits(
     out = tmp_path / "out"
     assert preprocess.main(argv([src], tiny_tokenizer, out, "--num-shards", "2")) == 0
     finished = folder_state(out)
-    assert {"COMPLETED", "train-00001-of-00002.tfrecord.gz"} <= set(finished)
+    assert "COMPLETED" in finished and "train-00001-of-00002.tfrecord.gz" in shard_bytes(out)
     capsys.readouterr()
 
     # the same run again: reported complete, nothing run, rewritten or deleted
@@ -448,33 +481,36 @@ def test_a_rerun_leaves_the_finished_folder_untouched_until_it_commits(
     assert "file_stats" in capsys.readouterr().err
     assert folder_state(out) == finished
 
-    # --overwrite: while the new run writes its shards, the old files are all there, unchanged
+    # --overwrite: while the new run writes its shards, every file of the current version is there, unchanged
     seen: list[dict[str, Any]] = []
     write = sorted_shards.write_tfrecord
+    old_root = current(out)
 
     def watching(path: str, examples: Any) -> dict[str, Any]:
-        seen.append(folder_state(out))
+        seen.append({k: v for k, v in folder_state(out).items() if k in finished})
+        assert current(out) == old_root  # readers still get the old version
         return write(path, examples)
 
     monkeypatch.setattr(sorted_shards, "write_tfrecord", watching)
     assert preprocess.main(argv([src], tiny_tokenizer, out, "--max-len", "12", "--overwrite")) == 0
     assert seen and all(state == finished for state in seen)
-    info = json.loads((out / "info.json").read_text())
+    info = read_info(out)
     assert info["max_len"] == 12 and info["counts"]["lines_read"] == 41
-    check_folder(out, info)  # the old run's second shard is gone, COMPLETED is the new run's
-    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    check_folder(out, info)
 
-    # a run that fails leaves the finished folder as it was, and no staging folder
-    finished = folder_state(out)
+    # a run that fails leaves the current version as it was, and committed nothing
+    committed = folder_state(out)
 
     def failing(path: str, examples: Any) -> dict[str, Any]:
         raise OSError("disk full")
 
     monkeypatch.setattr(sorted_shards, "write_tfrecord", failing)
-    with pytest.raises(Exception, match="disk full"):
-        preprocess.main(argv([src], tiny_tokenizer, out, "--max-len", "14", "--overwrite"))
-    assert folder_state(out) == finished
-    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    capsys.readouterr()
+    assert preprocess.main(argv([src], tiny_tokenizer, out, "--max-len", "14", "--overwrite")) == 5
+    assert "disk full" in capsys.readouterr().err
+    now = folder_state(out)
+    assert {k: v for k, v in now.items() if k in committed} == committed
+    assert read_info(out)["max_len"] == 12
 
 
 @pytest.mark.parametrize(
@@ -530,7 +566,7 @@ def test_packing_fills_blocks_deterministically(tmp_path: Path, tiny_tokenizer) 
     assert preprocess.main(argv([src], tiny_tokenizer, out, *flags)) == 0
     assert preprocess.main(argv([src], tiny_tokenizer, again, *flags)) == 0
     assert shard_bytes(out) == shard_bytes(again)
-    info = json.loads((out / "info.json").read_text())
+    info = read_info(out)
     check_folder(out, info)
     tok = tiny_tokenizer
     framed = Counter(tuple(records.frame(tok.encode(s), tok.bos_id, tok.eos_id)) for s in sentences)
@@ -568,8 +604,8 @@ def test_window_overflow_keeps_every_token(tmp_path: Path, tiny_tokenizer, test_
         val_fraction=0.0,
     )
     with test_pipeline as p:
-        build_pipeline(p, config)
-    info = json.loads((out / "info.json").read_text())
+        built(p, config)
+    info = read_info(out)
     assert info["shards"]["validation"] == [] and info["counts"]["examples"]["validation"] == 0
     examples = read_split(out, info, "train")
     assert as_counter(examples) == expected_examples(tiny_tokenizer, sentences, 8, "window")
@@ -601,8 +637,8 @@ def test_split_sentences_counts_lines_and_sentences(tmp_path: Path, tiny_tokeniz
         max_len=40,
     )
     with test_pipeline as p:
-        build_pipeline(p, config)
-    info = json.loads((out / "info.json").read_text())
+        built(p, config)
+    info = read_info(out)
     check_accounting(info)
     c = info["counts"]
     assert c["lines_read"] == 6 and c["kept"] == 4
@@ -624,7 +660,7 @@ def test_real_tokenizer_and_novel(tmp_path: Path, v1_tokenizer_path: Path, novel
     tok = load_tokenizer(v1_tokenizer_path)
     out = tmp_path / "out"
     assert preprocess.main(argv([novel_path], v1_tokenizer_path, out)) == 0
-    info = json.loads((out / "info.json").read_text())
+    info = read_info(out)
     check_folder(out, info)
     c = info["counts"]
     assert c["lines_read"] == 284 and c["kept"] == 284
@@ -836,7 +872,9 @@ def test_empty_train_split_is_an_error_unless_allowed(tmp_path: Path, tiny_token
     err = capsys.readouterr().err
     assert "no train and validation examples" in err and "--allow-empty" in err and "rejected 20" in err
     assert not is_completed(str(out))
-    info = json.loads((out / "info.json").read_text())  # the counts stay readable
+    pending = outputs.read_pending(str(out))
+    assert pending is not None
+    info = json.loads((out / pending.work / "info.json").read_text())  # the counts stay readable
     assert info["counts"]["rejected"] == 20 and info["counts"]["examples"] == {"train": 0, "validation": 0}
     allowed = tmp_path / "allowed"
     assert preprocess.main(argv([src], tiny_tokenizer, allowed, "--allow-empty")) == 0
@@ -861,15 +899,21 @@ def test_hostile_corpus_every_line_and_file_has_one_fate(tmp_path: Path, tiny_to
     (src / "special.txt").write_text("\n".join(special) + "\n", encoding="utf-8")
     (src / "utf16.txt").write_text("\n".join(good[:10]) + "\n", encoding="utf-16")
     out = tmp_path / "out"
-    assert preprocess.main(argv([src / "*"], tiny_tokenizer, out, "--max-len", "64")) == 0
+    # a corrupt input fails the run (exit 1, nothing committed) unless it is accepted
+    assert preprocess.main(argv([src / "*"], tiny_tokenizer, out, "--max-len", "64")) == 1
+    err = capsys.readouterr().err
+    assert "1 corrupt or truncated input file" in err and "cut.txt.gz" in err and "--allow-corrupt-input" in err
+    assert not is_completed(out)
+    assert preprocess.main(argv([src / "*"], tiny_tokenizer, out, "--max-len", "64", "--allow-corrupt-input")) == 0
     summary = capsys.readouterr().out
     assert "1 corrupt or truncated input file" in summary and "cut.txt.gz" in summary
 
-    info = json.loads((out / "info.json").read_text())
+    info = read_info(out)
+    assert info["allow_corrupt_input"] is True
     check_folder(out, info)
     check_accounting(info)
     c = info["counts"]
-    letters = [json.loads(x) for x in (out / preprocess.REJECTED_FILE).read_text().splitlines()]
+    letters = [json.loads(x) for x in (current(out) / preprocess.REJECTED_FILE).read_text().splitlines()]
     by_file: dict[str, Counter] = {}
     for r in letters:
         by_file.setdefault(Path(r["file"]).name, Counter())[r["reason"]] += 1
@@ -895,3 +939,96 @@ def test_hostile_corpus_every_line_and_file_has_one_fate(tmp_path: Path, tiny_to
     assert not set(ids) & tiny_tokenizer.special_ids  # typed specials never became special ids
     texts = {tiny_tokenizer.decode(row[:n]) for row, n in examples}
     assert set(special) <= texts and set(good[:30]) <= texts
+
+
+# --- the output protocol as a scheduler meets it ------------------------------------------
+
+
+def test_every_input_given_is_read_and_stray_arguments_are_refused(tmp_path: Path, tiny_tokenizer, capsys) -> None:
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    sentences = make_sentences(40)
+    a.write_text("\n".join(sentences[:20]) + "\n", encoding="utf-8")
+    b.write_text("\n".join(sentences[20:]) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    tok = ["--tokenizer", str(tiny_tokenizer.path), "--output", str(out)]
+    # several files after one flag (what an unquoted shell glob expands to): every one is read
+    assert preprocess.main(["--input", str(a), str(b), *tok]) == 0
+    assert read_info(out)["counts"]["lines_read"] == 40 and read_info(out)["inputs"] == [str(a), str(b)]
+    for stray, message in (
+        ([str(b)], "unexpected argument(s)"),  # a file after another flag's value: never dropped
+        (["-x", "1"], "unknown option -x"),
+    ):
+        assert preprocess.main(["--input", str(a), *tok, "--max-len", "20", *stray]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_failed_or_empty_rebuild_keeps_the_current_version(tmp_path: Path, tiny_tokenizer, capsys) -> None:
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("\n".join(make_sentences(30)) + "\n", encoding="utf-8")
+    bad.write_text("\n".join(make_sentences(10)) + "\n", encoding="utf-16")  # every line undecodable
+    out = tmp_path / "out"
+    assert preprocess.main(argv([good], tiny_tokenizer, out)) == 0
+    committed = folder_state(out)
+    # an --overwrite rebuild from an export that came out empty: exit 1, the good version stays current
+    assert preprocess.main(argv([bad], tiny_tokenizer, out, "--overwrite")) == 1
+    assert "nothing was committed" in capsys.readouterr().err.lower()
+    assert {k: v for k, v in folder_state(out).items() if k in committed} == committed
+    assert read_info(out)["counts"]["kept"] == 30
+    check_folder(out, read_info(out))
+    # a truncated .gz (an interrupted upload): exit 1, the previous version stays current
+    whole = gzip.compress(("\n".join(make_sentences(400)) + "\n").encode())
+    cut = tmp_path / "cut.txt.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    assert preprocess.main(argv([cut], tiny_tokenizer, out, "--overwrite")) == 1
+    assert read_info(out)["counts"]["kept"] == 30
+    status = outputs.status(str(out))
+    assert status["complete"] and status["current"]["version"] == 1 and status["pending"] is not None
+
+
+def test_a_daily_span_reads_only_the_files_that_arrived_since(tmp_path: Path, tiny_tokenizer, capsys) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    sentences = make_sentences(90)
+    (incoming / "day1.txt").write_text("\n".join(sentences[:30]) + "\n", encoding="utf-8")
+    spans = tmp_path / "spans"
+    common = ["--tokenizer", str(tiny_tokenizer.path), "--input", str(incoming / "*.txt")]
+    span = ["--exclude-inputs-of", str(spans / "span-*")]
+    assert preprocess.main([*common, "--output", str(spans / "span-1")]) == 0
+    (incoming / "day2.txt").write_text("\n".join(sentences[30:60]) + "\n", encoding="utf-8")
+    assert preprocess.main([*common, *span, "--output", str(spans / "span-2")]) == 0
+    assert read_info(spans / "span-2")["inputs"] == [str(incoming / "day2.txt")]
+    # nothing new: exit 0, no folder written
+    capsys.readouterr()
+    assert preprocess.main([*common, *span, "--output", str(spans / "span-3")]) == 0
+    assert "nothing new" in capsys.readouterr().out and not (spans / "span-3").exists()
+    # a file already read that changed since: refused, never read twice or skipped silently
+    with (incoming / "day1.txt").open("a", encoding="utf-8") as f:
+        f.write(sentences[60] + "\n")
+    assert preprocess.main([*common, *span, "--output", str(spans / "span-3")]) == 2
+    assert "changed since" in capsys.readouterr().err
+    # the spans train as one data set
+    from kogpt2.dataset import open_shards
+
+    both = open_shards(str(spans / "span-*"))
+    assert both.num_examples("train") + both.num_examples("validation") == 60
+
+
+def test_status_command_says_what_a_scheduler_needs(tmp_path: Path, tiny_tokenizer, capsys) -> None:
+    from kogpt2.cli import main
+
+    src = tmp_path / "a.txt"
+    src.write_text("\n".join(make_sentences(30)) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["status", str(out)]) == 1  # nothing committed yet
+    assert "not complete" in capsys.readouterr().out
+    with outputs.Lease(str(out), "preprocess"):
+        assert main(["status", str(out)]) == 3  # a run holds it: poll again later
+        assert "lock: preprocess" in capsys.readouterr().out
+    assert preprocess.main(argv([src], tiny_tokenizer, out)) == 0
+    capsys.readouterr()
+    assert main(["status", str(out), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["complete"] and s["current"]["job"] == "preprocess" and s["current"]["summary"]["lines_read"] == 30
+    assert s["current"]["files"] == len(outputs.read_manifest(str(out))[0].files)  # type: ignore[index]
+    assert main(["status", str(out), "--path"]) == 0
+    assert capsys.readouterr().out.strip() == str(current(out))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import commit_folder
 
 from kogpt2.genstats import generation_stats
 from kogpt2.report import build_report, collect
@@ -40,25 +41,30 @@ def _rows(seed: str, texts: list[str], reason: str) -> list[dict]:
     ]
 
 
+def _parquet(rows: list[dict]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema()), buffer)
+    return buffer.getvalue()
+
+
 @pytest.fixture
 def run_folder(tmp_path: Path) -> Path:
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "info.json").write_text(
-        json.dumps(
-            {
-                "counts": {
-                    "lines_read": 12,
-                    "kept": 9,
-                    "filtered": {"too_short": 2},
-                    "rejected": 1,
-                    "truncated": 3,
-                    "examples": {"train": 8, "validation": 1},
-                    "unk_rate": 0.01,
-                }
+    info = json.dumps(
+        {
+            "counts": {
+                "lines_read": 12,
+                "kept": 9,
+                "filtered": {"too_short": 2},
+                "rejected": 1,
+                "truncated": 3,
+                "examples": {"train": 8, "validation": 1},
+                "unk_rate": 0.01,
             }
-        )
+        }
     )
-    (tmp_path / "model").mkdir()
+    commit_folder(tmp_path / "data", "preprocess", {"info.json": info.encode()})
     epochs = [
         {
             "epoch": e,
@@ -71,17 +77,16 @@ def run_folder(tmp_path: Path) -> Path:
         }
         for e, tl, v in [(1, 5.0, 5.5), (2, 4.0, 4.5), (3, 3.0, 4.8)]
     ]
-    (tmp_path / "model" / "history.json").write_text(
-        json.dumps({"epochs": epochs, "best_epoch": 2, "best_val_loss": 4.5, "epochs_run": 3, "stopped_early": True})
-    )
+    history = {"epochs": epochs, "best_epoch": 2, "best_val_loss": 4.5, "epochs_run": 3, "stopped_early": True}
+    commit_folder(tmp_path / "model", "train", {"history.json": json.dumps(history).encode()})
     for name, reason, texts in [
         ("before-greedy", "length", ["가 가 가 가", "나 나"]),
         ("after-greedy", "eos", ["그는 웃었다", "비가 왔다 그날"]),
     ]:
-        folder = tmp_path / "generations" / name
-        folder.mkdir(parents=True)
         rows = _rows("이때", texts[:1], reason) + _rows("그날", texts[1:], reason)
-        pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema()), folder / "generations-00000-of-00001.parquet")
+        commit_folder(
+            tmp_path / "generations" / name, "generate", {"generations-00000-of-00001.parquet": _parquet(rows)}
+        )
     return tmp_path
 
 

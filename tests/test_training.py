@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from conftest import REPO, make_sentences, write_test_shards
 
+from kogpt2 import outputs
 from kogpt2.cli import main
 from kogpt2.dataset import IGNORE_ID, ShardError, TokenizerMismatchError, make_dataset, open_shards
 from kogpt2.evaluate import LMTrainer, evaluate_model, masked_lm_loss, token_stats
@@ -35,6 +36,18 @@ keras = import_keras()
 def _config(shards: Path, out: Path, tok, **kwargs) -> TrainConfig:
     base = {"model": "tiny", "tokenizer": str(tok.path), "epochs": 3, "learning_rate": 1e-3}
     return TrainConfig(data=str(shards), output=str(out), **{**base, **kwargs})
+
+
+def version(out: Path | str) -> Path:
+    """The committed version folder of a training output folder (a model folder)."""
+    return Path(outputs.open_committed(str(out), job="train").root)
+
+
+def work(out: Path | str) -> Path:
+    """The work folder of the run in progress (or stopped) in ``out``: checkpoints, logs."""
+    pending = outputs.read_pending(str(out))
+    assert pending is not None, f"{out} has no run in progress"
+    return Path(out) / pending.work
 
 
 def _cli(*argv: str) -> tuple[int, str, str]:
@@ -111,7 +124,7 @@ def test_tiny_preset_trains_end_to_end_from_shards(trained: tuple[Path, str], ti
     assert "Epoch 1/3" in stdout  # Keras progress
     summary = stdout.strip().splitlines()[-1]
     assert summary.startswith("best epoch ") and str(out) in summary and "perplexity" in summary
-    h = json.loads((out / "history.json").read_text())
+    h = json.loads((version(out) / "history.json").read_text())
     assert [e["epoch"] for e in h["epochs"]] == [1, 2, 3] and h["epochs_run"] == 3
     val = [e["val_loss"] for e in h["epochs"]]
     assert val[-1] < val[0]  # it learns
@@ -123,11 +136,13 @@ def test_tiny_preset_trains_end_to_end_from_shards(trained: tuple[Path, str], ti
     steps = open_shards(str(tiny_shards)).steps("train", 16)
     assert h["steps"] == 3 * steps and not h["stopped_early"]
     assert h["train_tokens"] > 0 and h["config"]["weight_decay"] == 0.01
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (out / "backup").exists()
+    assert (version(out) / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert outputs.read_pending(str(out)) is None and [p.name for p in out.iterdir() if p.is_dir()] == [
+        version(out).name
+    ]  # the work folder (checkpoints) is gone once the run is committed
     tags = set()
     for split in ("train", "validation"):
-        for event_file in (out / "logs" / split).iterdir():
+        for event_file in (version(out) / "logs" / split).iterdir():
             for event in tf.compat.v1.train.summary_iterator(str(event_file)):
                 tags.update(f"{split}/{v.tag}" for v in event.summary.value)
     assert {
@@ -142,13 +157,13 @@ def test_saved_folder_loads_and_describes_itself(trained: tuple[Path, str], tiny
     from transformers import TFGPT2LMHeadModel
 
     out, _ = trained
-    model, tok = load_model(out)
-    plain = TFGPT2LMHeadModel.from_pretrained(str(out))
+    model, tok = load_model(out)  # the output folder: its committed version
+    plain = TFGPT2LMHeadModel.from_pretrained(str(version(out)))  # the version folder is a plain HF folder
     ids = tf.constant([[0, *tok.encode("그는 강가에서")]])
     np.testing.assert_allclose(model(ids).logits.numpy(), plain(ids).logits.numpy(), atol=1e-5)
     info = read_model_info(out)["info"]
-    history = json.loads((out / "history.json").read_text())
-    shard_info = json.loads((tiny_shards / "info.json").read_text())
+    history = json.loads((version(out) / "history.json").read_text())
+    shard_info = outputs.open_committed(str(tiny_shards)).read_json("info.json")
     assert info["data_fingerprint"] == shard_info["data_fingerprint"]
     assert info["tokenizer_fingerprint"] == tiny_tokenizer.fingerprint == tok.fingerprint
     assert info["steps"] == history["steps"] and info["best_epoch"] == history["best_epoch"]
@@ -160,7 +175,7 @@ def test_evaluate_command_reports_the_best_validation_loss(trained: tuple[Path, 
     rc, stdout, stderr = _cli("evaluate", "--model", out, "--data", tiny_shards, "--json", "--batch-size", 7)
     assert rc == 0, stderr
     result = json.loads(stdout)
-    history = json.loads((out / "history.json").read_text())
+    history = json.loads((version(out) / "history.json").read_text())
     assert result["loss"] == pytest.approx(history["best_val_loss"], abs=1e-4)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-6)
     assert result["tokens"] == _val_target_tokens(tiny_shards) and result["examples"] == 16
@@ -190,11 +205,15 @@ def test_killed_run_resumes_to_the_full_epoch_count(tmp_path: Path, tiny_shards:
             "--epochs", 4, "--lr", 1e-3, "--early-stopping-patience", 0, "--quiet"]  # fmt: skip
     env = {**os.environ, EXIT_AFTER_EPOCH_ENV: "2"}
     proc = subprocess.run(
-        [sys.executable, "-m", "kogpt2.cli", *map(str, args)], env=env, capture_output=True, text=True
-    )
+        [sys.executable, "-m", "kogpt2.cli", *map(str, args), "--lease-seconds", "1"], env=env, capture_output=True,
+        text=True,
+    )  # fmt: skip
     assert proc.returncode == 75, proc.stderr[-2000:]  # "preempted" right after epoch 2's checkpoint
-    state = json.loads((out / "backup" / "state.json").read_text())
-    assert [e["epoch"] for e in state["epochs"]] == [1, 2] and not (out / "history.json").exists()
+    state = json.loads((work(out) / "backup" / "state.json").read_text())
+    assert [e["epoch"] for e in state["epochs"]] == [1, 2] and outputs.read_manifest(str(out)) is None
+    rc, _, stderr = _cli(*args, "--resume")  # the preempted run's lock lives until its lease expires
+    assert rc == 3 and "expires" in stderr
+    time.sleep(1.1)
 
     rc, _, stderr = _cli(*args)  # without --resume: refused, nothing lost
     assert rc == 2 and "--resume" in stderr
@@ -202,7 +221,7 @@ def test_killed_run_resumes_to_the_full_epoch_count(tmp_path: Path, tiny_shards:
     assert rc == 2 and "epochs: 4 -> 5" in stderr
     rc, stdout, stderr = _cli(*args, "--resume")
     assert rc == 0, stderr
-    h = json.loads((out / "history.json").read_text())
+    h = json.loads((version(out) / "history.json").read_text())
     assert [e["epoch"] for e in h["epochs"]] == [1, 2, 3, 4] and h["epochs_run"] == 4 and h["starts"] == 2
     assert h["epochs"][:2] == state["epochs"]
     steps = open_shards(str(tiny_shards)).steps("train", 16)
@@ -217,13 +236,51 @@ def test_killed_run_resumes_to_the_full_epoch_count(tmp_path: Path, tiny_shards:
 
 def test_time_budget_on_packed_shards_with_the_tokenizer_beside_them(tmp_path: Path, tiny_tokenizer) -> None:
     texts = make_sentences(40)
-    shards = write_test_shards(tmp_path / "packed", tiny_tokenizer, texts[:32], texts[32:], max_len=24, packing=True)
-    shutil.copy(tiny_tokenizer.path, shards / "tokenizer.spiece")  # a preset finds the tokenizer beside the shards
+    shards = write_test_shards(  # a preset finds the tokenizer beside the shards
+        tmp_path / "packed", tiny_tokenizer, texts[:32], texts[32:], max_len=24, packing=True, include_tokenizer=True
+    )
     config = _config(shards, tmp_path / "out", tiny_tokenizer, epochs=5, max_seconds=0.01, tokenizer=None)
     result = train(config, progress=False)
     assert result.history["stopped_by_time"] and result.history["epochs_run"] == 1
-    assert "time budget" in result.summary()
+    assert "time budget" in result.summary() and result.history["resumable"]
     load_model(tmp_path / "out")
+    # the rerun without --resume says where the run stands; with --resume it trains on (a new version)
+    assert train(config, progress=False).history == result.history
+    more = train(dataclasses.replace(config, resume=True, max_seconds=None), progress=False)
+    assert more.history["epochs_run"] == 5 and not more.history["resumable"] and more.history["starts"] == 2
+    assert [v["version"] for v in outputs.read_manifest(str(tmp_path / "out"))[0].versions] == [2, 1]  # type: ignore[index]
+
+
+def test_a_time_budget_stops_at_the_first_step_checkpoint_and_resume_continues(
+    tmp_path: Path, tiny_shards: Path, tiny_tokenizer
+) -> None:
+    # 48 examples in batches of 4: 12 batches an epoch; a checkpoint every 2; a budget spent at once.
+    out = tmp_path / "out"
+    config = _config(tiny_shards, out, tiny_tokenizer, epochs=2, batch_size=4, save_steps=2, max_seconds=0.01,
+                     early_stopping_patience=0)  # fmt: skip
+    first = train(config, progress=False).history
+    assert first["epochs"] == [] and first["partial_epoch"] == {"epoch": 1, "epoch_steps": 2} and first["steps"] == 2
+    assert (
+        first["stopped_by_time"] and first["resumable"] and "no epoch finished yet" in TrainResult_summary(out, first)
+    )
+    load_model(out)  # a usable model is committed at once: the weights as they were at the checkpoint
+    state = json.loads((work(out) / "backup" / "state.json").read_text())
+    assert state["epoch_steps"] == 2 and state["step"] == 2
+    # scheduled reruns: each continues from the last checkpoint, a step checkpoint at a time
+    second = train(dataclasses.replace(config, resume=True), progress=False).history
+    assert second["partial_epoch"] == {"epoch": 1, "epoch_steps": 4} and second["steps"] == 4
+    rest = train(dataclasses.replace(config, resume=True, max_seconds=None), progress=False).history
+    straight = train(dataclasses.replace(config, output=str(tmp_path / "straight"), max_seconds=None),
+                     progress=False).history  # fmt: skip
+    assert rest["steps"] == straight["steps"] == 24 and rest["train_tokens"] == straight["train_tokens"]
+    assert rest["starts"] == 3 and not rest["resumable"] and outputs.read_pending(str(out)) is None
+    assert [v["version"] for v in outputs.read_manifest(str(out))[0].versions] == [3, 2]  # type: ignore[index]
+
+
+def TrainResult_summary(out: Path, history: dict) -> str:
+    from kogpt2.training import TrainResult
+
+    return TrainResult(out, history).summary()
 
 
 def test_bf16_trains_with_float32_weights_and_loss(tmp_path: Path, tiny_shards: Path, tiny_tokenizer) -> None:
@@ -255,14 +312,14 @@ def test_refusals(tmp_path: Path, tiny_shards: Path, tiny_tokenizer, tiny_model_
 
     unfinished = tmp_path / "unfinished"
     shutil.copytree(tiny_shards, unfinished)
-    (unfinished / "COMPLETED").unlink()
+    (unfinished / "COMPLETED").unlink()  # as a run that never committed
     rc, _, stderr = _cli("train", "--data", unfinished, "--model", tiny_model_dir, "--output", tmp_path / "o2")
     assert rc == 2 and "COMPLETED" in stderr
     with pytest.raises(ShardError):
         evaluate_model(str(tiny_model_dir), str(unfinished))
 
     finished, _ = trained
-    with pytest.raises(RuntimeError, match="already holds a finished run"):
+    with pytest.raises(outputs.OutputConflictError, match="holds version 1 of a different run"):
         train(_config(tiny_shards, finished, tiny_tokenizer), progress=False)
     with pytest.raises(ValueError, match="--tokenizer"):
         train(_config(tiny_shards, tmp_path / "o3", tiny_tokenizer, tokenizer=None), progress=False)
@@ -324,8 +381,8 @@ def test_mirrored_strategy_over_two_logical_cpus(tmp_path: Path, tiny_shards: Pa
 # --- step checkpoints and mid-epoch resume ---------------------------------------------------
 
 
-def _wait_for_state(path: Path, proc: subprocess.Popen, done, timeout: float = 240.0) -> dict:
-    """Poll ``state.json`` until ``done(state)``; fail if the process ends first."""
+def _wait_for_state(out: Path, proc: subprocess.Popen, done, timeout: float = 240.0) -> dict:
+    """Poll the run's ``state.json`` in ``out`` until ``done(state)``; fail if the process ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -333,7 +390,8 @@ def _wait_for_state(path: Path, proc: subprocess.Popen, done, timeout: float = 2
                 f"training ended (status {proc.returncode}) before the kill: {proc.stderr.read()[-2000:]}"
             )
         try:
-            state = json.loads(path.read_text())
+            pending = outputs.read_pending(str(out))
+            state = json.loads((out / pending.work / "backup" / "state.json").read_text()) if pending else None
         except (FileNotFoundError, json.JSONDecodeError):
             state = None
         if state and done(state):
@@ -352,23 +410,24 @@ def test_sigkill_mid_epoch_resumes_from_the_last_step_checkpoint(
             "--epochs", 2, "--batch-size", 4, "--lr", 1e-3, "--warmup-steps", 4, "--lr-schedule", "linear",
             "--early-stopping-patience", 0, "--save-steps", 3, "--eval-steps", 6, "--quiet"]  # fmt: skip
     env = {**os.environ, STEP_SLEEP_ENV: "0.25"}  # slow batches, so the kill lands mid-epoch
-    proc = subprocess.Popen([sys.executable, "-m", "kogpt2.cli", *map(str, args)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "kogpt2.cli", *map(str, args), "--lease-seconds", "1"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    state_path = out / "backup" / "state.json"
-    seen = _wait_for_state(state_path, proc, lambda s: len(s["epochs"]) == 1 and s["epoch_steps"] >= 3)
+    seen = _wait_for_state(out, proc, lambda s: len(s["epochs"]) == 1 and s["epoch_steps"] >= 3)
+    state_path = work(out) / "backup" / "state.json"
     time.sleep(0.3)  # a batch or two past the checkpoint: trained, then lost with the process
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     state = json.loads(state_path.read_text())
     assert len(state["epochs"]) == 1 and 3 <= state["epoch_steps"] < 12 and state["step"] == 12 + state["epoch_steps"]
-    assert state["epoch_steps"] >= seen["epoch_steps"] and not (out / "history.json").exists()
+    assert state["epoch_steps"] >= seen["epoch_steps"] and outputs.read_manifest(str(out)) is None
+    time.sleep(1.1)  # the killed run's lease expires
 
     rc, _, stderr = _cli(*args)  # without --resume: refused, and says where the run stands
     assert rc == 2 and f"{state['epoch_steps']} batches into epoch 2" in stderr
     rc, _, stderr = _cli(*args, "--resume")
     assert rc == 0, stderr
-    resumed = json.loads((out / "history.json").read_text())
+    resumed = json.loads((version(out) / "history.json").read_text())
 
     cfg = _config(tiny_shards, tmp_path / "straight", tiny_tokenizer, epochs=2, batch_size=4, warmup_steps=4,
                   lr_schedule="linear", early_stopping_patience=0, save_steps=3, eval_steps=6)  # fmt: skip
@@ -386,7 +445,7 @@ def test_sigkill_mid_epoch_resumes_from_the_last_step_checkpoint(
     assert [(e["epoch"], e["epoch_step"]) for e in straight["evaluations"]] == [(1, 6), (2, 6)]
     assert [(e["epoch"], e["epoch_step"]) for e in resumed["evaluations"]] == [(1, 6), (2, 6)]
     load_model(out)
-    assert not (out / "backup").exists()
+    assert outputs.read_pending(str(out)) is None and len([p for p in out.iterdir() if p.is_dir()]) == 1
 
 
 def test_resume_skips_the_trained_batches_of_the_epoch(tiny_shards: Path) -> None:
@@ -422,12 +481,15 @@ def test_nan_run_fails_keeps_the_last_good_checkpoint_and_says_why(tmp_path: Pat
     config = _config(shards, out, tiny_tokenizer, epochs=3)  # 3 batches per epoch
     with pytest.raises(TrainingFailed, match="non-finite training loss") as err:
         train(config, progress=False, callbacks=[_PoisonWeights(at=5)])  # NaN from epoch 2's third batch
-    assert isinstance(err.value, RuntimeError)  # the CLI exits with status 2
-    h = json.loads((out / "history.json").read_text())
+    from kogpt2.jobs import ExitStatus, exit_status
+
+    assert exit_status(err.value) == ExitStatus.DIVERGED  # the CLI exits with status 4
+    assert outputs.read_manifest(str(out)) is None  # nothing committed
+    h = json.loads((work(out) / "history.json").read_text())
     assert h["status"] == "failed" and "non-finite" in h["failure"] and "epoch 2" in h["failure"]
     assert [e["epoch"] for e in h["epochs"]] == [1]  # the partial epoch is not recorded as complete
-    assert not (out / "tf_model.h5").exists() and not (out / "kogpt2.json").exists()  # never the NaN weights
-    state = json.loads((out / "backup" / "state.json").read_text())  # the backup is kept
+    assert not list(out.rglob("tf_model.h5")) and not list(out.rglob("kogpt2.json"))  # never the NaN weights
+    state = json.loads((work(out) / "backup" / "state.json").read_text())  # the backup is kept
     assert state["failure"] == h["failure"] and state["checkpoint"].endswith("ckpt-3") and state["step"] == 3
     reader = tf.train.load_checkpoint(state["checkpoint"])
     for name in reader.get_variable_to_shape_map():
@@ -455,20 +517,19 @@ def test_output_over_the_model_or_data_is_refused_before_anything_is_deleted(
     assert sorted(p.name for p in model.iterdir()) == before
     load_model(model)
     rc, _, stderr = _cli("train", "--data", tiny_shards, "--model", model, "--output", tiny_shards / "m", "--overwrite")
-    assert rc == 2 and str(tiny_shards) in stderr and (tiny_shards / "COMPLETED").exists()
+    assert rc == 2 and str(tiny_shards) in stderr and outputs.read_manifest(str(tiny_shards)) is not None
 
 
 def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path: Path, tiny_shards: Path, tiny_tokenizer) -> None:
     import os
 
-    from kogpt2.paths import FolderLock
-
     out = tmp_path / "model"
-    with FolderLock(str(out), job="another kogpt2 train"):
+    with outputs.Lease(str(out), job="another kogpt2 train"):
+        before = sorted(p.name for p in out.iterdir())
         rc, _, stderr = _cli("train", "--data", tiny_shards, "--model", "tiny", "--tokenizer", tiny_tokenizer.path,
                              "--output", out, "--overwrite")  # fmt: skip
-        assert rc == 2 and "in use by another run (another kogpt2 train" in stderr and f"pid {os.getpid()}" in stderr
-    assert sorted(p.name for p in out.iterdir()) == []  # the refused run wrote and deleted nothing
+        assert rc == 3 and "in use by another kogpt2 train" in stderr and f"pid {os.getpid()}" in stderr
+        assert sorted(p.name for p in out.iterdir()) == before  # the refused run wrote and deleted nothing
 
 
 # --- schedules and mixed precision ----------------------------------------------------
@@ -531,6 +592,7 @@ def test_train_flags_come_from_the_config_fields_and_a_config_file_repeats_a_run
     parse = lambda *a: config_from_args(build_parser("train").parse_args(["train", *a]))  # noqa: E731
     base = ["--data", "d", "--model", "tiny", "--output", "o"]
     assert parse(*base) == TrainConfig(data="d", model="tiny", output="o")  # every default lives on TrainConfig
+    assert parse("--data", "a", "b", "--model", "tiny", "--output", "o").data == ("a", "b")  # several folders
     cfg = parse(*base, "--lr", "3e-4", "--xla", "--batch_size", "8", "--clip-norm", "1.0")
     assert (cfg.learning_rate, cfg.jit_compile, cfg.batch_size, cfg.clip_norm) == (3e-4, True, 8, 1.0)
     history = tmp_path / "history.json"  # what a run writes: its resolved config
@@ -544,6 +606,11 @@ def test_train_flags_come_from_the_config_fields_and_a_config_file_repeats_a_run
         parse("--config", str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match=r"TrainConfig\.batch_size=True: must be an integer >= 1"):
         TrainConfig(data="d", model="tiny", output="o", batch_size=True)
+    # per-run decisions never come from a file; a boolean a file sets can be switched off
+    (tmp_path / "old.json").write_text(json.dumps({**dataclasses.asdict(cfg), "overwrite": True}))
+    with pytest.raises(ValueError, match="--overwrite is decided for each run"):
+        parse("--config", str(tmp_path / "old.json"))
+    assert parse("--config", str(history), "--no-xla").jit_compile is False
 
 
 # --- remote --data and --output (through TensorFlow's ram:// filesystem) ----------------------
@@ -556,9 +623,10 @@ def test_remote_data_and_output_through_tf_gfile(
 
     gfile = tf.io.gfile
     remote = f"ram://kogpt2-{tmp_path.name}"
-    gfile.makedirs(f"{remote}/shards")
-    for f in tiny_shards.iterdir():
-        gfile.copy(str(f), f"{remote}/shards/{f.name}", overwrite=True)
+    for f in tiny_shards.rglob("*"):
+        if f.is_file():
+            gfile.makedirs(f"{remote}/shards/{f.parent.relative_to(tiny_shards)}".rstrip("/."))
+            gfile.copy(str(f), f"{remote}/shards/{f.relative_to(tiny_shards)}", overwrite=True)
     copied: list[str] = []
     real_copy = checkpointing._copy_file
     monkeypatch.setattr(checkpointing, "_copy_file", lambda s, d: (copied.append(d.rsplit("/", 1)[1]), real_copy(s, d)))
@@ -567,17 +635,25 @@ def test_remote_data_and_output_through_tf_gfile(
     config = _config(f"{remote}/shards", out, tiny_tokenizer, epochs=2, save_steps=2)  # type: ignore[arg-type]
     result = train(config, progress=False)
     assert result.output == out and result.history["epochs_run"] == 2
-    # history.json last, config.json before it: a copy cut short never looks like a finished, loadable folder.
+    # every file copied into the new version before the manifest that commits it
     assert copied[-3:] == ["config.json", "kogpt2.json", "history.json"] and "tf_model.h5" in copied[:-3]
-    assert not gfile.exists(f"{out}/backup") and gfile.glob(f"{out}/logs/train/*")
-    assert not [n for n in gfile.listdir(out) if ".tmp" in n]
-    local = tmp_path / "copy"
-    local.mkdir()
-    for name in gfile.listdir(out):
-        if not gfile.isdir(f"{out}/{name}"):
-            gfile.copy(f"{out}/{name}", str(local / name))
+    done = outputs.open_committed(out, job="train", verify="full")
+    root = done.root
+    assert gfile.glob(f"{root}/logs/train/*") and outputs.read_pending(out) is None
+    assert not [n for n in gfile.listdir(root) if ".tmp" in n]
+    local = tmp_path / "copy"  # the version folder copied elsewhere is a model folder that checks itself
+    for folder, _, files in gfile.walk(root):
+        rel = folder[len(root) :].strip("/")
+        (local / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            gfile.copy(f"{folder}/{name}", str(local / rel / name))
     load_model(local)
+    (local / "logs" / "train").rename(local / "logs" / "lost")
+    with pytest.raises(ValueError, match="is missing"):
+        load_model(local)  # an incomplete copy is refused, naming what is missing
+    (local / "logs" / "lost").rename(local / "logs" / "train")
     assert json.loads((local / "history.json").read_text())["data"] == f"{remote}/shards"
+    assert done.manifest.summary["epochs"] == 2
     again = train(dataclasses.replace(config, resume=True), progress=False)  # finished: nothing to do
     assert again.history == result.history
     with pytest.raises(ValueError, match="lies inside an input"):
@@ -624,9 +700,9 @@ def test_two_workers_on_localhost_match_one_worker(tmp_path: Path, tiny_tokenize
     for p, (_, err) in zip(procs, results, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "reads its share by data" in results[1][1]
-    multi = json.loads((out / "history.json").read_text())
-    assert multi["replicas"] == 2 and not (out / "backup").exists()
-    names = {p.name for p in out.iterdir()}  # the chief's model folder; the other worker wrote nothing here
+    multi = json.loads((version(out) / "history.json").read_text())
+    assert multi["replicas"] == 2 and outputs.read_pending(str(out)) is None
+    names = {p.name for p in version(out).iterdir()}  # the chief's model folder; the other worker wrote nothing here
     assert {"config.json", "tf_model.h5", "history.json", "logs"} <= names and not [n for n in names if ".tmp" in n]
     load_model(out)
     single = train(_config(shards, tmp_path / "single", tiny_tokenizer, model=str(model), tokenizer=None, epochs=1,
@@ -655,22 +731,16 @@ def test_a_copy_cut_short_does_not_look_finished_and_resume_completes_it(
     with pytest.raises(OSError, match="preempted"):
         train(config, progress=False)
     gfile = tf.io.gfile
-    assert gfile.exists(f"{remote}/config.json") and not gfile.exists(f"{remote}/history.json")
-    assert gfile.exists(f"{remote}/backup/state.json")  # still resumable
+    assert outputs.read_manifest(remote) is None  # nothing committed
+    pending = outputs.read_pending(remote)
+    assert pending is not None and gfile.exists(f"{remote}/{pending.work}/backup/state.json")  # still resumable
     rc, _, stderr = _cli("train", "--data", tiny_shards, "--model", "tiny", "--tokenizer", tiny_tokenizer.path,
                          "--output", remote, "--epochs", 1, "--lr", 1e-3)  # fmt: skip
     assert rc == 2 and "interrupted run" in stderr  # not taken for a finished one
     monkeypatch.setattr(checkpointing, "_copy_file", real_copy)
     history = train(dataclasses.replace(config, resume=True), progress=False).history
-    assert history["epochs_run"] == 1 and history["starts"] == 2 and gfile.exists(f"{remote}/history.json")
-    assert not gfile.exists(f"{remote}/backup")
-
-
-def test_a_run_started_by_an_earlier_release_still_resumes(tmp_path: Path) -> None:
-    from kogpt2.checkpointing import config_changes
-    from kogpt2.training import _defaults
-
-    new = TrainConfig(data="d", model="tiny", output=str(tmp_path), resume=True).to_dict()
-    old = {k: v for k, v in new.items() if k not in ("save_steps", "eval_steps")} | {"mixed_precision": False}
-    assert config_changes(old, new, _defaults()) == []  # settings it did not have count as their defaults
-    assert config_changes({**old, "mixed_precision": True}, new, _defaults()) == ["mixed_precision: 'auto' -> 'no'"]
+    assert history["epochs_run"] == 1 and history["starts"] == 2
+    done = outputs.open_committed(remote, job="train", verify="full")
+    assert "history.json" in done.manifest.files and outputs.read_pending(remote) is None
+    left = [n.rstrip("/") for n in gfile.listdir(remote) if n.startswith(("w-", "v-"))]
+    assert left == [done.manifest.folder]  # the half-copied version and the work folder are removed after the commit
