@@ -47,6 +47,7 @@ from kogpt2.flags import add_config_arguments, given_values, read_config_file
 from kogpt2.generation import GenerationConfig
 from kogpt2.jobs import DataFailedError, ExitStatus, run_main
 from kogpt2.outputs import ALREADY_COMPLETE, INFO_FILE, RESUME, OutputRun
+from kogpt2.row_settings import DEFAULT_CONFIG, ROW_SETTINGS, SEED_ALIAS, NamedConfig, read_config_grid
 from pipelines.common import (
     check_beam_args,
     create_pipeline,
@@ -58,9 +59,26 @@ from pipelines.common import (
     read_text,
     write_json,
 )
-from pipelines.generate_config import GenerateJob, GeneratePlan
-from pipelines.generate_units import PARQUET_PATTERN, UNIT_PATTERN, GenerateUnits, UnitItem, UnitStats, unit_of
-from pipelines.seeds import ValidateSeeds, read_seeds
+from pipelines.generate_config import GenerateJob, GeneratePlan, RowCheck
+from pipelines.generate_units import (
+    FAILED_PATTERN,
+    UNIT_PATTERN,
+    GenerateUnits,
+    KeptColumnTypes,
+    UnitItem,
+    UnitStats,
+    unit_of,
+)
+from pipelines.seeds import (
+    ALL_COLUMNS,
+    SeedRow,
+    ValidateSeeds,
+    column_types,
+    csv_header,
+    file_kind,
+    read_seeds,
+    template_fields,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +86,8 @@ log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
 #: The job's name in manifests and locks.
 JOB = "generate"
+#: ``--dedup``'s side table of exact duplicate continuations.
+DUPLICATES_FILE = "duplicates.parquet"
 
 
 class RowsFailedError(DataFailedError):
@@ -133,7 +153,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GenerateJob, list[str
     if isinstance(job_settings["seeds"], str):
         job_settings["seeds"] = (job_settings["seeds"],)
     job_settings["seeds"] = tuple(expand_globs(job_settings["seeds"], flag="--seeds"))
-    config = config_from_args(args, local_copy(model) if _is_folder(model) else None, settings)
+    try:  # a training output folder: its committed version holds config.json and generation_config.json
+        root = outputs.version_root(model, job="train")
+    except outputs.NotCommittedError as exc:
+        raise ValueError(f"--model {model}: {exc}") from None
+    config = config_from_args(args, local_copy(root) if _is_folder(root) else None, settings)
     return GenerateJob(**job_settings, config=config), beam_args
 
 
@@ -172,6 +196,14 @@ def make_plan(job: GenerateJob) -> GeneratePlan:
         tokenizer = load_tokenizer(folder)
     except (OSError, ValueError) as exc:
         raise ValueError(f"--model {job.model}: {exc}") from None
+    if job.configs:
+        grid = tuple(read_config_grid(job.configs, job.config))
+        for named in grid:
+            max_prompt_tokens(n_positions, named.config.max_new_tokens)  # each configuration fits the model
+    else:
+        grid = (NamedConfig(DEFAULT_CONFIG, {}, job.config),)
+    parquet_types = column_types(job.seeds)
+    check_columns(job, parquet_types)
     return GeneratePlan(
         n_positions=n_positions,
         max_seed_tokens=min(job.max_seed_tokens, limit) if job.max_seed_tokens else limit,
@@ -179,7 +211,46 @@ def make_plan(job: GenerateJob) -> GeneratePlan:
         tokenizer_fingerprint=tokenizer.fingerprint,
         seed_files=file_sizes(job.seeds),
         started=time.time(),
+        grid=grid,
+        parquet_types=parquet_types,
     )
+
+
+def check_columns(job: GenerateJob, parquet_types: dict[str, dict[str, str]]) -> None:
+    """Refuse table files that lack a column the job names (``--seed-column``, ``--id-column``, ``--keep-columns``).
+
+    JSON lines name their keys line by line: a line without one is a dead letter (seed, id) or a
+    null (kept column) instead.
+
+    Raises:
+        ValueError: naming the file, the flag and the columns it has.
+    """
+    wanted = [("--seed-column", job.seed_column)]
+    if job.id_column:
+        wanted.append(("--id-column", job.id_column))
+    wanted += [("--keep-columns", c) for c in job.keep_columns if c != ALL_COLUMNS]
+    for path in job.seeds:
+        kind = file_kind(path)
+        if kind == "text":
+            if job.keep_columns and job.keep_columns != (ALL_COLUMNS,) or job.id_column:
+                raise ValueError(f"--seeds {path}: a .txt file has no columns (--keep-columns, --id-column)")
+            continue
+        if kind == "jsonl":
+            continue
+        columns = list(parquet_types[path]) if kind == "parquet" else csv_header(path)
+        for flag_name, column in wanted:
+            if column not in columns:
+                raise ValueError(f"{flag_name} {column}: {path} has no such column (columns: {', '.join(columns)})")
+
+
+def parquet_columns(job: GenerateJob) -> list[str] | None:
+    """The Parquet columns the job reads (None: all of them, for ``--keep-columns '*'``)."""
+    if job.keep_columns == (ALL_COLUMNS,):
+        return None
+    names = [job.seed_column, *([job.id_column] if job.id_column else []), *job.keep_columns, *ROW_SETTINGS, SEED_ALIAS]
+    if job.prompt_template:
+        names += template_fields(job.prompt_template)
+    return list(dict.fromkeys(names))
 
 
 def signature(job: GenerateJob, plan: GeneratePlan) -> dict[str, Any]:
@@ -190,6 +261,10 @@ def signature(job: GenerateJob, plan: GeneratePlan) -> dict[str, Any]:
         "seeds": list(job.seeds),
         "seed_files": plan.seed_files,
         "seed_column": job.seed_column,
+        "id_column": job.id_column,
+        "keep_columns": list(job.keep_columns),
+        "prompt_template": job.prompt_template,
+        "configs": [{"name": c.name, **c.overrides} for c in plan.grid] if plan.partitioned else None,
         "config": job.config.describe(),
         "dtype": job.dtype,
         "batch_size": job.batch_size,  # near-tie tokens can flip with the batch shape
@@ -199,18 +274,87 @@ def signature(job: GenerateJob, plan: GeneratePlan) -> dict[str, Any]:
     }
 
 
-def num_units(valid_seeds: int, job: GenerateJob) -> int:
-    """Work units (= output files): ``--num-shards``, else one per ``--rows-per-file`` rows."""
+def num_units(rows: int, job: GenerateJob) -> int:
+    """Work units: ``--num-shards``, else one per ``--rows-per-file`` output rows (all configurations)."""
     if job.num_shards:
         return job.num_shards
-    return max(1, math.ceil(valid_seeds * job.config.num_samples / job.rows_per_file))
+    return max(1, math.ceil(rows / job.rows_per_file))
+
+
+def rows_of(row: SeedRow, job: GenerateJob, plan: GeneratePlan) -> int:
+    """The output rows of one valid input row: its samples under every configuration."""
+    from kogpt2.row_settings import effective
+
+    return sum(
+        effective(job.config, row.settings, named if plan.partitioned else None).num_samples for named in plan.grid
+    )
 
 
 # -- 4c. finalize (inside the pipeline) ------------------------------------------------------
 
 
+def duplicate_counts(stats: Sequence[UnitStats], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Exact duplicate continuations per configuration, over the whole job (from every row's ``text_hash``)."""
+    import numpy as np
+
+    out = {}
+    for name in names:
+        arrays = [s.hashes[name] for s in stats if name in s.hashes and len(s.hashes[name])]
+        hashes = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+        _, counts = np.unique(hashes, return_counts=True)
+        duplicates = int((counts - 1).sum())
+        out[name] = {
+            "rows": int(len(hashes)),
+            "distinct": int(len(counts)),
+            "duplicates": duplicates,
+            "duplicate_rate": round(duplicates / len(hashes), 6) if len(hashes) else 0.0,
+        }
+    return out
+
+
+def write_duplicates(work: str, files: Sequence[str], partitioned: bool, path: str) -> int:
+    """``duplicates.parquet``: every row whose continuation an earlier row already has (row order: row_id,
+    sample_index), with its group (``text_hash``) and the first row of the group. Nothing is dropped:
+    a reader filters with a join (or ``DISTINCT ON``). Streams the unit files one at a time.
+
+    Returns:
+        Rows written.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kogpt2.storage import store_for
+
+    seen: dict[tuple[str, int], tuple[str, int]] = {}
+    members: list[dict[str, Any]] = []
+    keyed = []
+    for rel in files:
+        config = rel.split("/", 1)[0].split("=", 1)[1] if partitioned and "/" in rel else DEFAULT_CONFIG
+        with store_for(join(work, rel)).open_read(join(work, rel)) as f:
+            t = pq.read_table(f, columns=["row_id", "sample_index", "text_hash"])
+        keyed += [(config, h, r, i) for r, i, h in zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True)]
+    for config, h, r, i in sorted(keyed, key=lambda x: (x[0], x[2], x[3])):
+        first = seen.setdefault((config, h), (r, i))
+        if first != (r, i):
+            members.append({"config": config, "row_id": r, "sample_index": i, "group": h,
+                            "first_row_id": first[0], "first_sample_index": first[1]})  # fmt: skip
+    schema = pa.schema(
+        [("config", pa.string()), ("row_id", pa.string()), ("sample_index", pa.int32()), ("group", pa.int64()),
+         ("first_row_id", pa.string()), ("first_sample_index", pa.int32())]
+    )  # fmt: skip
+    with store_for(path).open_write(path) as f:
+        pq.write_table(pa.Table.from_pylist(members, schema=schema), f)
+    return len(members)
+
+
 def finalize(
-    stats: list[UnitStats], seeds_in: int, units: int, job: GenerateJob, plan: GeneratePlan, claim: OutputRun
+    stats: list[UnitStats],
+    seeds_in: int,
+    units: int,
+    unit_rows: dict[int, int],
+    job: GenerateJob,
+    plan: GeneratePlan,
+    claim: OutputRun,
 ) -> dict[str, Any]:
     """Count every unit, check that no row is missing, write ``info.json`` and ``job.json``, then commit.
 
@@ -226,18 +370,20 @@ def finalize(
     seen = sorted(s.unit for s in stats)
     if seen != list(range(units)):
         raise RuntimeError(f"expected units 0..{units - 1}, got {len(seen)} ({seen[:10]}...)")
-    n = job.config.num_samples
     rejected_by: Counter[str] = Counter()
     for s in stats:
         rejected_by.update(s.rejected)
     rejected = sum(rejected_by.values())
     rows = sum(s.rows for s in stats)
     failed = sum(s.failed for s in stats)
-    if seeds_in * n != rows + rejected * n + failed:
+    expected = sum(unit_rows.values())
+    valid = sum(s.seeds for s in stats)
+    if seeds_in != valid + rejected or expected != rows + failed:
         raise RuntimeError(
-            f"rows went missing: {seeds_in} seeds x {n} samples != {rows} rows + {rejected} rejected x {n} "
-            f"+ {failed} failed"
+            f"rows went missing: {seeds_in} seeds in != {valid} valid + {rejected} rejected, or {expected} rows "
+            f"planned != {rows} written + {failed} failed"
         )
+    names = [named.name for named in plan.grid]
     tokens = sum(s.new_tokens for s in stats)
     eos = sum(s.eos for s in stats)
     fresh = [s for s in stats if not s.resumed]
@@ -247,7 +393,24 @@ def finalize(
     status = "failed" if failed else "completed"
     done_units = [UNIT_PATTERN.format(unit=s.unit, units=units) for s in sorted(stats) if not s.failed]
     unit_files = outputs.unit_files(claim.work, done_units)
-    info = {
+    parquet = sorted(f for f in unit_files if f.endswith(".parquet"))
+    per_config: dict[str, dict[str, Any]] = {}
+    for name in names:
+        parts = [s.by_config[name] for s in stats if name in s.by_config]
+        n = int(sum(p["rows"] for p in parts))
+        per_config[name] = {
+            "rows": n,
+            "new_tokens": int(sum(p["new_tokens"] for p in parts)),
+            "finish_eos": int(sum(p["eos"] for p in parts)),
+            "logprob_mean": round(
+                sum(p["logprob_sum"] for p in parts) / max(1, sum(p["new_tokens"] for p in parts)), 6
+            ),
+        }
+    duplicates = duplicate_counts(stats, names) if not failed else {}
+    for name, dup in duplicates.items():
+        per_config[name].update(dup)
+    dup_ids = sorted({i for s in stats for i in s.duplicate_ids})
+    info: dict[str, Any] = {
         "created_by": f"kogpt2-pipeline {kogpt2.__version__}",
         "status": status,
         "model": job.model,
@@ -255,18 +418,24 @@ def finalize(
         "tokenizer_fingerprint": plan.tokenizer_fingerprint,
         "seeds": list(job.seeds),
         "config": job.config.describe(),
+        "configs": {named.name: named.config.describe() for named in plan.grid} if plan.partitioned else None,
+        "prompt_template": job.prompt_template,
         "batch_size": job.batch_size,
         "dtype": job.dtype,
         "counts": {
             "seeds_in": seeds_in,
-            "seeds_valid": seeds_in - rejected,
+            "seeds_valid": valid,
             "rejected": rejected,
             "rejected_by_reason": dict(sorted(rejected_by.items())),
             "rows": rows,
             "failed_rows": failed,
             "finish_eos": eos,
             "finish_length": rows - eos,
+            "duplicate_row_ids": sum(s.duplicate_id_rows for s in stats),
+            "duplicate_row_id_examples": dup_ids[:10],
+            "duplicates": sum(d["duplicates"] for d in duplicates.values()) if duplicates else None,
         },
+        "by_config": per_config,
         "units": {
             "total": units,
             "generated": sum(1 for s in fresh if not s.failed),
@@ -280,19 +449,25 @@ def finalize(
         "generate_seconds": round(gen_seconds, 3),
         "tokens_per_second": round(fresh_tokens / wall, 2) if wall > 0 and fresh_tokens else None,
         "files": {
-            "parquet": [PARQUET_PATTERN.format(unit=s.unit, units=units) for s in sorted(stats) if not s.failed],
+            "parquet": parquet,
             "rejected": sorted(f for f in unit_files if f.startswith("rejected-")),
-            "failed": [
-                f"failed-{UNIT_PATTERN.format(unit=s.unit, units=units)}.jsonl" for s in sorted(stats) if s.failed
-            ],
+            "failed": [FAILED_PATTERN.format(unit=s.unit, units=units) for s in sorted(stats) if s.failed],
+            "duplicates": DUPLICATES_FILE if job.dedup and not failed else None,
         },
         "versions": library_versions(),
     }
+    extra = []
+    if job.dedup and not failed:
+        info["counts"]["duplicates_listed"] = write_duplicates(
+            claim.work, parquet, plan.partitioned, join(claim.work, DUPLICATES_FILE)
+        )
+        extra.append(DUPLICATES_FILE)
     write_json(join(claim.work, JOB_FILE), job.settings())
     write_json(join(claim.work, INFO_FILE), info)
     if not failed:
-        summary = {"seeds_in": seeds_in, "rows": rows, "rejected": rejected, "new_tokens": tokens}
-        outputs.commit(claim, [*unit_files, JOB_FILE, INFO_FILE], summary=summary)
+        summary = {"seeds_in": seeds_in, "rows": rows, "rejected": rejected, "new_tokens": tokens,
+                   "duplicates": info["counts"]["duplicates"]}  # fmt: skip
+        outputs.commit(claim, [*unit_files, *extra, JOB_FILE, INFO_FILE], summary=summary)
     return info
 
 
@@ -305,42 +480,57 @@ def build_pipeline(
     """Add the generation steps to ``p`` (its files go to ``claim``'s work folder; the last step commits).
 
     Returns:
-        ``valid`` (seed strings), ``rejected`` (:class:`Rejected`), ``units`` (:class:`UnitStats`)
+        ``valid`` (:class:`SeedRow`), ``rejected`` (:class:`Rejected`), ``units`` (:class:`UnitStats`)
         and ``info`` (the ``info.json`` document, one element).
     """
     from apache_beam.pvalue import AsDict, AsList, AsSingleton
 
-    raw = read_seeds(p, job.seeds, job.seed_column)
-    checked = raw | "Validate" >> beam.ParDo(
-        ValidateSeeds(job.model, job.seed_column, plan.max_seed_tokens)
-    ).with_outputs(ValidateSeeds.REJECTED, main="valid")
+    records = read_seeds(p, job.seeds, parquet_columns(job))
+    check = RowCheck(job.config, plan.grid, plan.n_positions, plan.max_seed_tokens)
+    validate = ValidateSeeds(
+        job.model,
+        job.seed_column,
+        plan.max_seed_tokens,
+        id_column=job.id_column,
+        keep=job.keep_columns,
+        template=job.prompt_template,
+        check_settings=check,
+    )
+    checked = records | "Validate" >> beam.ParDo(validate).with_outputs(ValidateSeeds.REJECTED, main="valid")
     valid, rejected = checked.valid, checked[ValidateSeeds.REJECTED]
 
-    units = valid | "CountValid" >> beam.combiners.Count.Globally() | "Units" >> beam.Map(num_units, job)
+    row_counts = valid | "RowsOfEach" >> beam.Map(rows_of, job, plan)
+    units = row_counts | "CountRows" >> beam.CombineGlobally(sum) | "Units" >> beam.Map(num_units, job)
     n_units = AsSingleton(units)
-    keyed_seeds = valid | "KeySeeds" >> beam.Map(lambda s, u: (unit_of(s, u), UnitItem(seed=s)), u=n_units)
+    keyed_rows = valid | "KeyRows" >> beam.Map(lambda r, u: (unit_of(r.row_id, u), UnitItem(row=r)), u=n_units)
     keyed_dead = rejected | "KeyDead" >> beam.Map(lambda r, u: (unit_of(r.key(), u), UnitItem(rejected=r)), u=n_units)
     markers = units | "EveryUnit" >> beam.FlatMap(lambda u: [(i, UnitItem()) for i in range(u)])
-    samples = job.config.num_samples
     unit_rows = (
-        keyed_seeds | "RowsPerUnit" >> beam.MapTuple(lambda u, _: (u, samples)) | "SumRows" >> beam.CombinePerKey(sum)
+        keyed_rows
+        | "RowsPerUnit" >> beam.MapTuple(lambda u, item: (u, rows_of(item.row, job, plan)))
+        | "SumRows" >> beam.CombinePerKey(sum)
     )
+    kept = valid | "KeptColumnTypes" >> beam.CombineGlobally(KeptColumnTypes(plan.parquet_types, job.keep_columns))
     stats = (
-        (keyed_seeds, keyed_dead, markers)
+        (keyed_rows, keyed_dead, markers)
         | "AllItems" >> beam.Flatten()
         | "ByUnit" >> beam.GroupByKey()
-        | "GenerateUnits" >> beam.ParDo(GenerateUnits(job, plan, claim), units=n_units, unit_rows=AsDict(unit_rows))
+        | "GenerateUnits"
+        >> beam.ParDo(
+            GenerateUnits(job, plan, claim), units=n_units, unit_rows=AsDict(unit_rows), kept=AsSingleton(kept)
+        )
     )
-    seeds_in = raw | "CountIn" >> beam.combiners.Count.Globally()
+    seeds_in = records | "CountIn" >> beam.combiners.Count.Globally()
     info = (
         p
         | "Finish" >> beam.Create([None])
         | "Finalize"
         >> beam.Map(
-            lambda _, st, si, u: finalize(st, si, u, job, plan, claim),
+            lambda _, st, si, u, ur: finalize(st, si, u, ur, job, plan, claim),
             st=AsList(stats),
             si=AsSingleton(seeds_in),
             u=n_units,
+            ur=AsDict(unit_rows),
         )
     )
     return {"valid": valid, "rejected": rejected, "units": stats, "info": info}
@@ -371,6 +561,10 @@ def summary_line(info: dict[str, Any], output: str) -> str:
     )
     if info.get("tokens_per_second"):
         line += f" ({info['tokens_per_second']} tokens/s)"
+    if c.get("duplicates") is not None:
+        line += f"; {c['duplicates']} exact duplicate continuations"
+    if c.get("duplicate_row_ids"):
+        line += f"; WARNING: {c['duplicate_row_ids']} rows share a row_id with another (e.g. {c['duplicate_row_id_examples'][:3]})"
     return line + f"; output {output}"
 
 

@@ -15,9 +15,18 @@ from kogpt2.decoder import DTYPES
 from kogpt2.flags import flag
 from kogpt2.generation import DEFAULT_BATCH_SIZE, GenerationConfig
 from kogpt2.outputs import DEFAULT_KEEP_VERSIONS, DEFAULT_LEASE_SECONDS
+from kogpt2.row_settings import DEFAULT_CONFIG, NamedConfig
 from kogpt2.storage import local_path
 from kogpt2.validate import check_bool, check_choice, check_int, check_number
-from pipelines.seeds import FORMATS
+from pipelines.seeds import ALL_COLUMNS, FORMATS, template_fields
+
+
+def output_columns() -> list[str]:
+    """The columns every output row has (``schemas/generations.json``)."""
+    from kogpt2.schemas import load_schema
+
+    return [c["name"] for c in load_schema("generations")["columns"]]
+
 
 #: Default target of rows per output file (and per work unit: the resume granularity).
 DEFAULT_ROWS_PER_FILE = 5000
@@ -34,6 +43,29 @@ class GenerateJob:
     output: str = field(metadata=flag("output folder (local or gs://)", metavar="DIR"))
     config: GenerationConfig = field(default_factory=GenerationConfig)  # the strategy flags build it
     seed_column: str = field(default="seed", metadata=flag("column / key of .csv, .jsonl, .parquet seeds"))
+    id_column: str | None = field(
+        default=None,
+        metadata=flag("column holding each row's id, copied to every output row as row_id (default: file:line)"),
+    )
+    keep_columns: tuple[str, ...] = field(
+        default=(),
+        metadata=flag("input columns copied into every output row, with their types ('*' = all)", metavar="COLS"),
+    )
+    prompt_template: str | None = field(
+        default=None,
+        metadata=flag("the prompt from columns, Python format fields: '{title} 리뷰: {seed}'", metavar="TEMPLATE"),
+    )
+    configs: str | None = field(
+        default=None,
+        metadata=flag(
+            "a JSONL file of named sampling settings: every seed is generated under each, files under config=NAME/",
+            metavar="FILE",
+        ),
+    )
+    dedup: bool = field(
+        default=False,
+        metadata=flag("also write duplicates.parquet (row_id, group, first row_id) of exact duplicate continuations"),
+    )
     batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata=flag("rows decoded together", metavar="N"))
     dtype: str = field(default="float32", metadata=flag("computation type", choices=DTYPES))
     rows_per_file: int = field(
@@ -79,6 +111,18 @@ class GenerateJob:
         for path in self.seeds:
             if os.path.splitext(path)[1].lower() not in FORMATS:
                 raise ValueError(f"--seeds file {path}: unknown format; use one of {sorted(FORMATS)}")
+        keep = tuple(c.strip() for item in self.keep_columns for c in item.split(",") if c.strip())
+        object.__setattr__(self, "keep_columns", keep)
+        if ALL_COLUMNS in keep and len(keep) > 1:
+            raise ValueError(f"--keep-columns {','.join(keep)}: '*' keeps every column; give it alone")
+        reserved = sorted(set(keep) & set(output_columns()))
+        if reserved:
+            raise ValueError(
+                f"--keep-columns {', '.join(reserved)}: the output has columns of that name; rename them in the input"
+            )
+        if self.prompt_template is not None:
+            template_fields(self.prompt_template)
+        check_bool(owner, "dedup", self.dedup)
 
     def settings(self) -> dict[str, Any]:
         """Every setting as a flat JSON object: what ``--config FILE`` reads back to repeat the run."""
@@ -88,6 +132,7 @@ class GenerateJob:
             if f.name != "config" and not f.metadata.get("per_run")
         }
         out["seeds"] = list(self.seeds)
+        out["keep_columns"] = list(self.keep_columns)
         return {**out, **self.config.describe()}
 
 
@@ -102,6 +147,8 @@ class GeneratePlan:
         tokenizer_fingerprint: sha256 of the tokenizer file.
         seed_files: ``path -> [bytes, mtime]`` of every seed file (a changed file is a different run).
         started: launch time (seconds since the epoch), for ``wall_seconds``.
+        grid: the named configurations every row is generated under.
+        parquet_types: the Arrow types of Parquet seed files' columns.
     """
 
     n_positions: int
@@ -110,3 +157,39 @@ class GeneratePlan:
     tokenizer_fingerprint: str
     seed_files: dict[str, list[int]] = field(default_factory=dict)
     started: float = 0.0
+    #: the named configurations (``--configs``), or one named "default": the job's settings
+    grid: tuple[NamedConfig, ...] = ()
+    #: ``path -> {column: Arrow type}`` of Parquet seed files (kept columns keep their types)
+    parquet_types: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def partitioned(self) -> bool:
+        """Files go under ``config=NAME/`` (a ``--configs`` job)."""
+        return bool(self.grid) and self.grid[0].name != DEFAULT_CONFIG
+
+
+@dataclass(frozen=True)
+class RowCheck:
+    """Checks a row's own settings under every configuration; gives the longest prompt they all leave room for.
+
+    Picklable: :class:`pipelines.seeds.ValidateSeeds` calls it on each row.
+    """
+
+    base: GenerationConfig
+    grid: tuple[NamedConfig, ...]
+    n_positions: int
+    max_seed_tokens: int = 0
+
+    def __call__(self, settings: dict[str, Any]) -> int:
+        """Raises ``kogpt2.row_settings.SettingError`` naming the setting and why."""
+        from kogpt2.generation import max_prompt_tokens
+        from kogpt2.row_settings import SettingError, effective
+
+        limit = self.n_positions
+        for named in self.grid:
+            config = effective(self.base, settings, named if named.name != DEFAULT_CONFIG else None)
+            try:
+                limit = min(limit, max_prompt_tokens(self.n_positions, config.max_new_tokens))
+            except ValueError as exc:
+                raise SettingError("max_new_tokens", str(exc).split(": ", 1)[-1]) from None
+        return min(limit, self.max_seed_tokens) if self.max_seed_tokens else limit

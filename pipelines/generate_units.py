@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -25,7 +25,7 @@ from kogpt2.records import assign_shard, stable_hash
 from kogpt2.storage import store_for
 from pipelines.common import join, local_copy, write_text
 from pipelines.generate_config import GenerateJob, GeneratePlan
-from pipelines.seeds import NAMESPACE, Rejected
+from pipelines.seeds import NAMESPACE, Rejected, SeedRow
 
 log = logging.getLogger("pipelines.generate")
 
@@ -33,28 +33,57 @@ PARQUET_PATTERN = "generations-{unit:05d}-of-{units:05d}.parquet"
 REJECTED_PATTERN = "rejected-{unit:05d}-of-{units:05d}.jsonl"
 FAILED_PATTERN = "failed-{unit:05d}-of-{units:05d}.jsonl"
 UNIT_PATTERN = "{unit:05d}-of-{units:05d}"
+#: Hive-style partition folder of a configuration's files (``--configs``): DuckDB, Arrow and
+#: BigQuery read ``config`` back as a column.
+PARTITION = "config={name}"
 #: Parquet footer key holding a unit's counts (the unit record holds them too).
 UNIT_STATS_KEY = b"kogpt2.unit_stats"
 ROW_GROUP_ROWS = 2048
 
 
 def unit_of(key: str, units: int) -> int:
-    """The work unit of a seed (or dead letter): a stable hash of its text, never the runner's order.
+    """The work unit of a row (by its ``row_id``) or dead letter: a stable hash, never the runner's order.
 
-    The same hash and shard choice as preprocessing's (:func:`kogpt2.records.assign_shard`).
+    The same hash and shard choice as preprocessing's (:func:`kogpt2.records.assign_shard`). Rows
+    sharing an id share a unit, so the unit sees (and reports) every duplicate id.
     """
     return assign_shard(stable_hash(key), units)
 
 
-class UnitItem(NamedTuple):
-    """What a work unit receives: a valid seed, a dead letter, or the marker that makes every unit exist."""
+def parquet_name(unit: int, units: int, config: str | None) -> str:
+    """A unit's file of one configuration: ``[config=NAME/]generations-UUUUU-of-NNNNN.parquet``."""
+    name = PARQUET_PATTERN.format(unit=unit, units=units)
+    return f"{PARTITION.format(name=config)}/{name}" if config is not None else name
 
-    seed: str | None = None
+
+def text_hash(continuation: str) -> int:
+    """A signed 64-bit hash of a continuation, normalized (NFKC, whitespace collapsed, trimmed).
+
+    Two rows with the same ``text_hash`` are exact duplicates up to normalization: counted, and
+    listed by ``--dedup``, never dropped.
+    """
+    import hashlib
+
+    from kogpt2.text import normalize_text
+
+    digest = hashlib.blake2b(normalize_text(continuation).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class UnitItem(NamedTuple):
+    """What a work unit receives: a valid row, a dead letter, or the marker that makes every unit exist."""
+
+    row: SeedRow | None = None
     rejected: Rejected | None = None
 
 
 class UnitStats(NamedTuple):
-    """A unit's counts (also stored in its Parquet footer, so a resumed run reads them back)."""
+    """A unit's counts (also in its record, so a resumed run reads them back without the rows).
+
+    ``by_config`` holds per configuration ``rows``, ``new_tokens``, ``eos``, ``logprob_sum``;
+    ``hashes`` the ``text_hash`` of every row per configuration (not stored: read back from the
+    files of a resumed unit); ``duplicate_ids`` the row ids the unit saw more than once.
+    """
 
     unit: int
     seeds: int
@@ -66,24 +95,57 @@ class UnitStats(NamedTuple):
     seconds: float
     resumed: bool
     error: str | None = None
+    by_config: dict[str, dict[str, float]] = {}
+    duplicate_ids: tuple[str, ...] = ()
+    duplicate_id_rows: int = 0
+    hashes: dict[str, Any] = {}
+
+    def to_record(self) -> dict[str, Any]:
+        meta = self._asdict()
+        for key in ("resumed", "hashes"):
+            meta.pop(key)
+        meta["duplicate_ids"] = list(self.duplicate_ids)
+        return meta
 
     def to_footer(self) -> bytes:
-        return json.dumps(self._asdict(), sort_keys=True).encode("utf-8")
+        return json.dumps(self.to_record(), sort_keys=True).encode("utf-8")
 
     @classmethod
     def from_footer(cls, data: bytes) -> UnitStats:
         return cls.from_record(json.loads(data))
 
     @classmethod
-    def from_record(cls, meta: dict[str, Any]) -> UnitStats:
+    def from_record(cls, meta: dict[str, Any], hashes: dict[str, Any] | None = None) -> UnitStats:
         """A committed unit's counts, from its record (:func:`kogpt2.outputs.read_unit`)."""
-        return cls(**{**meta, "resumed": True})
+        fields = {**meta, "resumed": True, "hashes": hashes or {}}
+        fields["duplicate_ids"] = tuple(fields.get("duplicate_ids") or ())
+        return cls(**fields)
 
 
-def to_record(sample: Any, config: Any, model_fp: str, tokenizer_fp: str) -> dict[str, Any]:
-    """A Parquet row (the columns of ``schemas/generations.json``)."""
-    return {
-        "seed": sample.prompt,
+def kept_value(value: Any, kind: str) -> Any:
+    """An input value as its output column's type (``json``: non-text values as JSON text)."""
+    if value is None:
+        return None
+    if kind == "json":
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    if kind == "float64" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def to_record(
+    sample: Any,
+    config: Any,
+    row: SeedRow,
+    kept: Sequence[tuple[str, str]],
+    model_fp: str,
+    tokenizer_fp: str,
+) -> dict[str, Any]:
+    """A Parquet row (the columns of ``schemas/generations.json``, then the kept input columns)."""
+    out = {
+        "row_id": row.row_id,
+        "seed": row.seed,
+        "prompt": row.prompt,
         "sample_index": sample.sample_index,
         "text": sample.text,
         "continuation": sample.continuation,
@@ -99,19 +161,101 @@ def to_record(sample: Any, config: Any, model_fp: str, tokenizer_fp: str) -> dic
         "row_seed": sample.row_seed,
         "logprob_sum": float(sample.logprob_sum),
         "logprob_mean": float(sample.logprob_mean),
+        "text_hash": text_hash(sample.continuation),
         "model_fingerprint": model_fp,
         "tokenizer_fingerprint": tokenizer_fp,
     }
+    for name, kind in kept:
+        out[name] = kept_value(row.columns.get(name), kind)
+    return out
 
 
-def write_parquet_atomic(path: str, records: list[dict[str, Any]], stats: UnitStats) -> None:
+def output_schema(kept: Sequence[tuple[str, str]]) -> Any:
+    """The Parquet schema of a job's files: ``schemas/generations.json``, then the kept columns (nullable)."""
+    import pyarrow as pa
+
+    from kogpt2.schemas import arrow_schema
+
+    base = arrow_schema()
+    extra = [pa.field(name, pa.string() if kind == "json" else _arrow_type(kind), nullable=True) for name, kind in kept]
+    return pa.schema([*base, *extra], metadata=base.metadata)
+
+
+def _arrow_type(kind: str) -> Any:
+    import pyarrow as pa
+
+    try:
+        return pa.type_for_alias(kind)
+    except ValueError:
+        return pa.string()
+
+
+class KeptColumnTypes(beam.CombineFn):
+    """The output type of each kept column, from every valid row's values (and Parquet files' own types).
+
+    A column keeps its Parquet type when every file that has it agrees; JSON and CSV values give
+    ``bool``, ``int64``, ``float64`` or ``string``; ints and floats together give ``float64``; any
+    other mix, or lists and objects, ``json`` (the value as JSON text).
+    """
+
+    def __init__(self, parquet_types: dict[str, dict[str, str]], names: Sequence[str]) -> None:
+        self._parquet = parquet_types
+        self._names = list(names)
+
+    def create_accumulator(self) -> dict[str, set[str]]:
+        return {}
+
+    def add_input(self, acc: dict[str, set[str]], row: SeedRow) -> dict[str, set[str]]:
+        declared = self._parquet.get(row.key[0])
+        for name, value in row.columns.items():
+            if value is None:
+                acc.setdefault(name, set())
+                continue
+            if declared is not None and name in declared:
+                kind = declared[name]
+            elif isinstance(value, bool):
+                kind = "bool"
+            elif isinstance(value, int):
+                kind = "int64"
+            elif isinstance(value, float):
+                kind = "float64"
+            elif isinstance(value, str):
+                kind = "string"
+            else:
+                kind = "json"
+            acc.setdefault(name, set()).add(kind)
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[dict[str, set[str]]]) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for acc in accs:
+            for name, kinds in acc.items():
+                out.setdefault(name, set()).update(kinds)
+        return out
+
+    def extract_output(self, acc: dict[str, set[str]]) -> list[tuple[str, str]]:
+        names = self._names if self._names != ["*"] else sorted(acc)
+        out = []
+        for name in names:
+            kinds = acc.get(name, set())
+            if len(kinds) == 1:
+                kind = next(iter(kinds))
+            elif kinds and kinds <= {"int64", "float64", "int32", "double", "float"}:
+                kind = "float64"
+            elif not kinds:
+                kind = "string"
+            else:
+                kind = "json"
+            out.append((name, kind))
+        return out
+
+
+def write_parquet_atomic(path: str, records: list[dict[str, Any]], stats: UnitStats, schema: Any) -> None:
     """Write ``records`` (already ordered) as one Parquet file, atomically (a reader sees all of it or none)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kogpt2.schemas import arrow_schema
-
-    schema = arrow_schema().with_metadata({UNIT_STATS_KEY: stats.to_footer()})
+    schema = schema.with_metadata({**(schema.metadata or {}), UNIT_STATS_KEY: stats.to_footer()})
     with store_for(path).open_write(path) as f:
         with pq.ParquetWriter(f, schema) as writer:
             for start in range(0, max(len(records), 1), ROW_GROUP_ROWS):
@@ -234,105 +378,145 @@ class GenerateUnits(beam.DoFn):
                 self._model = self._shared.acquire(load, tag=tag)
         return self._model
 
-    def _outcomes(self, rows: list[tuple[str, int]]) -> Iterable[Any]:
+    def _decode(self, rows: list[tuple[str, int]], config: Any) -> Iterable[Any]:
         gen = self._generator()
         if self._job.share_model_across_processes:  # a proxy: lists cross processes, generators do not
-            return gen.run_rows(rows, self._job.config)
-        return gen.stream_rows(rows, self._job.config)
+            return gen.run_rows(rows, config)
+        return gen.stream_rows(rows, config)
 
-    def process(self, element: tuple[int, Iterable[UnitItem]], units: int, unit_rows: dict[int, int]):  # type: ignore[no-untyped-def]
+    def _resumed_stats(self, unit: int, units: int, meta: dict[str, Any], work: str) -> UnitStats:
+        """A committed unit's counts, and its rows' ``text_hash`` read back from its files (one column)."""
+        import pyarrow.parquet as pq
+
+        hashes: dict[str, Any] = {}
+        for named in self._plan.grid:
+            config = named.name if self._plan.partitioned else None
+            path = join(work, parquet_name(unit, units, config))
+            with store_for(path).open_read(path) as f:
+                column = pq.read_table(f, columns=["text_hash"]).column("text_hash")
+            hashes[named.name] = column.to_numpy(zero_copy_only=False)
+        return UnitStats.from_record(meta, hashes)
+
+    def process(self, element: tuple[int, Iterable[UnitItem]], units: int, unit_rows: dict[int, int], kept: Any):  # type: ignore[no-untyped-def]
+        import numpy as np
+
+        from kogpt2.row_settings import effective
+
         unit, items = element
         job, plan, work = self._job, self._plan, self._claim.work
         name = UNIT_PATTERN.format(unit=unit, units=units)
-        final = join(work, PARQUET_PATTERN.format(unit=unit, units=units))
         committed = outputs.read_unit(work, name)
         if committed is not None:
             self._resumed.inc()
-            yield UnitStats.from_record(committed)
+            yield self._resumed_stats(unit, units, committed, work)
             return
         outputs.renew_if_due(self._claim.lease)  # long jobs keep the folder's lease alive from the workers
         if self._progress is None:
             self._progress = Progress(work, units, unit_rows, job.progress_seconds)
-        seeds: list[str] = []
+        seed_rows: list[SeedRow] = []
         dead: list[Rejected] = []
         for item in items:
-            if item.seed is not None:
-                seeds.append(item.seed)
+            if item.row is not None:
+                seed_rows.append(item.row)
             elif item.rejected is not None:
                 dead.append(item.rejected)
-        seeds.sort()
-        n = job.config.num_samples
-        rows = [(s, i) for s in seeds for i in range(n)]
+        seed_rows.sort(key=lambda r: r.key)
+        ids = Counter(r.row_id for r in seed_rows)
+        duplicate_ids = tuple(sorted(i for i, n in ids.items() if n > 1))
+        # every row under every configuration, each with its own settings; decoded in groups of equal settings
+        plan_rows: list[tuple[SeedRow, str, Any, int]] = []
+        for row in seed_rows:
+            for named in plan.grid:
+                config = effective(job.config, row.settings, named if plan.partitioned else None)
+                plan_rows += [(row, named.name, config, i) for i in range(config.num_samples)]
+        groups: dict[Any, list[tuple[str, int]]] = {}
+        for row, _, config, i in plan_rows:
+            groups.setdefault(config, []).append((row.prompt, i))
         started = time.perf_counter()
-        samples: dict[tuple[str, int], Any] = {}
+        samples: dict[tuple[Any, str, int], Any] = {}
         failures: list[dict[str, Any]] = []
+        failed_keys: set[tuple[Any, str, int]] = set()
         new_tokens = 0
-        if rows:
-            try:
-                for outcome in self._outcomes(rows):
+        try:
+            for config, rows in groups.items():
+                for outcome in self._decode(list(dict.fromkeys(rows)), config):
                     if outcome.error is not None:
-                        failures += [
-                            {"seed": s, "sample_index": i, "reason": "inference_error", "detail": outcome.error}
-                            for s, i in outcome.rows
-                        ]
+                        failed_keys.update((config, p, i) for p, i in outcome.rows)
+                        failures.append({"detail": outcome.error, "rows": len(outcome.rows)})
                         continue
-                    samples.update(((s.prompt, s.sample_index), s) for s in outcome.samples)
+                    samples.update(((config, s.prompt, s.sample_index), s) for s in outcome.samples)
                     new_tokens += outcome.new_tokens
                     self._progress.add(len(outcome.rows), outcome.new_tokens, outcome.seconds)
-            except Exception as exc:  # noqa: BLE001 - the unit cannot be planned: every row is a dead letter
-                log.warning("unit %d failed: %s: %s", unit, type(exc).__name__, exc)
-                failed_keys = {(f["seed"], f["sample_index"]) for f in failures}
-                failures += [
-                    {
-                        "seed": s,
-                        "sample_index": i,
-                        "reason": "inference_error",
-                        "detail": f"{type(exc).__name__}: {exc}",
-                    }
-                    for s, i in dict.fromkeys(rows)
-                    if (s, i) not in samples and (s, i) not in failed_keys
-                ]
+        except Exception as exc:  # noqa: BLE001 - the unit cannot be planned: every row is a dead letter
+            log.warning("unit %d failed: %s: %s", unit, type(exc).__name__, exc)
+            failures.append({"detail": f"{type(exc).__name__}: {exc}", "rows": len(plan_rows)})
         seconds = time.perf_counter() - started
         rejected_by = dict(Counter(r.reason for r in dead))
-        files = [PARQUET_PATTERN.format(unit=unit, units=units)]
+        files = []
         if dead:
             lines = sorted(r.to_json() for r in dead)
             files.append(REJECTED_PATTERN.format(unit=unit, units=units))
             write_text(join(work, files[-1]), "".join(line + "\n" for line in lines))
         failed_path = join(work, FAILED_PATTERN.format(unit=unit, units=units))
-        if failures:
+        missing = [(r, n, c, i) for r, n, c, i in plan_rows if (c, r.prompt, i) not in samples]
+        if failures or missing:
             # The unit is not committed, so none of its rows is written: the failing batches' rows
             # carry their error, the others say why they were held back. A rerun redoes the unit.
-            failed_keys = {(f["seed"], f["sample_index"]) for f in failures}
-            held = [
-                {
-                    "seed": s,
-                    "sample_index": i,
-                    "reason": "unit_not_committed",
-                    "detail": "another batch of this unit failed; a rerun of the same command redoes the unit",
-                }
-                for s, i in dict.fromkeys(rows)
-                if (s, i) not in failed_keys
-            ]
-            lines = sorted(json.dumps(f, ensure_ascii=False, sort_keys=True) for f in failures + held)
+            first = failures[0]["detail"] if failures else "rows without an outcome"
+            letters = []
+            for r, n, c, i in plan_rows:
+                failed = (c, r.prompt, i) in failed_keys or (c, r.prompt, i) not in samples
+                letters.append(
+                    {
+                        "row_id": r.row_id,
+                        "seed": r.seed,
+                        "config": n,
+                        "sample_index": i,
+                        "reason": "inference_error" if failed else "unit_not_committed",
+                        "detail": first
+                        if failed
+                        else "another batch of this unit failed; a rerun of the same command redoes the unit",
+                    }
+                )
+            lines = sorted(json.dumps(f, ensure_ascii=False, sort_keys=True) for f in letters)
             write_text(failed_path, "".join(line + "\n" for line in lines))
-            self._failed.inc(len(rows))
-            self._progress.committed(len(rows))
-            yield UnitStats(unit, len(seeds), 0, rejected_by, len(rows), 0, 0, seconds, False, failures[0]["detail"])
+            self._failed.inc(len(plan_rows))
+            self._progress.committed(len(plan_rows))
+            yield UnitStats(unit, len(seed_rows), 0, rejected_by, len(plan_rows), 0, 0, seconds, False, first)
             return
         store_for(failed_path).delete(failed_path)  # an earlier attempt's, if any
-        records = [to_record(samples[r], job.config, plan.model_fingerprint, plan.tokenizer_fingerprint) for r in rows]
-        eos = sum(r["finish_reason"] == "eos" for r in records)
-        tokens = sum(r["new_tokens"] for r in records)
-        stats = UnitStats(unit, len(seeds), len(records), rejected_by, 0, tokens, eos, seconds, False)
-        write_parquet_atomic(final, records, stats)
-        meta = stats._asdict()
-        meta.pop("resumed")
-        outputs.commit_unit(work, name, files, meta, self._claim.lease)
-        self._rows.inc(len(records))
+        by_config: dict[str, list[dict[str, Any]]] = {named.name: [] for named in plan.grid}
+        for row, cname, config, i in plan_rows:
+            sample = samples[(config, row.prompt, i)]
+            by_config[cname].append(
+                to_record(sample, config, row, kept, plan.model_fingerprint, plan.tokenizer_fingerprint)
+            )
+        counts = {
+            cname: {
+                "rows": len(recs),
+                "new_tokens": sum(r["new_tokens"] for r in recs),
+                "eos": sum(r["finish_reason"] == "eos" for r in recs),
+                "logprob_sum": float(sum(r["logprob_sum"] for r in recs)),
+            }
+            for cname, recs in by_config.items()
+        }
+        total = sum(c["rows"] for c in counts.values())
+        tokens = sum(int(c["new_tokens"]) for c in counts.values())
+        eos = sum(int(c["eos"]) for c in counts.values())
+        hashes = {c: np.array([r["text_hash"] for r in recs], dtype=np.int64) for c, recs in by_config.items()}
+        extra = sum(n - 1 for n in ids.values() if n > 1)
+        stats = UnitStats(unit, len(seed_rows), total, rejected_by, 0, tokens, eos, seconds, False, None, counts,
+                          duplicate_ids, extra, hashes)  # fmt: skip
+        schema = output_schema(kept)
+        for cname, recs in by_config.items():
+            rel = parquet_name(unit, units, cname if plan.partitioned else None)
+            write_parquet_atomic(join(work, rel), recs, stats, schema)
+            files.append(rel)
+        outputs.commit_unit(work, name, files, stats.to_record(), self._claim.lease)
+        self._rows.inc(total)
         self._tokens.inc(new_tokens)
         self._units.inc()
-        self._progress.committed(len(records))
+        self._progress.committed(total)
         yield stats
 
     def teardown(self) -> None:

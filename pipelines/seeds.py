@@ -1,8 +1,14 @@
-"""Seeds for bulk generation: read through Beam IO in four formats, validated one by one.
+"""Seeds for bulk generation: tables in, typed rows out, every bad record a dead letter with its reason.
 
-``.txt`` (one seed a line), ``.csv``, ``.jsonl`` and ``.parquet`` (with a seed column).
-Every record becomes a valid seed string or a :class:`Rejected` dead letter with its
-reason (``empty``, ``undecodable``, ``too_long``, ``bad_record``), before any batching.
+Four formats: ``.txt`` (one seed a line), ``.csv``, ``.jsonl`` and ``.parquet`` (a seed column,
+any other columns). Each file is streamed once, record by record, so every record keeps its
+place (file, 1-based line or row number): that place is the row's ``row_id`` unless the user
+names an id column (``--id-column``), and it is stable across reruns.
+
+:class:`ValidateSeeds` turns each record into a :class:`SeedRow` (the seed, the prompt built
+from ``--prompt-template``, the columns kept with ``--keep-columns``, the row's own sampling
+settings) or a :class:`Rejected` dead letter (``empty``, ``undecodable``, ``too_long``,
+``bad_record``, ``template``, ``bad_setting``), before any batching.
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ import csv
 import io
 import json
 import os
+import string
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -22,22 +29,89 @@ from pipelines.common import local_copy
 
 NAMESPACE = "kogpt2_generate"
 FORMATS = {".txt": "text", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+#: ``--keep-columns '*'``: every input column (but the seed column and the per-row settings).
+ALL_COLUMNS = "*"
 
 
-class ParseCsv(beam.DoFn):
-    """A whole CSV file -> ``(path, value)`` per row; bytes that are not UTF-8 survive as surrogates."""
+def file_kind(path: str) -> str:
+    return FORMATS[os.path.splitext(path)[1].lower()]
 
-    def __init__(self, column: str) -> None:
-        self._column = column
 
-    def process(self, readable: Any) -> Iterable[tuple[str, Any]]:
+class Record(NamedTuple):
+    """One input record: its place, and either a raw line (``.txt``, ``.jsonl``) or a row of columns."""
+
+    source: str
+    number: int  # 1-based line (.txt, .jsonl) or row (.csv, .parquet) number
+    kind: str
+    raw: Any  # bytes of a line, or a dict of columns
+
+
+class ReadRecords(beam.DoFn):
+    """A matched file -> its :class:`Record` s, streamed (one file is read by one worker, in order)."""
+
+    def __init__(self, parquet_columns: Sequence[str] | None) -> None:
+        self._columns = list(parquet_columns) if parquet_columns is not None else None
+
+    def process(self, readable: Any) -> Iterator[Record]:
         path = readable.metadata.path
-        text = readable.read().decode("utf-8-sig", errors="surrogateescape")
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        if reader.fieldnames is None or self._column not in reader.fieldnames:
-            raise ValueError(f"{path}: no column {self._column!r} (columns: {reader.fieldnames}); see --seed-column")
-        for row in reader:
-            yield path, row[self._column]
+        kind = file_kind(path)
+        with readable.open() as f:
+            if kind in ("text", "jsonl"):
+                for i, line in enumerate(f, 1):
+                    yield Record(path, i, kind, line)
+            elif kind == "csv":
+                text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
+                reader = csv.DictReader(text)
+                for i, row in enumerate(reader, 1):
+                    yield Record(path, i, kind, row)
+            else:
+                import pyarrow.parquet as pq
+
+                parquet = pq.ParquetFile(f)
+                names = parquet.schema_arrow.names
+                columns = [c for c in self._columns if c in names] if self._columns is not None else None
+                i = 0
+                for batch in parquet.iter_batches(batch_size=4096, columns=columns):
+                    for row in batch.to_pylist():
+                        i += 1
+                        yield Record(path, i, kind, row)
+
+
+class SeedRow(NamedTuple):
+    """A valid input row.
+
+    Attributes:
+        row_id: the user's id (``--id-column``) or ``file:line``; in every output row.
+        key: ``(source, index)``: unique per input row, even when ids repeat.
+        seed: the seed column's text.
+        prompt: what the model continues (``--prompt-template`` filled, or the seed).
+        columns: the kept input columns, with their values as read.
+        settings: the row's own sampling settings (:func:`kogpt2.row_settings.row_overrides`).
+    """
+
+    row_id: str
+    key: tuple[str, int]
+    seed: str
+    prompt: str
+    columns: dict[str, Any]
+    settings: dict[str, Any]
+
+
+class Rejected(NamedTuple):
+    """A record that cannot be generated from: a dead letter."""
+
+    source: str
+    seed: str | None
+    reason: str
+    detail: str
+    row_id: str | None = None
+    line: int | None = None
+
+    def key(self) -> str:
+        return f"{self.source}\x1f{self.line}\x1f{self.seed}\x1f{self.detail}"
+
+    def to_json(self) -> str:
+        return json.dumps(self._asdict(), ensure_ascii=False, sort_keys=True)
 
 
 def _decode(raw: Any) -> tuple[str | None, str]:
@@ -63,30 +137,72 @@ def is_blank(text: str) -> bool:
     return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp") for ch in text)
 
 
-class Rejected(NamedTuple):
-    """A seed that cannot be generated from: a dead letter."""
+def template_fields(template: str) -> list[str]:
+    """The field names a ``--prompt-template`` uses (``{title} 리뷰: {seed}`` -> ``[title, seed]``).
 
-    source: str
-    seed: str | None
-    reason: str
-    detail: str
+    Raises:
+        ValueError: not a valid template, or a field that is not a plain name (``{a.b}``, ``{0}``, ``{}``).
+    """
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"--prompt-template {template!r}: {exc}") from None
+    fields = []
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(
+                f"--prompt-template {template!r}: {{{name}}} must be a plain column name, like {{title}} "
+                "(no index, attribute, format spec or conversion)"
+            )
+        fields.append(name)
+    if not fields:
+        raise ValueError(f"--prompt-template {template!r}: it uses no column; put {{seed}} (or a column) in it")
+    return fields
 
-    def key(self) -> str:
-        return f"{self.source}\x1f{self.seed}\x1f{self.detail}"
 
-    def to_json(self) -> str:
-        return json.dumps(self._asdict(), ensure_ascii=False, sort_keys=True)
+def fill_template(template: str, values: dict[str, Any]) -> str:
+    """The prompt: ``template`` with each field's text.
+
+    Raises:
+        KeyError: a field the row does not have (or holds null for).
+        TypeError: a field whose value is not text.
+    """
+    out = {}
+    for name in template_fields(template):
+        value = values.get(name)
+        if value is None:
+            raise KeyError(name)
+        if not isinstance(value, str):
+            raise TypeError(f"{name} holds a {type(value).__name__}, not text")
+        out[name] = value
+    return template.format_map(out)
 
 
 class ValidateSeeds(beam.DoFn):
-    """``(kind, path, raw)`` -> a valid seed string, or a :class:`Rejected` record (tagged output)."""
+    """:class:`Record` -> a :class:`SeedRow`, or a :class:`Rejected` dead letter (tagged output)."""
 
     REJECTED = "rejected"
 
-    def __init__(self, model_dir: str, column: str, max_tokens: int) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        column: str,
+        max_tokens: int,
+        *,
+        id_column: str | None = None,
+        keep: Sequence[str] = (),
+        template: str | None = None,
+        check_settings: Any = None,
+    ) -> None:
         self._model_dir = model_dir
         self._column = column
         self._max_tokens = max_tokens
+        self._id_column = id_column
+        self._keep = tuple(keep)
+        self._template = template
+        self._check_settings = check_settings  # row settings -> (prompt limit) or raises SettingError
         self._tokenizer: Any = None
         self._read = Metrics.counter(NAMESPACE, "seeds_read")
         self._valid = Metrics.counter(NAMESPACE, "seeds_valid")
@@ -97,73 +213,135 @@ class ValidateSeeds(beam.DoFn):
 
         self._tokenizer = load_tokenizer(local_copy(self._model_dir))
 
-    def _reject(self, path: str, raw: Any, reason: str) -> beam.pvalue.TaggedOutput:
+    def _reject(self, record: Record, raw: Any, reason: str, row_id: str | None) -> beam.pvalue.TaggedOutput:
         self._rejected.inc()
-        Metrics.counter(NAMESPACE, f"rejected_{reason.split(':')[0]}").inc()
+        kind = reason.split(":")[0]
+        Metrics.counter(NAMESPACE, f"rejected_{kind}").inc()
         shown: str | None
         if isinstance(raw, bytes):
-            shown = raw.decode("utf-8", errors="backslashreplace")
+            shown = raw.decode("utf-8", errors="backslashreplace").rstrip("\r\n")
         elif isinstance(raw, str):
             shown = raw.encode("utf-8", errors="backslashreplace").decode("utf-8")
         else:
             shown = None if raw is None else repr(raw)
-        return beam.pvalue.TaggedOutput(self.REJECTED, Rejected(path, shown, reason.split(":")[0], reason))
+        letter = Rejected(record.source, shown, kind, reason, row_id, record.number)
+        return beam.pvalue.TaggedOutput(self.REJECTED, letter)
 
-    def process(self, element: tuple[str, str, Any]) -> Iterable[Any]:
-        kind, path, raw = element
-        self._read.inc()
-        if kind == "jsonl":
-            text, reason = _decode(raw)
+    def _columns(self, record: Record) -> tuple[dict[str, Any] | None, Any, str]:
+        """The record's columns (None for a .txt line), its raw seed value, and why it is bad ("" if fine)."""
+        if record.kind == "text":
+            return None, record.raw, ""
+        if record.kind == "jsonl":
+            text, reason = _decode(record.raw)
             if text is None:
-                yield self._reject(path, raw, reason)
-                return
+                return None, record.raw, reason
             if is_blank(text):
-                yield self._reject(path, raw, "empty")
-                return
+                return None, record.raw, "empty"
             try:
                 obj = json.loads(text)
             except ValueError as exc:
-                yield self._reject(path, raw, f"bad_record: not JSON ({exc})")
+                return None, record.raw, f"bad_record: not JSON ({exc})"
+            if not isinstance(obj, dict):
+                return None, record.raw, "bad_record: not a JSON object"
+            columns = obj
+        else:
+            columns = dict(record.raw)
+        if self._column not in columns:
+            return columns, None, f"bad_record: no column {self._column!r}"
+        return columns, columns[self._column], ""
+
+    def process(self, record: Record) -> Iterable[Any]:
+        from kogpt2.row_settings import SettingError, row_overrides
+
+        self._read.inc()
+        columns, raw, reason = self._columns(record)
+        row_id = f"{record.source}:{record.number}"
+        if self._id_column and columns is not None:
+            value = columns.get(self._id_column)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                yield self._reject(record, raw, f"bad_record: no id in column {self._id_column!r}", None)
                 return
-            if not isinstance(obj, dict) or self._column not in obj:
-                yield self._reject(path, raw, f"bad_record: no key {self._column!r}")
-                return
-            raw = obj[self._column]
+            row_id = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        if reason:
+            yield self._reject(record, raw, reason, row_id)
+            return
         seed, reason = _decode(raw)
         if seed is None:
-            yield self._reject(path, raw, reason)
-        elif is_blank(seed):
-            yield self._reject(path, raw, "empty")
-        else:
-            n = 1 + len(self._tokenizer.encode(seed))  # <s> + the seed
-            if n > self._max_tokens:
-                yield self._reject(path, seed, f"too_long: {n} tokens > {self._max_tokens}")
-            else:
-                self._valid.inc()
-                yield seed
+            yield self._reject(record, raw, reason, row_id)
+            return
+        if is_blank(seed):
+            yield self._reject(record, raw, "empty", row_id)
+            return
+        values = dict(columns or {})
+        values[self._column] = seed
+        prompt = seed
+        if self._template is not None:
+            try:
+                prompt = fill_template(self._template, values)
+            except KeyError as exc:
+                yield self._reject(record, seed, f"template: no value for {{{exc.args[0]}}}", row_id)
+                return
+            except TypeError as exc:
+                yield self._reject(record, seed, f"template: {exc}", row_id)
+                return
+        try:
+            settings = row_overrides(columns or {}, text_column=self._column)
+            limit = self._check_settings(settings) if self._check_settings else self._max_tokens
+        except SettingError as exc:
+            yield self._reject(record, seed, f"bad_setting: {exc}", row_id)
+            return
+        n = 1 + len(self._tokenizer.encode(prompt))  # <s> + the prompt
+        if n > limit:
+            yield self._reject(record, prompt, f"too_long: {n} tokens > {limit}", row_id)
+            return
+        kept = {}
+        if columns is not None:
+            names = self._keep
+            if names == (ALL_COLUMNS,):
+                from kogpt2.row_settings import ROW_SETTINGS, SEED_ALIAS
+
+                settings_columns = {*ROW_SETTINGS, SEED_ALIAS}
+                names = tuple(k for k in columns if k != self._column and k not in settings_columns)
+            kept = {k: columns.get(k) for k in names}
+            if record.kind == "csv":  # CSV has no null: an empty cell is one
+                kept = {k: (None if v == "" else v) for k, v in kept.items()}
+        self._valid.inc()
+        yield SeedRow(row_id, (record.source, record.number), seed, prompt, kept, settings)
 
 
-def read_seeds(p: beam.Pipeline, files: Sequence[str], column: str) -> beam.PCollection:
-    """All seed records as ``(kind, path, raw value)``, through Beam IO, per file format."""
+def read_seeds(p: beam.Pipeline, files: Sequence[str], parquet_columns: Sequence[str] | None) -> beam.PCollection:
+    """Every record of ``files`` as a :class:`Record` (through Beam's file IO: local, ``gs://``, ...)."""
     from apache_beam.io import fileio
-    from apache_beam.io.parquetio import ReadAllFromParquet
-    from apache_beam.io.textio import ReadAllFromText
 
-    by_kind: dict[str, list[str]] = {}
+    return (
+        p
+        | "SeedFiles" >> beam.Create(list(files), reshuffle=False)
+        | "MatchSeeds" >> fileio.MatchAll(fileio.EmptyMatchTreatment.DISALLOW)
+        | "OpenSeeds" >> fileio.ReadMatches(skip_directories=True)
+        | "SpreadFiles" >> beam.Reshuffle()
+        | "ReadRecords" >> beam.ParDo(ReadRecords(parquet_columns))
+    )
+
+
+def column_types(files: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``path -> {column: Arrow type}`` of the Parquet files (their schemas, read without their rows)."""
+    import pyarrow.parquet as pq
+
+    from kogpt2.storage import store_for
+
+    out = {}
     for path in files:
-        by_kind.setdefault(FORMATS[os.path.splitext(path)[1].lower()], []).append(path)
-    parts = []
-    for kind, files in sorted(by_kind.items()):
-        listed = p | f"List{kind}" >> beam.Create(files)
-        if kind in ("text", "jsonl"):
-            lines = listed | f"Read{kind}" >> ReadAllFromText(coder=beam.coders.BytesCoder(), with_filename=True)
-            parts.append(lines | f"Tag{kind}" >> beam.MapTuple(lambda path, line, k=kind: (k, path, line)))
-        elif kind == "csv":
-            rows = listed | "MatchCsv" >> fileio.MatchAll() | "OpenCsv" >> fileio.ReadMatches()
-            rows = rows | "ParseCsv" >> beam.ParDo(ParseCsv(column))
-            parts.append(rows | "Tagcsv" >> beam.MapTuple(lambda path, v: ("value", path, v)))
-        else:
-            col = column
-            recs = listed | "ReadParquet" >> ReadAllFromParquet(columns=[col], with_filename=True)
-            parts.append(recs | "Tagparquet" >> beam.MapTuple(lambda path, r, c=col: ("value", path, r.get(c))))
-    return parts | "AllSeeds" >> beam.Flatten()
+        if file_kind(path) == "parquet":
+            with store_for(path).open_read(path) as f:
+                schema = pq.read_schema(f)
+            out[path] = {f.name: str(f.type) for f in schema}
+    return out
+
+
+def csv_header(path: str) -> list[str]:
+    """The column names of a CSV file (its first line)."""
+    from kogpt2.storage import store_for
+
+    with store_for(path).open_read(path) as f:
+        text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        return next(csv.reader(text), [])

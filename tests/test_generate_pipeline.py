@@ -111,9 +111,14 @@ def test_pipeline_writes_parquet_matching_the_schema(first_run):
         assert r["strategy"] == "sample" and r["top_p"] == 0.9 and r["max_new_tokens"] == 6
         assert r["finish_reason"] in ("eos", "length") and 1 <= r["new_tokens"] <= 6
         assert len(r["model_fingerprint"]) == 64 and len(r["tokenizer_fingerprint"]) == 64
-    for t in tables:  # each file sorted by (seed, sample_index)
-        keys = list(zip(t["seed"].to_pylist(), t["sample_index"].to_pylist(), strict=True))
+    for t in tables:  # each file in input order (file, line), then sample_index; row_id is file:line
+        keys = [
+            (rid.rsplit(":", 1)[0], int(rid.rsplit(":", 1)[1]), i)
+            for rid, i in zip(t["row_id"].to_pylist(), t["sample_index"].to_pylist(), strict=True)
+        ]
         assert keys == sorted(keys)
+    by_seed = {r["seed"]: r["row_id"] for r in rows}
+    assert by_seed["그날 밤"].endswith("a.txt:3") and by_seed["우리는"].endswith("c.csv:1")  # stable places
     assert not list(first_run.rglob(".tmp-*")) and not (first_run / ".lock").exists()
 
 
@@ -192,7 +197,8 @@ def test_build_pipeline_on_a_test_pipeline(tiny_model_dir, seeds_dir, tmp_path, 
     claim = outputs.begin(job.output, JOB, signature(job, plan), lease)
     with test_pipeline as p:
         out = build_pipeline(p, job, plan, claim)
-        assert_that(out["valid"], equal_to(["노인은"]), label="Valid")
+        valid = out["valid"] | "Seeds" >> beam.Map(lambda r: (r.seed, r.row_id.rsplit("/", 1)[-1]))
+        assert_that(valid, equal_to([("노인은", "b.jsonl:1")]), label="Valid")
         reasons = out["rejected"] | "Reasons" >> beam.Map(lambda r: r.reason)
         assert_that(reasons, equal_to(["bad_record"]), label="Dead")
         units = out["units"] | "UnitRows" >> beam.Map(lambda s: (s.unit, s.rows, s.failed))

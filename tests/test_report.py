@@ -18,7 +18,9 @@ from kogpt2.schemas import arrow_schema
 def _rows(seed: str, texts: list[str], reason: str) -> list[dict]:
     return [
         {
+            "row_id": f"seeds.txt:{seed}",
             "seed": seed,
+            "prompt": seed,
             "sample_index": i,
             "text": f"{seed} {t}",
             "continuation": t,
@@ -34,6 +36,7 @@ def _rows(seed: str, texts: list[str], reason: str) -> list[dict]:
             "row_seed": i,
             "logprob_sum": -2.0 * (i + 1),
             "logprob_mean": -2.0,
+            "text_hash": hash(t) % 1000,
             "model_fingerprint": "m",
             "tokenizer_fingerprint": "t",
         }

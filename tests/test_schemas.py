@@ -51,7 +51,7 @@ def test_arrow_schema_uses_plain_types_only() -> None:
     import pyarrow as pa
 
     schema = arrow_schema()
-    assert schema.names[:4] == ["seed", "sample_index", "text", "continuation"]
+    assert schema.names[:5] == ["row_id", "seed", "prompt", "sample_index", "text"]
     plain = (pa.string(), pa.int32(), pa.int64(), pa.float64())
     assert all(field.type in plain for field in schema)
     assert all(not field.nullable for field in schema)
