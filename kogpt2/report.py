@@ -5,7 +5,8 @@ version (:mod:`kogpt2.outputs`)::
 
     data/          info.json: preprocessing counts (pipelines.preprocess)
     model/         history.json: per-epoch training figures (kogpt2 train)
-    generations/{before,after}-{greedy,top_p}/   *.parquet: bulk generations
+    generations/{before,after}/  config={greedy,top_p}/*.parquet: bulk generations (one job a phase,
+                   one configuration per strategy)
     demo.json      stages and timings (optional)
 
 The report reads only those files; every figure it shows is also written to
@@ -41,18 +42,21 @@ def _committed(folder: Path, name: str) -> dict[str, Any] | None:
     return dict(done.read_json(name)) if name in done.manifest.files else None
 
 
-def read_generations(folder: Path) -> list[dict[str, Any]]:
-    """All rows of the Parquet files of a generation output's committed version, sorted by (seed, sample_index)."""
+def read_generations(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """The rows of a generation output's committed version, per configuration (``config=NAME/``; a job
+    without ``--configs``: ``default``), each sorted by (seed, sample_index)."""
     import pyarrow.parquet as pq
 
     from kogpt2 import outputs
 
     done = outputs.open_committed(str(folder), job="generate")
-    files = [Path(done.path(n)) for n in done.names(suffix=".parquet")]
-    rows: list[dict[str, Any]] = []
-    for f in files:
-        rows.extend(pq.read_table(f).to_pylist())
-    return sorted(rows, key=lambda r: (r["seed"], r["sample_index"]))
+    by_config: dict[str, list[dict[str, Any]]] = {}
+    for name in done.names(suffix=".parquet"):
+        if "generations-" not in name:
+            continue
+        config = name.split("/", 1)[0].split("=", 1)[1] if name.startswith("config=") else "default"
+        by_config.setdefault(config, []).extend(pq.read_table(done.path(name)).to_pylist())
+    return {c: sorted(rows, key=lambda r: (r["seed"], r["sample_index"])) for c, rows in sorted(by_config.items())}
 
 
 def collect(run: str | Path) -> dict[str, Any]:
@@ -70,11 +74,12 @@ def collect(run: str | Path) -> dict[str, Any]:
     history = _committed(run / "model", "history.json")
     gens: dict[str, Any] = {}
     for phase in PHASES:
-        for strategy in GENERATION_SETS:
-            folder = run / "generations" / f"{phase}-{strategy}"
-            if not (folder / "COMPLETED").is_file():
+        folder = run / "generations" / phase  # one job a phase, a configuration per strategy
+        if not (folder / "COMPLETED").is_file():
+            continue
+        for strategy, rows in read_generations(folder).items():
+            if strategy not in GENERATION_SETS:
                 continue
-            rows = read_generations(folder)
             stats = generation_stats(
                 [r["continuation"] for r in rows], [r["new_tokens"] for r in rows], [r["finish_reason"] for r in rows]
             )

@@ -184,35 +184,29 @@ class Demo:
         return f"validation loss {result.loss:.3f}, perplexity {result.perplexity:.1f}"
 
     def generate(self, phase: str, model: str) -> str:
+        """One bulk job: every seed under two named configurations (greedy, and top-p sampling)."""
+        from kogpt2 import outputs
         from pipelines import generate
 
-        rows = 0
-        for strategy, flags in (
-            ("greedy", ["--greedy", "--num-samples", "1"]),
-            ("top_p", ["--top-p", "0.95", "--num-samples", str(self.config.num_samples)]),
-        ):
-            out = self.run_dir / "generations" / f"{phase}-{strategy}"
-            status = generate.run(
-                [
-                    "--model",
-                    model,
-                    "--seeds",
-                    self.config.seeds,
-                    "--output",
-                    str(out),
-                    "--max-new-tokens",
-                    str(self.config.max_new_tokens),
-                    "--seed",
-                    str(self.config.seed),
-                    "--overwrite",
-                    *flags,
-                ]
-            )
-            if status != 0:
-                raise RuntimeError(f"bulk generation into {out} exited with status {status}")
-            info = outputs.open_committed(str(out), job="generate").read_json("info.json")
-            rows += int(info["counts"]["rows"])
-        return f"{rows} samples written to {self.run_dir / 'generations'}/{phase}-*"
+        grid = self.run_dir / "generations" / "configs.jsonl"
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        grid.write_text(
+            json.dumps({"name": "greedy", "strategy": "greedy", "num_samples": 1})
+            + "\n"
+            + json.dumps({"name": "top_p", "top_p": 0.95, "num_samples": self.config.num_samples})
+            + "\n",
+            encoding="utf-8",
+        )
+        out = self.run_dir / "generations" / phase
+        status = generate.run(
+            ["--model", model, "--seeds", self.config.seeds, "--output", str(out), "--configs", str(grid),
+             "--max-new-tokens", str(self.config.max_new_tokens), "--seed", str(self.config.seed), "--overwrite"]
+        )  # fmt: skip
+        if status != 0:
+            raise RuntimeError(f"bulk generation into {out} exited with status {status}")
+        info = outputs.open_committed(str(out), job="generate").read_json("info.json")
+        per = ", ".join(f"{name} {c['rows']}" for name, c in info["by_config"].items())
+        return f"{info['counts']['rows']} samples ({per}) written to {out}"
 
     def train(self) -> str:
         from kogpt2.training import TrainConfig, train

@@ -49,7 +49,8 @@ def test_demo_end_to_end_report_matches_run_files(tmp_path: Path) -> None:
     assert summary["evaluation"]["after"]["loss"] == pytest.approx(history["best_val_loss"], rel=1e-3)
     # generation statistics are recomputed from the Parquet files; every seed, before and after
     for name in ("before-greedy", "before-top_p", "after-greedy", "after-top_p"):
-        files = sorted(version(run / "generations" / name).glob("*.parquet"))
+        phase, config = name.split("-", 1)  # one grid job a phase, a configuration a strategy
+        files = sorted((version(run / "generations" / phase) / f"config={config}").glob("*.parquet"))
         rows = [r for f in files for r in pq.read_table(f).to_pylist()]
         per_seed = 1 if name.endswith("greedy") else 2
         assert sorted(r["seed"] for r in rows) == sorted(SEEDS * per_seed)

@@ -82,14 +82,14 @@ def run_folder(tmp_path: Path) -> Path:
     ]
     history = {"epochs": epochs, "best_epoch": 2, "best_val_loss": 4.5, "epochs_run": 3, "stopped_early": True}
     commit_folder(tmp_path / "model", "train", {"history.json": json.dumps(history).encode()})
-    for name, reason, texts in [
-        ("before-greedy", "length", ["가 가 가 가", "나 나"]),
-        ("after-greedy", "eos", ["그는 웃었다", "비가 왔다 그날"]),
-    ]:
+    for phase, reason, texts in [
+        ("before", "length", ["가 가 가 가", "나 나"]),
+        ("after", "eos", ["그는 웃었다", "비가 왔다 그날"]),
+    ]:  # one grid job a phase: config=greedy/ (and another configuration the report does not show)
         rows = _rows("이때", texts[:1], reason) + _rows("그날", texts[1:], reason)
-        commit_folder(
-            tmp_path / "generations" / name, "generate", {"generations-00000-of-00001.parquet": _parquet(rows)}
-        )
+        files = {"config=greedy/generations-00000-of-00001.parquet": _parquet(rows),
+                 "config=other/generations-00000-of-00001.parquet": _parquet(rows[:1])}  # fmt: skip
+        commit_folder(tmp_path / "generations" / phase, "generate", files)
     return tmp_path
 
 

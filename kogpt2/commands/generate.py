@@ -147,7 +147,9 @@ def run(args: argparse.Namespace) -> int:
     from kogpt2.model import load_model
 
     prompts = read_prompts(args, sys.stdin)
-    folder = args.model
+    from kogpt2.model import resolve_model_folder
+
+    folder = resolve_model_folder(args.model)  # a training output folder: its committed version
     config = config_from_args(args, folder)  # validate flags before loading TensorFlow
     model, tokenizer = load_model(folder)
     gen = Generator(model, tokenizer, dtype=args.dtype, batch_size=args.batch_size)
