@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from kogpt2.constraints import Utf8Guard, byte_piece_ids, default_suppressed, suppress
-from kogpt2.decoder import DTYPES, Decoder
+from kogpt2.decoder import DEFAULT_CACHE_GROWTH, DTYPES, Decoder
 from kogpt2.generation_config import (  # noqa: F401  (re-exported: the generation API)
     DECODING_STRATEGIES,
     DEFAULT_TOP_P,
@@ -137,6 +137,8 @@ class Generator:
         dtype: ``float32`` or ``bfloat16`` computation.
         batch_size: rows decoded together.
         scores: compute ``Sample.logprob_sum`` / ``logprob_mean`` (False leaves them 0).
+        cache_growth: key/value cache slots added at a time (0: the whole budget from the start);
+            see :class:`kogpt2.decoder.Decoder`.
     """
 
     def __init__(
@@ -147,24 +149,32 @@ class Generator:
         dtype: str = "float32",
         batch_size: int = DEFAULT_BATCH_SIZE,
         scores: bool = True,
+        cache_growth: int = DEFAULT_CACHE_GROWTH,
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
         if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
         self.tokenizer = tokenizer
-        self.decoder = Decoder(model, dtype, scores=scores)
+        self.decoder = Decoder(model, dtype, scores=scores, cache_growth=cache_growth)
         self.dtype = dtype
         self.batch_size = int(batch_size)
         self.n_positions = int(model.config.n_positions)
 
     @classmethod
-    def from_folder(cls, path: str, *, dtype: str = "float32", batch_size: int = DEFAULT_BATCH_SIZE) -> Generator:
+    def from_folder(
+        cls,
+        path: str,
+        *,
+        dtype: str = "float32",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        cache_growth: int = DEFAULT_CACHE_GROWTH,
+    ) -> Generator:
         """Load a model folder (see :func:`kogpt2.model.load_model`) into a generator."""
         from kogpt2.model import load_model
 
         model, tokenizer = load_model(path)
-        return cls(model, tokenizer, dtype=dtype, batch_size=batch_size)
+        return cls(model, tokenizer, dtype=dtype, batch_size=batch_size, cache_growth=cache_growth)
 
     @property
     def compiles(self) -> int:

@@ -331,17 +331,33 @@ def test_cli_rejects_greedy_with_sampling_flags(tiny_model_dir, capsys):
     assert "top_p=2.0" in capsys.readouterr().err
 
 
-def test_compiles_are_bounded_by_length_buckets(tiny):
+def test_compiles_are_bounded_by_length_buckets_and_cache_levels(tiny):
     from kogpt2.generation import Generator
 
     model, tok = tiny
-    gen = Generator(model, tok, batch_size=4)
+    gen = Generator(model, tok, batch_size=4, cache_growth=16)
     cfg = GenerationConfig(strategy="greedy", max_new_tokens=5)
     gen.generate(["이때", "그날"], cfg)
     first = gen.compiles
+    assert first == 3  # prefill and step traces; one attention shape
+    assert gen.decoder._shapes == {(2, 16)}
     gen.generate(["마침내 그는", "노인은"], cfg)  # other prompts, same length bucket and batch shape
     gen.generate(["그날", "이때"], cfg)
-    assert gen.compiles == first == 3  # prefill + step traces, one XLA attention shape
+    assert gen.compiles == first
+    # a longer budget grows the cache level by level (multiples of 16): one attention shape per level
+    gen.generate(["이때", "그날"], cfg.replace(max_new_tokens=40, min_new_tokens=40))
+    assert {c for _, c in gen.decoder._shapes} == {16, 32, 48}  # slots 8 .. 46
+    assert gen.compiles == first + 2
+
+
+def test_cache_growth_changes_nothing_but_the_cache_size(tiny):
+    from kogpt2.generation import Generator
+
+    model, tok = tiny
+    cfg = GenerationConfig(num_samples=3, max_new_tokens=40, top_p=0.9, seed=5)
+    runs = {g: Generator(model, tok, batch_size=16, cache_growth=g).generate(PROMPTS, cfg) for g in (0, 16, 32)}
+    assert texts(runs[0]) == texts(runs[16]) == texts(runs[32])
+    assert max(s.new_tokens for s in runs[0]) > 32  # levels were crossed
 
 
 def test_partial_batches_are_padded_to_few_shapes_so_compiles_stay_bounded(tiny):
