@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from kogpt2.constraints import Utf8Guard, byte_piece_ids, default_suppressed, suppress
+from kogpt2.constraints import Utf8Guard, byte_piece_ids, default_suppressed, suppress, unprintable_pieces
 from kogpt2.decoder import DEFAULT_CACHE_GROWTH, DTYPES, Decoder
 from kogpt2.generation_config import (  # noqa: F401  (re-exported: the generation API)
     DECODING_STRATEGIES,
@@ -331,18 +331,23 @@ def _make_sample(
 class _TokenTables:
     byte_ids: np.ndarray  # (256,) id of <0xNN>, -1 if absent
     specials: tuple[int, ...]  # every special piece but </s>
+    unprintable: tuple[int, ...]  # ordinary pieces whose text holds an unprintable character
 
 
 _TABLES: dict[str, _TokenTables] = {}
 
 
 def _token_tables(tok: Tokenizer) -> _TokenTables:
-    """Byte pieces and special ids of a tokenizer, computed once per tokenizer file."""
+    """Byte pieces, special ids and unprintable pieces of a tokenizer, computed once per tokenizer file."""
     key = tok.fingerprint
     if key not in _TABLES:
         byte_ids = byte_piece_ids((i, tok.id_to_piece(i)) for i in range(tok.vocab_size))
         specials = set(tok.special_ids) | {tok.unk_id}
-        _TABLES[key] = _TokenTables(byte_ids, default_suppressed(specials, tok.eos_id))
+        skip = specials | set(byte_ids[byte_ids >= 0].tolist())
+        texts = ((i, tok.decode([i])) for i in range(tok.vocab_size) if i not in skip)
+        _TABLES[key] = _TokenTables(
+            byte_ids, default_suppressed(specials, tok.eos_id), tuple(unprintable_pieces(texts))
+        )
     return _TABLES[key]
 
 
@@ -400,6 +405,8 @@ def _decode_batch(
     vocab = logits.shape[1]
     banned = list(tables.specials if config.suppress_tokens is None else config.suppress_tokens)
     banned += range(tok.vocab_size, vocab)  # ids the tokenizer cannot decode
+    if config.valid_utf8:
+        banned += tables.unprintable  # pieces whose text holds a control, private-use or unassigned character
     suppressed = np.array(sorted(i for i in set(banned) if i < vocab), dtype=np.int64)
     penalty = config.repetition_penalty
     for step in range(max_new):
