@@ -1,4 +1,4 @@
-"""Token constraints applied to next-token logits before a token is picked (numpy).
+"""Token constraints: which tokens a row may draw next (numpy; :mod:`kogpt2.sampling` applies them).
 
 - **Suppressed tokens**: ids that are never generated. By default every special piece but
   ``</s>``: ``<s>``, ``<pad>``, ``<unk>`` and user-defined ones (``<usr>``, ``<sys>``,
@@ -185,17 +185,3 @@ class Utf8Guard:
 def default_suppressed(special_ids: Iterable[int], eos_id: int) -> tuple[int, ...]:
     """Every special piece but ``</s>``: never worth generating."""
     return tuple(sorted(int(i) for i in special_ids if int(i) != eos_id))
-
-
-def suppress(logits: np.ndarray, ids: np.ndarray) -> None:
-    """Ban ``ids`` in every row, in place."""
-    if len(ids):
-        logits[:, ids] = -np.inf
-
-
-def ban_eos_before(logits: np.ndarray, new_counts: np.ndarray, min_new: int, eos_id: int) -> None:
-    """Ban ``</s>`` in rows that have fewer than ``min_new`` new tokens, in place."""
-    if min_new > 0:
-        early = new_counts < min_new
-        if early.any():
-            logits[early, eos_id] = -np.inf

@@ -57,8 +57,6 @@ class Decoder:
         model: a built ``TFGPT2LMHeadModel`` (GPT-2 architecture).
         dtype: ``float32`` or ``bfloat16`` weights and matrix products (layer norms,
             softmax, the key/value cache and the logits stay float32).
-        scores: compute each step's log normalizer (``last_logz``) for log-probability
-            scores; False leaves it 0 (measures what scoring costs).
         cache_growth: cache slots added at a time (capacity levels are its multiples, up to
             the model's positions); 0 allocates the whole capacity given to :meth:`prefill`.
 
@@ -66,9 +64,7 @@ class Decoder:
         ValueError: unknown dtype, a negative ``cache_growth``, or an unsupported model configuration.
     """
 
-    def __init__(
-        self, model: Any, dtype: str = "float32", *, scores: bool = True, cache_growth: int = DEFAULT_CACHE_GROWTH
-    ) -> None:
+    def __init__(self, model: Any, dtype: str = "float32", *, cache_growth: int = DEFAULT_CACHE_GROWTH) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
         if not isinstance(cache_growth, int) or cache_growth < 0:
@@ -82,7 +78,6 @@ class Decoder:
             if getattr(cfg, flag, False):
                 raise ValueError(f"model config {flag}=True is not supported by the decoder")
         self.dtype = dtype
-        self.scores = scores
         self.cache_growth = cache_growth
         self.n_layer, self.n_head, self.n_embd = cfg.n_layer, cfg.n_head, cfg.n_embd
         self.head_dim = cfg.n_embd // cfg.n_head
@@ -100,7 +95,6 @@ class Decoder:
         self._v = [tf.Variable(empty, shape=shape, trainable=False) for _ in range(self.n_layer)]
         self.lock = threading.Lock()
         self.traces = 0  # graph traces: prefill, step, row selection; once each (shapes are dynamic)
-        self.last_logz = np.zeros(0)  # (B,) log normalizer of the last prefill / step logits
         self._shapes: set[tuple[int, int]] = set()  # (batch, cache capacity) shapes stepped so far
         self._capacity = 0  # slots the current batch may use (prompt + tokens to be fed)
         self._allocated = 0  # slots the cache holds now
@@ -175,12 +169,10 @@ class Decoder:
         return x + self._dense(h, layer["fc_proj"])
 
     def _logits(self, x: Any) -> Any:
-        """``(logits (B, V), log normalizer (B,))``: log-probabilities are ``logits - logz``."""
+        """``(B, V)`` float32 next-token logits of the final hidden states ``x`` ``(B, E)``."""
         tf = self._tf
         h = self._ln(x, self._w["ln_f"])  # (B, E)
-        logits = tf.cast(tf.matmul(h, self._w["head"]), tf.float32)  # (B, V)
-        logz = tf.reduce_logsumexp(logits, axis=-1) if self.scores else tf.zeros_like(logits[:, 0])
-        return logits, logz  # (B, V), (B,)
+        return tf.cast(tf.matmul(h, self._w["head"]), tf.float32)  # (B, V)
 
     def _prefill_fn(self, ids: Any, starts: Any, capacity: Any) -> Any:
         tf = self._tf
@@ -238,7 +230,7 @@ class Decoder:
         g = self.cache_growth
         return min(-(-slots // g) * g, self.n_positions)
 
-    def prefill(self, ids: np.ndarray, starts: np.ndarray, capacity: int) -> np.ndarray:
+    def prefill(self, ids: np.ndarray, starts: np.ndarray, capacity: int) -> Any:
         """Run left-padded prompts and fill the cache.
 
         Args:
@@ -249,8 +241,7 @@ class Decoder:
                 slots and grows as steps need.
 
         Returns:
-            ``(B, V)`` float32 logits of each row's next token; their log normalizer
-            (``logsumexp`` per row, for log-probabilities) is left in ``last_logz``.
+            ``(B, V)`` float32 logits of each row's next token (a TensorFlow tensor).
 
         Raises:
             ValueError: ``capacity`` out of range.
@@ -260,14 +251,11 @@ class Decoder:
         if capacity > self.n_positions or capacity < length:
             raise ValueError(f"capacity={capacity}: must be in [{length}, n_positions={self.n_positions}]")
         allocated = self.level(length + 1) if self.cache_growth else capacity
-        out, logz = self._prefill(
-            tf.constant(ids, tf.int32), tf.constant(starts, tf.int32), tf.constant(allocated, tf.int32)
-        )
+        out = self._prefill(tf.constant(ids, tf.int32), tf.constant(starts, tf.int32), tf.constant(allocated, tf.int32))
         self._capacity, self._allocated = capacity, allocated
-        self.last_logz = np.asarray(logz, dtype=np.float64)
-        return np.array(out)
+        return out
 
-    def step(self, tokens: np.ndarray, starts: np.ndarray, slot: int) -> np.ndarray:
+    def step(self, tokens: np.ndarray, starts: np.ndarray, slot: int) -> Any:
         """Feed one token per row at cache slot ``slot``; return ``(B, V)`` float32 next-token logits.
 
         Raises:
@@ -279,11 +267,7 @@ class Decoder:
         if slot >= self._allocated:
             self._grow(self.level(slot + 1))
         self._shapes.add((len(tokens), self._allocated))
-        out, logz = self._step(
-            tf.constant(tokens, tf.int32), tf.constant(starts, tf.int32), tf.constant(slot, tf.int32)
-        )
-        self.last_logz = np.asarray(logz, dtype=np.float64)
-        return np.array(out)
+        return self._step(tf.constant(tokens, tf.int32), tf.constant(starts, tf.int32), tf.constant(slot, tf.int32))
 
     def _grow(self, allocated: int) -> None:
         """Pad every layer's cache to ``allocated`` slots, one layer at a time (a copy per level)."""
