@@ -7,10 +7,10 @@ length buckets, run through a compiled decoder with a key/value cache
 (:mod:`kogpt2.decoder`), and each next token is drawn in the graph by
 :class:`kogpt2.sampling.TokenSampler`.
 
-The settings reach the decode loop as per-row vectors (temperature, top-k, top-p, greedy or
-not, repetition penalty, n-gram bans, token budgets, stop strings, seed), so rows with
-different settings can share a batch; ``suppress_tokens`` and ``valid_utf8`` are shared by a
-batch.
+Rows of one batch may have different settings (:class:`GenRow`): temperature, top-k, top-p,
+greedy or not, repetition penalty, n-gram bans, token budgets, stop strings and seed are
+per-row; only ``suppress_tokens`` and ``valid_utf8`` are shared by a batch (rows that differ
+there are batched apart).
 
 Reproducible: row ``(prompt, sample_index)`` draws its random numbers from a seed
 derived from ``(prompt, sample_index, config.seed)``, so it gives the same text in any
@@ -24,7 +24,7 @@ import logging
 import time
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,8 +53,26 @@ class BatchFailedError(RuntimeError):
     """Decoding a batch raised (see :meth:`Generator.stream_rows` to go on past failures)."""
 
 
-#: A row of :meth:`Generator.stream_rows`: ``(prompt, sample_index)``.
-Row = tuple[str, int]
+@dataclass(frozen=True)
+class GenRow:
+    """One output to generate, with its own settings.
+
+    Attributes:
+        prompt: the prompt text.
+        sample_index: which sample of the prompt; with ``config.seed`` it fixes the row's random seed.
+        config: the row's settings (typically the job's defaults with the row's overrides:
+            ``job_config.replace(temperature=0.7)``); None = the config of the call.
+        key: anything hashable the caller joins results back with; carried into :attr:`Sample.key`.
+    """
+
+    prompt: str
+    sample_index: int = 0
+    config: GenerationConfig | None = None
+    key: Hashable = None
+
+
+#: A row of :meth:`Generator.stream_rows`: ``(prompt, sample_index)`` under the call's config, or a :class:`GenRow`.
+Row = tuple[str, int] | GenRow
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,7 @@ class Sample:
         logprob_mean: ``logprob_sum / new_tokens`` (0.0 with no new token).
         dropped_tokens: byte pieces of a character left unfinished at ``max_new_tokens``,
             dropped so that the text is valid UTF-8.
+        key: the :attr:`GenRow.key` of the row (None for ``(prompt, sample_index)`` rows).
     """
 
     prompt: str
@@ -93,6 +112,7 @@ class Sample:
     logprob_sum: float = 0.0
     logprob_mean: float = 0.0
     dropped_tokens: int = 0
+    key: Hashable = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +120,7 @@ class BatchOutcome:
     """One decoded batch of :meth:`Generator.stream_rows`.
 
     Attributes:
-        rows: the ``(prompt, sample_index)`` rows this batch answers.
+        rows: the rows this batch answers, as given (``(prompt, sample_index)`` tuples or :class:`GenRow`).
         samples: one :class:`Sample` per row, in the same order (empty when the batch failed).
         new_tokens: tokens decoded (each decoded sequence counted once).
         seconds: wall time of the batch.
@@ -159,6 +179,7 @@ class _Resolved:
     prompt: str
     sample_index: int
     config: GenerationConfig
+    key: Hashable
 
 
 class Generator:
@@ -228,8 +249,9 @@ class Generator:
         """Generate one output per row, in the order given.
 
         Args:
-            rows: ``(prompt, sample_index)`` pairs (``config.num_samples`` is not used here).
-            config: the settings.
+            rows: ``(prompt, sample_index)`` pairs (under ``config``; its ``num_samples`` is not
+                used here) or :class:`GenRow` (under their own config, ``config`` if None).
+            config: the settings of rows that bring none.
 
         Returns:
             One :class:`Sample` per row.
@@ -254,14 +276,15 @@ class Generator:
         """Decode ``rows`` in full, length-bucketed batches; yield each batch's outcome as it finishes.
 
         Rows are sorted by prompt length, so every batch but the last of each length bucket
-        holds ``batch_size`` rows.
+        holds ``batch_size`` rows, whatever mix of per-row settings they carry (rows that
+        differ in ``suppress_tokens`` or ``valid_utf8`` are batched apart: :func:`batch_key`).
         A batch whose decoding raises yields its rows with the error message (``samples``
         empty) and the next batch goes on: callers decide what a failure means. Duplicate
         rows are decoded once; greedy rows of one prompt and settings too.
 
         Args:
-            rows: ``(prompt, sample_index)`` pairs.
-            config: the settings.
+            rows: ``(prompt, sample_index)`` pairs (under ``config``) or :class:`GenRow`.
+            config: the settings of rows that bring none.
 
         Raises:
             ValueError: a prompt is not a string, or a ``max_new_tokens`` does not fit the model.
@@ -373,15 +396,18 @@ class Generator:
 
 
 def _resolve(row: Row, config: GenerationConfig) -> _Resolved:
-    """An input row with its prompt, sample index and settings checked."""
-    (prompt, index), cfg = row, config
+    """An input row with its prompt, sample index, settings and key checked."""
+    if isinstance(row, GenRow):
+        prompt, index, cfg, key = row.prompt, row.sample_index, row.config or config, row.key
+    else:
+        (prompt, index), cfg, key = row, config, None
     if not isinstance(prompt, str):
         raise ValueError(f"prompt {prompt!r}: must be a string")
     if not is_int(index) or index < 0:
         raise ValueError(f"sample_index={index!r}: must be an integer >= 0")
     if not isinstance(cfg, GenerationConfig):
         raise ValueError(f"config {cfg!r}: must be a GenerationConfig")
-    return _Resolved(row, prompt, int(index), cfg)
+    return _Resolved(row, prompt, int(index), cfg, key)
 
 
 def _greedy_key(config: GenerationConfig) -> GenerationConfig:
@@ -409,6 +435,7 @@ def _make_sample(tok: Tokenizer, r: _Resolved, prompt_ids: list[int], row: Decod
         row.logprob_sum,
         mean,
         row.dropped,
+        r.key,
     )
 
 
