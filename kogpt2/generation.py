@@ -38,7 +38,7 @@ from kogpt2.generation_config import (  # noqa: F401  (re-exported: the generati
     GenerationConfig,
     write_generation_config,
 )
-from kogpt2.sampling import HostSampler
+from kogpt2.sampling import SAMPLERS, HostSampler, Sampler
 from kogpt2.tokenizer import Tokenizer
 from kogpt2.validate import is_int
 
@@ -193,6 +193,8 @@ class Generator:
         scores: compute ``Sample.logprob_sum`` / ``logprob_mean`` (False leaves them 0).
         cache_growth: key/value cache slots added at a time (0: the whole budget from the start);
             see :class:`kogpt2.decoder.Decoder`.
+        sampler: ``host`` (numpy, the default) or ``graph`` (one XLA function; to compare, see
+            :mod:`kogpt2.graph_sampling`).
     """
 
     def __init__(
@@ -204,6 +206,7 @@ class Generator:
         batch_size: int = DEFAULT_BATCH_SIZE,
         scores: bool = True,
         cache_growth: int = DEFAULT_CACHE_GROWTH,
+        sampler: str = "host",
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
@@ -211,7 +214,8 @@ class Generator:
             raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
         self.tokenizer = tokenizer
         self.decoder = Decoder(model, dtype, cache_growth=cache_growth)
-        self.sampler = HostSampler(self.decoder.vocab_size, scores=scores)
+        self.sampler = make_sampler(sampler, self.decoder.vocab_size, scores=scores)
+        self._sampler_base = (self.sampler.traces, self.sampler.xla_compiles)  # shared: count from here
         self.dtype = dtype
         self.batch_size = int(batch_size)
         self.n_positions = int(model.config.n_positions)
@@ -227,18 +231,23 @@ class Generator:
         dtype: str = "float32",
         batch_size: int = DEFAULT_BATCH_SIZE,
         cache_growth: int = DEFAULT_CACHE_GROWTH,
+        sampler: str = "host",
     ) -> Generator:
         """Load a model folder (see :func:`kogpt2.model.load_model`) into a generator."""
         from kogpt2.model import load_model
 
         model, tokenizer = load_model(path)
-        return cls(model, tokenizer, dtype=dtype, batch_size=batch_size, cache_growth=cache_growth)
+        return cls(model, tokenizer, dtype=dtype, batch_size=batch_size, cache_growth=cache_growth, sampler=sampler)
 
     @property
     def compiles(self) -> int:
-        """Graph traces plus XLA compiles so far (the attention function is shared by the process's
-        decoders of the same shape, so a shape another generator compiled costs nothing here)."""
-        return self.decoder.traces + self.decoder.xla_compiles
+        """Graph traces plus XLA compiles since this generator was made (decoder and sampler).
+
+        The sampler and the attention function are shared by the process's generators of the
+        same shape, so a shape another generator compiled costs nothing here.
+        """
+        d, s = self.decoder, self.sampler
+        return d.traces + d.xla_compiles + s.traces + s.xla_compiles - sum(self._sampler_base)
 
     def generate(self, prompts: Sequence[str], config: GenerationConfig) -> list[Sample]:
         """``num_samples`` outputs per prompt, prompt-major (prompt 0's samples first)."""
@@ -393,6 +402,30 @@ class Generator:
         if current:
             batches.append(current)
         return batches
+
+
+_GRAPH_SAMPLERS: dict[tuple[int, bool], Sampler] = {}
+
+
+def make_sampler(kind: str, vocab: int, *, scores: bool = True) -> Sampler:
+    """A sampler of this kind for ``vocab``-wide logits.
+
+    A ``graph`` sampler is shared by the process's generators of this width (its compiled
+    shapes are reused); a ``host`` sampler keeps a buffer, so each generator has its own.
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    if kind not in SAMPLERS:
+        raise ValueError(f"sampler={kind!r}: must be one of {SAMPLERS}")
+    if kind == "host":
+        return HostSampler(vocab, scores=scores)
+    key = (int(vocab), bool(scores))
+    if key not in _GRAPH_SAMPLERS:
+        from kogpt2.graph_sampling import GraphSampler
+
+        _GRAPH_SAMPLERS[key] = GraphSampler(vocab, scores=scores)
+    return _GRAPH_SAMPLERS[key]
 
 
 def _resolve(row: Row, config: GenerationConfig) -> _Resolved:

@@ -47,6 +47,7 @@ BYTE_COLUMNS = 257
 #: The nucleus of a row the tries did not resolve is looked for among its best this many tokens
 #: first (top-k kernel), before a full sort.
 SORTED_CANDIDATES = 1024
+SAMPLERS = ("host", "graph")
 _BLOCK = 256
 _TINY = 1e-30  # below this total mass (underflow), a row is drawn exactly
 _INT63 = (1 << 63) - 1

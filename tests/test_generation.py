@@ -138,6 +138,45 @@ def test_nucleus_draws_cover_a_large_vocabulary_exactly():
     assert abs(np.mean(full == heavy) - p[heavy]) < 4 * np.sqrt(p[heavy] / 3000) + 1e-3
 
 
+def test_the_compiled_draw_equals_the_host_draw():
+    """The XLA sampler (an alternative to measure) runs the same algorithm: same tokens, same scores."""
+    from kogpt2.graph_sampling import GraphSampler
+
+    rng = np.random.default_rng(5)
+    rows, vocab = 48, 700
+    logits = (rng.normal(size=(rows, vocab)) * 2).astype(np.float32)
+    byte_of = np.full(vocab, 256, np.int32)
+    byte_of[10:266] = np.arange(256)
+    static_ok = np.ones(vocab, bool)
+    static_ok[[0, 3, 5]] = False
+    rules = VocabRules(static_ok, byte_of, 1)
+    allowed = np.ones((rows, 257), bool)
+    allowed[:, :32] = False  # control bytes
+    allowed[::7, :] = False  # inside a character: only a few continuation bytes
+    allowed[::7, 0x80:0x84] = True
+    inputs = DrawInputs.make(
+        np.arange(rows, dtype=np.uint64),
+        2,
+        greedy=np.arange(rows) % 5 == 0,
+        temperature=np.where(np.arange(rows) % 3 == 0, 0.7, 1.0),
+        top_k=np.where(np.arange(rows) % 4 == 1, 20, 0),
+        top_p=np.where(np.arange(rows) % 2 == 0, 0.9, 1e-4),
+        allowed_bytes=allowed,
+        ban_eos=np.arange(rows) % 6 == 0,
+        penalized=np.array([[1, 2], [2, 40], [4, 2]]),
+        penalty=np.array([1.5, 1.5, 0.5]),
+        banned=np.array([[1, 7], [9, 8]]),
+        idle=np.isin(np.arange(rows), [10, 32, 45]),  # finished rows: nothing drawn
+    )
+    host_tokens, host_lp = HostSampler(vocab).draw(logits, inputs, rules)
+    graph_tokens, graph_lp = GraphSampler(vocab).draw(logits, inputs, rules)
+    np.testing.assert_array_equal(host_tokens, graph_tokens)
+    np.testing.assert_allclose(host_lp, graph_lp, atol=1e-4)
+    assert all(0x80 <= byte_of[t] < 0x84 for t in host_tokens[::7])  # inside a character: its next byte
+    assert host_tokens[[10, 32, 45]].tolist() == [0, 0, 0]
+    assert not set(np.delete(host_tokens, [10, 32, 45]).tolist()) & {0, 3, 5, *range(10, 42)}
+
+
 def test_greedy_ties_and_tiny_cuts_pick_the_best_token():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(8, 50)).astype(np.float32)
@@ -387,6 +426,9 @@ def test_cache_growth_changes_nothing_but_the_cache_size(tiny):
     runs = {g: Generator(model, tok, batch_size=16, cache_growth=g).generate(PROMPTS, cfg) for g in (0, 16, 32)}
     assert texts(runs[0]) == texts(runs[16]) == texts(runs[32])
     assert max(s.new_tokens for s in runs[0]) > 32  # levels were crossed
+    graph = Generator(model, tok, batch_size=16, sampler="graph").generate(PROMPTS, cfg)  # the draw in XLA
+    assert texts(graph) == texts(runs[32])
+    assert [s.logprob_sum for s in graph] == pytest.approx([s.logprob_sum for s in runs[32]], abs=1e-3)
 
 
 def test_partial_batches_are_padded_to_few_shapes_so_compiles_stay_bounded(tiny):
