@@ -336,19 +336,16 @@ class HostSampler:
             self._buf = np.empty((rows, self.vocab), dtype=np.float32)
         e = np.subtract(x, top[:, None], out=self._buf[:rows])  # (R, V)
         logz = np.zeros(rows)
-        scaled = inv_t != 1.0  # rows whose draw needs exp((x - top) / T): the scores need exp(x - top) too
-        every = bool(scaled.all())
-        if self.scores and scaled.any():
-            raw = np.exp(e if every else e[scaled]).sum(axis=1)  # float32, pairwise
-            logz[scaled] = top[scaled] + np.log(raw.astype(np.float64))
-        if every:
-            e *= inv_t[:, None]
-        elif scaled.any():
-            e[scaled] *= inv_t[scaled, None]
+        scaled = np.flatnonzero(inv_t != 1.0)  # rows drawn from exp((x - top) / T): their scores need exp(x - top)
+        for r in scaled.tolist():  # row by row, in place: no copy of the rows
+            if self.scores:
+                logz[r] = top[r] + np.log(float(np.exp(e[r]).sum()))
+            e[r] *= inv_t[r]
         np.exp(e, out=e)  # (R, V) in (0, 1]
-        if self.scores and not every:
-            sums = e.sum(axis=1) if not scaled.any() else e[~scaled].sum(axis=1)
-            logz[~scaled] = top[~scaled] + np.log(sums.astype(np.float64))
+        if self.scores:
+            plain = inv_t == 1.0
+            sums = e.sum(axis=1).astype(np.float64)  # float32, pairwise; every row (no copy), the plain ones used
+            logz[plain] = top[plain] + np.log(sums[plain])
         tokens = np.full(rows, -1, dtype=np.int64)
         fast_rows = np.flatnonzero(fast)
         if len(fast_rows):
