@@ -1,11 +1,14 @@
 """Benchmark generation: our batched path vs the notebook's method vs one batched forward pass.
 
     .venv/bin/python benchmarks/generate.py                       # KoGPT2 shape, top-p 0.95, 100 new tokens
-    .venv/bin/python benchmarks/generate.py --dtype bfloat16      # bfloat16 decoder (ceiling stays fp32)
+    .venv/bin/python benchmarks/generate.py --cache-growth 32 16 0 --batch-size 64 128 --rounds 3
+    .venv/bin/python benchmarks/generate.py --dtype float32 bfloat16 --sampler host graph --mixed-settings
     .venv/bin/python benchmarks/generate.py --preset tiny --batch-size 8 --max-new-tokens 10 \\
         --notebook-tokens 2 --ceiling-batch 2 --ceiling-len 16   # smoke run
+    .venv/bin/python benchmarks/generate.py --quality runs/model  # bfloat16 vs float32 (or --quality base)
 
-Measured, in one process, in turn (``--rounds`` rounds; the median counts), random weights:
+Measured, in one process, in turn (``--rounds`` rounds; every figure is the median of the
+rounds, ours and the ceiling alike), random weights:
 
 - ``notebook``: the notebook's ``generate_sent``: batch 1, no cache; every token re-encodes
   the text so far, re-runs the whole sequence through the transformers model (eager) and
@@ -13,29 +16,41 @@ Measured, in one process, in turn (``--rounds`` rounds; the median counts), rand
   ``tf.random.categorical``. It is slow, so only ``--notebook-tokens`` steps are timed, at
   context lengths spread evenly over a ``--max-new-tokens`` generation (a step costs more
   as the text grows): their mean is the mean over the whole generation.
-- ``ours``: :class:`kogpt2.generation.Generator` as the bulk pipeline uses it: ``--batch-size``
-  rows (seed words x samples), ``--max-new-tokens`` new tokens each, top-p ``--top-p``.
-  Random weights rarely emit ``</s>``, so every row runs the full budget (the worst case:
-  no batch compaction) and the nucleus holds most of the vocabulary (the worst case for
-  the sampler). Compile time (tracing and XLA compiles on the run's shapes) is measured
-  apart, before the timed runs.
+- ``ours``: :class:`kogpt2.generation.Generator` as the bulk pipeline uses it: batch-size
+  rows (seed words x samples), ``--max-new-tokens`` new tokens each, top-p ``--top-p``; one
+  variant per combination of ``--dtype``, ``--batch-size``, ``--cache-growth`` and ``--sampler``, their
+  order rotating from round to round. Random weights rarely emit ``</s>``, so every row runs
+  the full budget (the worst case: no batch compaction) and the nucleus holds most of the
+  vocabulary. Each variant runs once untimed first (compiles: every shape it meets).
 - ``ceiling``: one batched forward pass of the same transformers model (graph mode, fp32,
-  logits included) on ``--ceiling-batch`` x ``--ceiling-len`` tokens; also without the LM head.
+  logits included) on ``--ceiling-batch`` x ``--ceiling-len`` tokens; also without the LM
+  head. Each round times 3 passes after a warm-up and keeps their median.
+- ``step breakdown`` per variant: where a decode step's time goes, in two ways. In the run:
+  the decoder (prefill, steps, cache growth), the sampler (the compiled draw) and the host
+  (everything else) per step. Apart, at the middle slot of the run and its cache capacity
+  (median of ``--piece-reps`` calls each): the attention (12 XLA calls), the dense part
+  (layer norms, matmuls, GELU, residuals), the final layer norm + LM head, a whole step, and
+  the draw.
+- ``--mixed-settings``: the first variant's rows under four settings (top-p 0.95; top-p 0.9 at
+  temperature 0.8; top-k 50 at temperature 0.7; temperature 1.2 with repetition penalty 1.2)
+  in one call (mixed batches), against the same rows all under the first setting (uniform),
+  and split into one call per setting (each setting's rows in batches of their own).
+- ``--plain``: also the first variant without what the generation contract adds (no valid-UTF-8
+  or special-token masks, no log-probability scores), to show their cost.
 
-- ``plain``: ours without what the generation contract adds (no valid-UTF-8 or
-  special-token masks, no log-probability scores), to show their cost.
-
-Targets: ours >= 100x notebook and >= 0.5x ceiling. The machine may be shared:
-compare the ratios, which are measured side by side.
+Targets: ours >= 100x notebook and >= 0.75x the ceiling with its LM head; mixed >= 0.9x
+uniform. The machine may be shared: compare the ratios, which are measured side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,25 +58,39 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 V1_TOKENIZER = REPO.parent / "shared" / "data" / "kogpt2_v1_tokenizer.spiece"
+MIXED_SETTINGS = (
+    {"top_p": 0.95},
+    {"top_p": 0.9, "temperature": 0.8},
+    {"top_p": 1.0, "top_k": 50, "temperature": 0.7},
+    {"top_p": 1.0, "temperature": 1.2, "repetition_penalty": 1.2},
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="base", help="model shape (default base: 12 x 768, the KoGPT2 shape)")
     p.add_argument("--tokenizer", default=str(V1_TOKENIZER), help="tokenizer file (default: the real v1, 50,000)")
-    p.add_argument("--batch-size", type=int, default=64, help="rows decoded together (default 64, the pipeline's)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[64], help="rows decoded together (default 64)")
+    p.add_argument(
+        "--cache-growth", type=int, nargs="+", default=None, help="cache slots added at a time; 0 = whole budget"
+    )
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], nargs="+", default=["float32"])
+    p.add_argument("--sampler", choices=["host", "graph"], nargs="+", default=["host"], help="where the draw runs")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--notebook-tokens", type=int, default=5, help="tokens timed with the notebook method")
+    p.add_argument("--notebook-tokens", type=int, default=5, help="tokens timed with the notebook method (0: skip)")
     p.add_argument("--ceiling-batch", type=int, default=8)
     p.add_argument("--ceiling-len", type=int, default=128)
     p.add_argument("--rounds", type=int, default=1, help="measure everything this many times; report medians")
+    p.add_argument("--mixed-settings", action="store_true", help="also: four settings mixed in one batch vs one")
+    p.add_argument("--plain", action="store_true", help="also: the first variant without masks and scores")
+    p.add_argument("--piece-reps", type=int, default=10, help="calls timed per piece of the step breakdown (0: skip)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument(
         "--quality",
-        metavar="MODEL_DIR",
-        help="instead: compare bfloat16 with float32 decoding of a model folder on the bundled corpus and exit",
+        metavar="MODEL",
+        help="instead: compare bfloat16 with float32 decoding of a model folder (or a preset, random weights, with "
+        "--tokenizer) on the bundled corpus and exit",
     )
     p.add_argument("--quality-lines", type=int, default=64, help="corpus lines for --quality (default 64)")
     return p.parse_args(argv)
@@ -88,9 +117,9 @@ def dtype_agreement(model: Any, tok: Any, texts: list[str]) -> dict[str, float]:
     for dtype in ("float32", "bfloat16"):
         dec = Decoder(model, dtype)
         starts = np.zeros(len(seqs), dtype=np.int64)
-        steps = [dec.prefill(ids[:, :1], starts, length)]  # (B, V) predicting ids[:, 1]
+        steps = [np.asarray(dec.prefill(ids[:, :1], starts, length))]  # (B, V) predicting ids[:, 1]
         for pos in range(1, length - 1):
-            steps.append(dec.step(ids[:, pos], starts, pos))
+            steps.append(np.asarray(dec.step(ids[:, pos], starts, pos)))
         logits = np.stack(steps, axis=1).astype(np.float64)  # (B, L-1, V)
         logits -= logits.max(axis=-1, keepdims=True)
         logp[dtype] = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
@@ -159,8 +188,19 @@ def notebook_tokens_per_s(model: Any, tok: Any, seed: str, n_tokens: int, top_p:
     return n_tokens / elapsed
 
 
+def median_seconds(fn: Callable[[], Any], reps: int) -> float:
+    """Median wall time of ``reps`` calls of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def ceiling_tokens_per_s(model: Any, batch: int, length: int, with_head: bool) -> float:
-    """Tokens/s of one batched forward pass (graph mode), best of 3 after a warm-up."""
+    """Tokens/s of one batched forward pass (graph mode): the median of 3 passes after a warm-up."""
     from kogpt2.tf_setup import import_tf
 
     tf = import_tf()
@@ -169,113 +209,269 @@ def ceiling_tokens_per_s(model: Any, batch: int, length: int, with_head: bool) -
         fn = tf.function(lambda x: model(x, training=False).logits)
     else:
         fn = tf.function(lambda x: model.transformer(x, training=False)[0])
-    fn(ids).numpy()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        fn(ids).numpy()
-        best = min(best, time.perf_counter() - start)
-    return batch * length / best
+    return batch * length / median_seconds(lambda: fn(ids).numpy(), 3)
+
+
+def step_pieces(gen: Any, rows: int, width: int, max_new: int, reps: int, config: Any) -> dict[str, float]:
+    """Milliseconds of each piece of one decode step, apart, at the run's middle slot and its capacity.
+
+    Returns:
+        ``slot``, ``capacity`` and ms for ``attention`` (all layers), ``dense`` (every layer
+        without its attention), ``head`` (final layer norm + LM head), ``step`` (a whole
+        decoder step) and ``draw`` (the compiled sampler, with the run's masks).
+    """
+    import numpy as np
+
+    from kogpt2.decode_loop import vocab_rules
+    from kogpt2.sampling import DrawInputs
+    from kogpt2.tf_setup import import_tf
+
+    tf = import_tf()
+    dec, tok = gen.decoder, gen.tokenizer
+    starts = np.zeros(rows, dtype=np.int64)
+    slot = width + max_new // 2
+    dec.prefill(np.full((rows, width), tok.bos_id), starts, width + max_new - 1)
+    if dec.cache_growth and slot >= dec.capacity:
+        dec._grow(dec.level(slot + 1))
+    tokens = np.full(rows, tok.bos_id)
+    out: dict[str, float] = {"slot": slot, "capacity": dec.capacity}
+    logits = dec.step(tokens, starts, slot)
+    dt, heads, hd, emb = dec._dt, dec.n_head, dec.head_dim, dec.n_embd
+    qkv = [tf.random.normal([rows, heads, hd], dtype=tf.float32) for _ in range(3)]
+    qkv = [tf.cast(t, dt) for t in qkv]
+    starts_t, slot_t = tf.constant(starts, tf.int32), tf.constant(slot, tf.int32)
+    attention = tf.function(
+        lambda: tf.add_n(
+            [tf.reduce_sum(dec._attend(k, v, *qkv, starts_t, slot_t)) for k, v in zip(dec._k, dec._v, strict=True)]
+        )
+    )
+    x = tf.cast(tf.random.normal([rows, emb]), dt)
+
+    def dense_fn(x: Any) -> Any:
+        for layer in dec._w["layers"]:
+            x = dec._block(x, layer, lambda t: t[:, :emb])
+        return x
+
+    dense, head = tf.function(dense_fn), tf.function(dec._logits)
+    seeds = np.arange(rows, dtype=np.uint64)
+    rules = vocab_rules(tok, dec.vocab_size, config.suppress_tokens, config.valid_utf8)
+    inputs = DrawInputs.make(seeds, 0, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+    timed = {
+        "attention": lambda: attention().numpy(),
+        "dense": lambda: dense(x).numpy(),
+        "head": lambda: head(x).numpy(),
+        "step": lambda: dec.step(tokens, starts, slot).numpy(),
+        "draw": lambda: gen.sampler.draw(logits, inputs, rules),
+    }
+    for name, fn in timed.items():
+        out[name] = 1000 * median_seconds(fn, reps)
+    dec.release()
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    import numpy as np
-
     if args.quality:
-        from kogpt2.model import load_model
-
-        qmodel, qtok = load_model(args.quality)
-        corpus = (REPO / "kogpt2" / "data" / "corpus.txt").read_text(encoding="utf-8").splitlines()
-        report = dtype_agreement(qmodel, qtok, [line for line in corpus if line.strip()][-args.quality_lines :])
-        print(json.dumps(report, indent=2))
-        return report
+        return quality(args)
 
     import kogpt2  # noqa: F401
-    from kogpt2.generation import GenerationConfig, Generator, prompt_bucket
+    from kogpt2.decoder import DEFAULT_CACHE_GROWTH
+    from kogpt2.generation import GenerationConfig, Generator, GenRow, prompt_bucket
     from kogpt2.model import new_model
     from kogpt2.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     model = new_model(args.preset, tok, seed=0)
     seeds = (REPO / "kogpt2" / "data" / "seeds.txt").read_text(encoding="utf-8").split()
-    samples = -(-args.batch_size // len(seeds))
-    rows = [(s, i) for i in range(samples) for s in seeds][: args.batch_size]
-    config = GenerationConfig(top_p=args.top_p, max_new_tokens=args.max_new_tokens, num_samples=samples)
-    gen = Generator(model, tok, dtype=args.dtype, batch_size=args.batch_size)
-    # the same without what the generation contract adds: no UTF-8 or special-token masks, no scores
-    plain = Generator(model, tok, dtype=args.dtype, batch_size=args.batch_size, scores=False)
-    plain_config = config.replace(valid_utf8=False, suppress_tokens=())
-
-    # Compile on the run's shapes: one prefill and one step (tracing + XLA compiles).
+    growths = args.cache_growth if args.cache_growth is not None else [DEFAULT_CACHE_GROWTH]
+    config = GenerationConfig(top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     limit = model.config.n_positions - args.max_new_tokens
-    width = prompt_bucket(max(1 + len(tok.encode(s)) for s, _ in rows), limit)
-    start = time.perf_counter()
-    ids = np.full((len(rows), width), tok.bos_id)
-    starts = np.zeros(len(rows), dtype=np.int64)
-    gen.decoder.prefill(ids, starts, width + args.max_new_tokens - 1)
-    gen.decoder.step(np.full(len(rows), tok.bos_id), starts, width)
-    compile_s = time.perf_counter() - start
-    plain.decoder.prefill(ids, starts, width + args.max_new_tokens - 1)
-    plain.decoder.step(np.full(len(rows), tok.bos_id), starts, width)
 
-    figures: dict[str, list[float]] = {"notebook": [], "ours": [], "plain": [], "ceiling": [], "ceiling_no_head": []}
-    for r in range(args.rounds):
-        figures["notebook"].append(
-            notebook_tokens_per_s(model, tok, seeds[0], args.notebook_tokens, args.top_p, args.max_new_tokens)
+    def rows_for(batch: int) -> list[tuple[str, int]]:
+        samples = -(-batch // len(seeds))
+        return [(s, i) for i in range(samples) for s in seeds][:batch]
+
+    variants: dict[str, dict[str, Any]] = {}
+    for dtype, batch, growth, sampler in itertools.product(args.dtype, args.batch_size, growths, args.sampler):
+        name = f"{dtype} b{batch} g{growth} {sampler}"
+        rows = rows_for(batch)
+        gen = Generator(model, tok, dtype=dtype, batch_size=batch, cache_growth=growth, sampler=sampler)
+        start = time.perf_counter()
+        gen.generate_rows(rows, config)  # every shape the run meets is compiled here
+        first = time.perf_counter() - start
+        gen.decoder.release()
+        variants[name] = {"gen": gen, "rows": rows, "first_run_s": first, "compiles": gen.compiles, "tps": []}
+        print(f"{name}: first run (with compiles) {first:.1f} s, {gen.compiles} compiles", flush=True)
+
+    first_name = next(iter(variants))
+    first_v = variants[first_name]
+    extra: dict[str, list[float]] = {"notebook": [], "ceiling": [], "ceiling_no_head": []}
+    if args.plain:
+        plain = Generator(
+            model,
+            tok,
+            dtype=args.dtype[0],
+            batch_size=len(first_v["rows"]),
+            scores=False,
+            cache_growth=growths[0],
+            sampler=args.sampler[0],
         )
-        # ours and plain alternate which goes first, so neither always follows the notebook's eager run
-        pair = [("ours", gen, config), ("plain", plain, plain_config)]
-        for name, g, c in pair if r % 2 == 0 else pair[::-1]:
-            start = time.perf_counter()
-            out = g.generate_rows(rows, c)
-            figures[name].append(sum(s.new_tokens for s in out) / (time.perf_counter() - start))
-        figures["ceiling"].append(ceiling_tokens_per_s(model, args.ceiling_batch, args.ceiling_len, True))
-        figures["ceiling_no_head"].append(ceiling_tokens_per_s(model, args.ceiling_batch, args.ceiling_len, False))
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in figures.items()), flush=True)
-    med = {k: statistics.median(v) for k, v in figures.items()}
-    result = {
+        plain_config = config.replace(valid_utf8=False, suppress_tokens=())
+        plain.generate_rows(first_v["rows"], plain_config)
+        extra["plain"] = []
+    mixed_rows: dict[str, Any] = {}
+    if args.mixed_settings:
+        settings = [config.replace(**s) for s in MIXED_SETTINGS]
+        base = first_v["rows"]
+        mixed_rows = {
+            "uniform": [GenRow(p, i, settings[0]) for p, i in base],
+            "mixed": [GenRow(p, i, settings[n % 4]) for n, (p, i) in enumerate(base)],
+        }
+        first_v["gen"].generate_rows(mixed_rows["mixed"], config)  # compiles the sorted draw
+        for n in range(4):  # and the split calls' smaller batch shapes
+            first_v["gen"].generate_rows(mixed_rows["mixed"][n::4], config)
+        first_v["gen"].decoder.release()
+        for k in ("uniform", "mixed", "split"):
+            extra[k] = []
+
+    def run(gen: Any, rows: list[Any], cfg: Any) -> float:
+        start = time.perf_counter()
+        out = gen.generate_rows(rows, cfg)
+        tps = sum(s.new_tokens for s in out) / (time.perf_counter() - start)
+        gen.decoder.release()
+        return tps
+
+    for v in variants.values():
+        v["gen"].timings.clear()
+    names = list(variants)
+    for r in range(args.rounds):
+        if args.notebook_tokens:
+            extra["notebook"].append(
+                notebook_tokens_per_s(model, tok, seeds[0], args.notebook_tokens, args.top_p, args.max_new_tokens)
+            )
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate which goes first
+            v = variants[name]
+            v["tps"].append(run(v["gen"], v["rows"], config))
+        if args.plain:
+            extra["plain"].append(run(plain, first_v["rows"], plain_config))
+        if args.mixed_settings:
+            g = first_v["gen"]
+            extra["uniform"].append(run(g, mixed_rows["uniform"], config))
+            extra["mixed"].append(run(g, mixed_rows["mixed"], config))
+            start, tokens = time.perf_counter(), 0
+            for n in range(4):
+                tokens += sum(s.new_tokens for s in g.generate_rows(mixed_rows["mixed"][n::4], config))
+            extra["split"].append(tokens / (time.perf_counter() - start))
+            g.decoder.release()
+        extra["ceiling"].append(ceiling_tokens_per_s(model, args.ceiling_batch, args.ceiling_len, True))
+        extra["ceiling_no_head"].append(ceiling_tokens_per_s(model, args.ceiling_batch, args.ceiling_len, False))
+        line = ", ".join(f"{n} {variants[n]['tps'][-1]:.1f}" for n in names)
+        print(f"round {r + 1}: {line}; " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in extra.items() if v), flush=True)
+
+    med = {k: statistics.median(v) for k, v in extra.items() if v}
+    result: dict[str, Any] = {
         "preset": args.preset,
         "vocab_size": tok.vocab_size,
-        "dtype": args.dtype,
-        "batch_size": len(rows),
         "max_new_tokens": args.max_new_tokens,
         "top_p": args.top_p,
         "rounds": args.rounds,
-        "notebook_tokens_per_s": round(med["notebook"], 2),
-        "ours_tokens_per_s": round(med["ours"], 1),
-        "plain_tokens_per_s": round(med["plain"], 1),
-        "contract_cost": round(1 - med["ours"] / med["plain"], 3),
-        "ceiling_tokens_per_s": round(med["ceiling"], 1),
-        "ceiling_no_head_tokens_per_s": round(med["ceiling_no_head"], 1),
-        "ours_vs_notebook": round(med["ours"] / med["notebook"], 1),
-        "ours_vs_ceiling": round(med["ours"] / med["ceiling"], 3),
-        "ours_vs_ceiling_no_head": round(med["ours"] / med["ceiling_no_head"], 3),
-        "compile_seconds": round(compile_s, 2),
-        "compiles": gen.compiles,
-        "graph_traces": gen.decoder.traces,
-        "xla_compiles": gen.decoder.xla_compiles,
+        "statistic": "median of rounds (ceiling: each round the median of 3 passes)",
+        **{f"{k}_tokens_per_s": round(v, 2) for k, v in med.items()},
+        "variants": {},
     }
-    print(
-        f"\nKoGPT2-shape generation ({args.preset}, vocab {tok.vocab_size}, {args.dtype}), "
-        f"{args.max_new_tokens} new tokens, top-p {args.top_p}, median of {args.rounds} round(s):\n"
-        f"  notebook method (batch 1, no cache)    {result['notebook_tokens_per_s']:>9} tokens/s\n"
-        f"  {'ours (batch ' + str(len(rows)) + ')':<38} {result['ours_tokens_per_s']:>9} tokens/s\n"
-        f"  ours without masks and scores          {result['plain_tokens_per_s']:>9} tokens/s "
-        f"(masks and scores cost {100 * result['contract_cost']:.1f}%)\n"
-        f"  ceiling: one batched forward pass      {result['ceiling_tokens_per_s']:>9} tokens/s "
-        f"({args.ceiling_batch} x {args.ceiling_len}, fp32, logits included)\n"
-        f"  ceiling without the LM head            {result['ceiling_no_head_tokens_per_s']:>9} tokens/s\n"
-        f"  ours / notebook                        {result['ours_vs_notebook']:>9}x   (target >= 100x)\n"
-        f"  ours / ceiling                         {result['ours_vs_ceiling']:>9}    (target >= 0.5)\n"
-        f"  ours / ceiling without the LM head     {result['ours_vs_ceiling_no_head']:>9}\n"
-        f"  compile (first prefill + step)         {result['compile_seconds']:>9} s\n"
-        f"  compiles (graph traces + XLA)          {result['compiles']:>9}",
-        flush=True,
-    )
+    for name, v in variants.items():
+        gen = v["gen"]
+        tps = statistics.median(v["tps"])
+        steps = max(gen.timings.get("steps", 0.0), 1.0)
+        width = prompt_bucket(max(1 + len(tok.encode(s)) for s, _ in v["rows"]), limit)
+        figures = {
+            "tokens_per_s": round(tps, 1),
+            "vs_ceiling": round(tps / med["ceiling"], 3),
+            "vs_ceiling_no_head": round(tps / med["ceiling_no_head"], 3),
+            "vs_notebook": round(tps / med["notebook"], 1) if "notebook" in med else None,
+            "first_run_s": round(v["first_run_s"], 1),
+            "compiles": v["compiles"],
+            "in_run_ms_per_step": {
+                k: round(1000 * gen.timings.get(k, 0.0) / steps, 2) for k in ("decoder", "sampler", "host")
+            },
+        }
+        if args.piece_reps:
+            pieces = step_pieces(gen, len(v["rows"]), width, args.max_new_tokens, args.piece_reps, config)
+            figures["pieces_ms"] = {k: round(x, 2) for k, x in pieces.items()}
+        result["variants"][name] = figures
+    if "plain" in med:
+        result["contract_cost"] = round(1 - result["variants"][first_name]["tokens_per_s"] / med["plain"], 3)
+    if args.mixed_settings:
+        result["mixed_vs_uniform"] = round(med["mixed"] / med["uniform"], 3)
+        result["mixed_vs_split"] = round(med["mixed"] / med["split"], 3)
+    print_report(args, result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
+
+
+def print_report(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """The figures as a readable table."""
+    print(
+        f"\nGeneration ({args.preset}, vocab {result['vocab_size']}), {args.max_new_tokens} new tokens, "
+        f"top-p {args.top_p}, median of {args.rounds} round(s):"
+    )
+    if "notebook_tokens_per_s" in result:
+        print(f"  notebook method (batch 1, no cache)   {result['notebook_tokens_per_s']:>9} tokens/s")
+    print(
+        f"  ceiling: one batched forward pass     {result['ceiling_tokens_per_s']:>9} tokens/s "
+        f"({args.ceiling_batch} x {args.ceiling_len}, fp32, logits included)\n"
+        f"  ceiling without the LM head           {result['ceiling_no_head_tokens_per_s']:>9} tokens/s\n"
+    )
+    head = f"  {'variant':<24} {'tokens/s':>9} {'/ceiling':>9} {'/no head':>9} {'/notebook':>10} {'1st run s':>10} {'compiles':>9}"
+    print(head)
+    for name, v in result["variants"].items():
+        print(
+            f"  {name:<24} {v['tokens_per_s']:>9} {v['vs_ceiling']:>9} {v['vs_ceiling_no_head']:>9} "
+            f"{v['vs_notebook'] if v['vs_notebook'] is not None else '-':>10} {v['first_run_s']:>10} {v['compiles']:>9}"
+        )
+    print("\n  step breakdown, ms per step (in the run: decoder / sampler / host; apart, at the middle slot:")
+    print("  attention, dense, head, whole step, draw)")
+    print(
+        f"  {'variant':<24} {'decoder':>8} {'sampler':>8} {'host':>6} | {'slot/cap':>8} {'attn':>7} {'dense':>7} {'head':>7} {'step':>7} {'draw':>7}"
+    )
+    for name, v in result["variants"].items():
+        r = v["in_run_ms_per_step"]
+        p = v.get("pieces_ms")
+        apart = (
+            f"{p['slot']:>4.0f}/{p['capacity']:<3.0f} {p['attention']:>7} {p['dense']:>7} {p['head']:>7} {p['step']:>7} {p['draw']:>7}"
+            if p
+            else "(skipped)"
+        )
+        print(f"  {name:<24} {r['decoder']:>8} {r['sampler']:>8} {r['host']:>6} | {apart}")
+    if "contract_cost" in result:
+        print(
+            f"\n  without masks and scores: {result['plain_tokens_per_s']} tokens/s "
+            f"(masks and scores cost {100 * result['contract_cost']:.1f}%)"
+        )
+    if "mixed_vs_uniform" in result:
+        print(
+            f"\n  four settings mixed in one batch: {result['mixed_tokens_per_s']} tokens/s; the same rows under one "
+            f"setting: {result['uniform_tokens_per_s']}; split into one call per setting: {result['split_tokens_per_s']}\n"
+            f"  mixed / uniform {result['mixed_vs_uniform']} (target >= 0.9), mixed / split {result['mixed_vs_split']}"
+        )
+    print(flush=True)
+
+
+def quality(args: argparse.Namespace) -> dict[str, Any]:
+    """``--quality``: bfloat16 against float32 on a model folder, or on a preset with random weights."""
+    from kogpt2.model import PRESETS, load_model, new_model
+    from kogpt2.tokenizer import load_tokenizer
+
+    if args.quality in PRESETS and not Path(args.quality).exists():
+        qtok = load_tokenizer(args.tokenizer)
+        qmodel = new_model(args.quality, qtok, seed=0)
+    else:
+        qmodel, qtok = load_model(args.quality)
+    corpus = (REPO / "kogpt2" / "data" / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    report = dtype_agreement(qmodel, qtok, [line for line in corpus if line.strip()][-args.quality_lines :])
+    print(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

@@ -1,25 +1,51 @@
-"""Token constraints applied to next-token logits before a token is picked (numpy, in place).
+"""Token constraints: which tokens a row may draw next (numpy; :mod:`kogpt2.sampling` applies them).
 
 - **Suppressed tokens**: ids that are never generated. By default every special piece but
   ``</s>``: ``<s>``, ``<pad>``, ``<unk>`` and user-defined ones (``<usr>``, ``<sys>``,
   ``<unusedN>``). They vanish when decoded, so sampling them made a row's ``new_tokens``
   and its text disagree (transformers calls this ``suppress_tokens``).
-- **Valid UTF-8**: with byte fallback (pieces ``<0x00>`` .. ``<0xFF>``) a model can emit
-  bytes that do not form UTF-8, which decode to U+FFFD. :class:`Utf8Guard` tracks, per
-  row, whether a multi-byte character is open and allows only the bytes that start or
-  continue a valid sequence (RFC 3629: no overlong forms, no surrogates, nothing past
-  U+10FFFF). A character still open when a row ends is dropped (and counted).
+- **Valid, printable UTF-8**: with byte fallback (pieces ``<0x00>`` .. ``<0xFF>``) a model can
+  emit bytes that do not form UTF-8, which decode to U+FFFD, or that form control, private-use
+  or unassigned characters. :class:`Utf8Guard` tracks, per row, the bytes of the character
+  being spelled and allows only the bytes that can still complete a valid (RFC 3629: no
+  overlong forms, no surrogates, nothing past U+10FFFF) and printable character. A character
+  still open when a row ends is dropped (and counted). Ordinary pieces whose text holds an
+  unprintable character are never drawn (:func:`unprintable_pieces`).
 - **min_new_tokens**: ``</s>`` is banned until a row has that many new tokens.
+
+Printable: a character outside the Unicode categories Cc (control; tab and newline are
+allowed), Co (private use), Cn (unassigned, in Python's Unicode database) and Cs (surrogate).
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import unicodedata
 from collections.abc import Iterable
 
 import numpy as np
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Co", "Cn", "Cs"})
+PRINTABLE_CONTROLS = frozenset("\t\n")
+#: Code points spelled with 1, 2, 3, 4 bytes (shorter forms of them are overlong).
+_LENGTH_RANGES = {1: (0, 0x7F), 2: (0x80, 0x7FF), 3: (0x800, 0xFFFF), 4: (0x10000, 0x10FFFF)}
+_OTHER = 256  # the column of pieces that are not bytes
+
+
+def is_printable(char: str) -> bool:
+    """Whether one character may be generated (see the module docstring)."""
+    return char in PRINTABLE_CONTROLS or unicodedata.category(char) not in UNPRINTABLE_CATEGORIES
+
+
+def unprintable_pieces(texts: Iterable[tuple[int, str]]) -> list[int]:
+    """Ids of the pieces whose decoded text holds a character that is not printable.
+
+    Args:
+        texts: ``(id, decoded text)`` of the ordinary pieces (not byte or special pieces).
+    """
+    return [i for i, text in texts if not all(is_printable(c) for c in text)]
 
 
 def byte_piece_ids(pieces: Iterable[tuple[int, str]]) -> np.ndarray:
@@ -32,27 +58,74 @@ def byte_piece_ids(pieces: Iterable[tuple[int, str]]) -> np.ndarray:
     return table
 
 
-def _lead(byte: int) -> tuple[int, int, int]:
-    """For a lead byte: (continuation bytes needed, low and high bound of the first continuation)."""
-    if 0xC2 <= byte <= 0xDF:
-        return 1, 0x80, 0xBF
-    if byte == 0xE0:
-        return 2, 0xA0, 0xBF  # no overlong 3-byte forms
-    if byte == 0xED:
-        return 2, 0x80, 0x9F  # no surrogates
-    if 0xE1 <= byte <= 0xEF:
-        return 2, 0x80, 0xBF
-    if byte == 0xF0:
-        return 3, 0x90, 0xBF  # no overlong 4-byte forms
-    if 0xF1 <= byte <= 0xF3:
-        return 3, 0x80, 0xBF
-    if byte == 0xF4:
-        return 3, 0x80, 0x8F  # nothing past U+10FFFF
-    raise ValueError(f"0x{byte:02X} is not a UTF-8 lead byte")
+def byte_of_tokens(byte_ids: np.ndarray, vocab: int) -> np.ndarray:
+    """``(vocab,)`` int32: the byte value of each byte piece, 256 for every other token."""
+    out = np.full(vocab, _OTHER, dtype=np.int32)
+    present = np.flatnonzero((byte_ids >= 0) & (byte_ids < vocab))
+    out[byte_ids[present]] = present
+    return out
 
 
-#: Bytes that may stand where no character is open: ASCII and valid lead bytes.
-_STARTERS = [b for b in range(256) if b < 0x80 or 0xC2 <= b <= 0xF4]
+@functools.cache
+def _code_point_prefix_sums(printable: bool) -> np.ndarray:
+    """``(0x110001,)`` counts of allowed code points below each one (surrogates never allowed)."""
+    if printable:
+        ok = np.fromiter((is_printable(chr(c)) for c in range(0x110000)), dtype=bool, count=0x110000)
+    else:
+        ok = np.ones(0x110000, dtype=bool)
+        ok[0xD800:0xE000] = False
+    return np.concatenate([[0], np.cumsum(ok, dtype=np.int64)])
+
+
+def _sequence_length(lead: int) -> int:
+    """Bytes of the UTF-8 sequence a lead byte starts (0: not a lead byte)."""
+    if lead < 0x80:
+        return 1
+    for n, (lo, hi) in ((2, (0xC0, 0xDF)), (3, (0xE0, 0xEF)), (4, (0xF0, 0xF7))):
+        if lo <= lead <= hi:
+            return n
+    return 0
+
+
+def _code_point_range(prefix: tuple[int, ...], n: int) -> tuple[int, int]:
+    """Lowest and highest code point an ``n``-byte sequence starting with ``prefix`` can spell."""
+    lo = hi = prefix[0] & (0x7F, 0x1F, 0x0F, 0x07)[n - 1]
+    for i in range(1, n):
+        low6, high6 = (prefix[i] & 0x3F,) * 2 if i < len(prefix) else (0x00, 0x3F)
+        lo, hi = lo << 6 | low6, hi << 6 | high6
+    first, last = _LENGTH_RANGES[n]
+    return max(lo, first), min(hi, last)
+
+
+@functools.lru_cache(maxsize=65536)
+def next_bytes(prefix: tuple[int, ...], printable: bool) -> np.ndarray:
+    """``(257,)`` bool: the bytes that may follow ``prefix`` (the bytes of an open character).
+
+    Column 256 (pieces that are not bytes) is allowed only where no character is open.
+
+    Args:
+        prefix: bytes of the character spelled so far (empty: none is open).
+        printable: also require a printable character (else any valid one).
+
+    Returns:
+        A read-only array (it is cached).
+    """
+    sums = _code_point_prefix_sums(printable)
+    out = np.zeros(257, dtype=bool)
+    out[_OTHER] = not prefix
+    n = _sequence_length(prefix[0]) if prefix else 0
+    for b in range(256):
+        if prefix:
+            if not 0x80 <= b <= 0xBF:
+                continue
+        else:
+            n = _sequence_length(b)
+            if n == 0:
+                continue
+        lo, hi = _code_point_range((*prefix, b), n)
+        out[b] = lo <= hi and sums[hi + 1] > sums[lo]
+    out.flags.writeable = False
+    return out
 
 
 class Utf8Guard:
@@ -61,36 +134,33 @@ class Utf8Guard:
     Args:
         byte_ids: ``(256,)`` from :func:`byte_piece_ids`.
         batch: rows.
+        printable: allow only printable characters (else any valid UTF-8).
     """
 
-    def __init__(self, byte_ids: np.ndarray, batch: int) -> None:
+    def __init__(self, byte_ids: np.ndarray, batch: int, *, printable: bool = True) -> None:
         self.byte_ids = byte_ids
+        self.printable = printable
         self.byte_of = {int(t): b for b, t in enumerate(byte_ids.tolist()) if t >= 0}
         self.active = bool(self.byte_of)
-        have_continuations = bool(np.all(byte_ids[0x80:0xC0] >= 0))
-        # lead bytes whose continuations do not exist in the vocabulary may never start a character
-        allowed = [b for b in _STARTERS if b < 0x80 or have_continuations]
-        banned = sorted(set(range(256)) - set(allowed))
-        self.banned_at_start = byte_ids[banned][byte_ids[banned] >= 0]  # (K,)
+        start = next_bytes((), printable).copy() if self.active else np.ones(257, dtype=bool)
+        if self.active and not np.all(byte_ids[0x80:0xC0] >= 0):
+            start[0x80:256] = False  # lead bytes whose continuations the vocabulary lacks
+        self.start = start  # (257,)
+        self.prefix: list[tuple[int, ...]] = [()] * batch  # bytes of each row's open character
         self.need = np.zeros(batch, dtype=np.int64)  # continuation bytes still needed
-        self.lo = np.zeros(batch, dtype=np.int64)
-        self.hi = np.zeros(batch, dtype=np.int64)
-        self.open_len = np.zeros(batch, dtype=np.int64)  # bytes of the open character so far
+
+    def allowed(self, rows: np.ndarray) -> np.ndarray:
+        """``(len(rows), 257)`` bool: which byte values (and, column 256, other pieces) each row may draw."""
+        out = np.broadcast_to(self.start, (len(rows), 257)).copy()
+        for i in np.flatnonzero(self.need[rows] > 0).tolist():
+            out[i] = next_bytes(self.prefix[rows[i]], self.printable)
+        return out
 
     def mask(self, logits: np.ndarray, rows: np.ndarray) -> None:
-        """Ban, in place, the tokens that would break UTF-8 for ``rows`` (``logits`` row i is ``rows[i]``)."""
-        if not self.active:
-            return
-        need = self.need[rows]
-        closed = np.nonzero(need == 0)[0]
-        if len(closed) and len(self.banned_at_start):
-            logits[closed[:, None], self.banned_at_start[None, :]] = -np.inf
-        for i in np.nonzero(need > 0)[0].tolist():  # inside a character: only its next byte
-            r = rows[i]
-            ok = self.byte_ids[self.lo[r] : self.hi[r] + 1]
-            keep = logits[i, ok].copy()
-            logits[i, :] = -np.inf
-            logits[i, ok] = keep
+        """Ban, in place, the tokens ``rows`` may not draw (``logits`` row i is ``rows[i]``)."""
+        if self.active:
+            allowed = self.allowed(rows)
+            logits[~allowed[:, byte_of_tokens(self.byte_ids, logits.shape[1])]] = -np.inf
 
     def advance(self, rows: np.ndarray, chosen: np.ndarray) -> None:
         """Record the tokens just picked for ``rows``."""
@@ -102,31 +172,16 @@ class Utf8Guard:
                 continue
             if self.need[r] > 0:
                 self.need[r] -= 1
-                self.open_len[r] = self.open_len[r] + 1 if self.need[r] else 0
-                self.lo[r], self.hi[r] = 0x80, 0xBF
+                self.prefix[r] = (*self.prefix[r], b) if self.need[r] else ()
             elif b >= 0x80:
-                self.need[r], self.lo[r], self.hi[r] = _lead(b)
-                self.open_len[r] = 1
+                self.need[r] = _sequence_length(b) - 1
+                self.prefix[r] = (b,)
 
     def open_bytes(self, row: int) -> int:
         """Bytes of a character left open in ``row`` (to be dropped when the row ends)."""
-        return int(self.open_len[row]) if self.need[row] > 0 else 0
+        return len(self.prefix[row]) if self.need[row] > 0 else 0
 
 
 def default_suppressed(special_ids: Iterable[int], eos_id: int) -> tuple[int, ...]:
     """Every special piece but ``</s>``: never worth generating."""
     return tuple(sorted(int(i) for i in special_ids if int(i) != eos_id))
-
-
-def suppress(logits: np.ndarray, ids: np.ndarray) -> None:
-    """Ban ``ids`` in every row, in place."""
-    if len(ids):
-        logits[:, ids] = -np.inf
-
-
-def ban_eos_before(logits: np.ndarray, new_counts: np.ndarray, min_new: int, eos_id: int) -> None:
-    """Ban ``</s>`` in rows that have fewer than ``min_new`` new tokens, in place."""
-    if min_new > 0:
-        early = new_counts < min_new
-        if early.any():
-            logits[early, eos_id] = -np.inf

@@ -4,12 +4,18 @@
 did (``<s>`` + the prompt, then one token at a time until ``</s>`` or
 ``max_new_tokens``), but for a whole batch at once: prompts are left-padded into
 length buckets, run through a compiled decoder with a key/value cache
-(:mod:`kogpt2.decoder`), and each next token is picked by :mod:`kogpt2.sampling`.
+(:mod:`kogpt2.decoder`), and each next token is drawn in the graph by
+:class:`kogpt2.sampling.TokenSampler`.
+
+Rows of one batch may have different settings (:class:`GenRow`): temperature, top-k, top-p,
+greedy or not, repetition penalty, n-gram bans, token budgets, stop strings and seed are
+per-row; only ``suppress_tokens`` and ``valid_utf8`` are shared by a batch (rows that differ
+there are batched apart).
 
 Reproducible: row ``(prompt, sample_index)`` draws its random numbers from a seed
 derived from ``(prompt, sample_index, config.seed)``, so it gives the same text in any
-batch and any order (up to floating-point near-ties between candidate tokens, which
-batch shapes can perturb in the last bit).
+batch, next to rows of any settings, and in any order (up to floating-point near-ties
+between candidate tokens, which batch shapes can perturb in the last bit).
 """
 
 from __future__ import annotations
@@ -18,14 +24,13 @@ import logging
 import time
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from kogpt2.constraints import Utf8Guard, byte_piece_ids, default_suppressed, suppress
-from kogpt2.decoder import DTYPES, Decoder
+from kogpt2.decode_loop import DecodedRow, RowSettings, padded_batch, vocab_rules  # noqa: F401  (padded_batch: API)
+from kogpt2.decode_loop import decode_batch as _decode_batch  # a module name: tests replace it to simulate failures
+from kogpt2.decoder import DEFAULT_CACHE_GROWTH, DTYPES, Decoder
 from kogpt2.generation_config import (  # noqa: F401  (re-exported: the generation API)
     DECODING_STRATEGIES,
     DEFAULT_TOP_P,
@@ -33,7 +38,7 @@ from kogpt2.generation_config import (  # noqa: F401  (re-exported: the generati
     GenerationConfig,
     write_generation_config,
 )
-from kogpt2.sampling import apply_repetition_penalty, ban_repeated_ngrams, select_tokens
+from kogpt2.sampling import SAMPLERS, HostSampler, Sampler
 from kogpt2.tokenizer import Tokenizer
 from kogpt2.validate import is_int
 
@@ -46,6 +51,28 @@ DEFAULT_BATCH_SIZE = 64
 
 class BatchFailedError(RuntimeError):
     """Decoding a batch raised (see :meth:`Generator.stream_rows` to go on past failures)."""
+
+
+@dataclass(frozen=True)
+class GenRow:
+    """One output to generate, with its own settings.
+
+    Attributes:
+        prompt: the prompt text.
+        sample_index: which sample of the prompt; with ``config.seed`` it fixes the row's random seed.
+        config: the row's settings (typically the job's defaults with the row's overrides:
+            ``job_config.replace(temperature=0.7)``); None = the config of the call.
+        key: anything hashable the caller joins results back with; carried into :attr:`Sample.key`.
+    """
+
+    prompt: str
+    sample_index: int = 0
+    config: GenerationConfig | None = None
+    key: Hashable = None
+
+
+#: A row of :meth:`Generator.stream_rows`: ``(prompt, sample_index)`` under the call's config, or a :class:`GenRow`.
+Row = tuple[str, int] | GenRow
 
 
 @dataclass(frozen=True)
@@ -69,6 +96,7 @@ class Sample:
         logprob_mean: ``logprob_sum / new_tokens`` (0.0 with no new token).
         dropped_tokens: byte pieces of a character left unfinished at ``max_new_tokens``,
             dropped so that the text is valid UTF-8.
+        key: the :attr:`GenRow.key` of the row (None for ``(prompt, sample_index)`` rows).
     """
 
     prompt: str
@@ -84,6 +112,7 @@ class Sample:
     logprob_sum: float = 0.0
     logprob_mean: float = 0.0
     dropped_tokens: int = 0
+    key: Hashable = None
 
 
 @dataclass(frozen=True)
@@ -91,14 +120,14 @@ class BatchOutcome:
     """One decoded batch of :meth:`Generator.stream_rows`.
 
     Attributes:
-        rows: the ``(prompt, sample_index)`` rows this batch answers.
-        samples: one :class:`Sample` per row (empty when the batch failed).
+        rows: the rows this batch answers, as given (``(prompt, sample_index)`` tuples or :class:`GenRow`).
+        samples: one :class:`Sample` per row, in the same order (empty when the batch failed).
         new_tokens: tokens decoded (each decoded sequence counted once).
         seconds: wall time of the batch.
         error: ``"ExceptionType: message"`` when decoding raised, else None.
     """
 
-    rows: list[tuple[str, int]]
+    rows: list[Row]
     samples: list[Sample]
     new_tokens: int
     seconds: float
@@ -128,8 +157,33 @@ def max_prompt_tokens(n_positions: int, max_new_tokens: int) -> int:
     return limit
 
 
+def batch_key(config: GenerationConfig) -> tuple[Any, ...]:
+    """The settings rows must share to be decoded in one batch (the rest are per-row vectors)."""
+    return (config.suppress_tokens, config.valid_utf8)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One decoded sequence: rows with the same prompt, settings and sample index share it."""
+
+    prompt: str
+    sample_index: int  # 0 for greedy rows: their output does not depend on it
+    config: GenerationConfig
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """An input row with its settings resolved."""
+
+    row: Row
+    prompt: str
+    sample_index: int
+    config: GenerationConfig
+    key: Hashable
+
+
 class Generator:
-    """A tokenizer and a compiled decoder: what a pipeline worker loads once and reuses.
+    """A tokenizer, a compiled decoder and sampler: what a pipeline worker loads once and reuses.
 
     Args:
         model: a ``TFGPT2LMHeadModel``.
@@ -137,6 +191,10 @@ class Generator:
         dtype: ``float32`` or ``bfloat16`` computation.
         batch_size: rows decoded together.
         scores: compute ``Sample.logprob_sum`` / ``logprob_mean`` (False leaves them 0).
+        cache_growth: key/value cache slots added at a time (0: the whole budget from the start);
+            see :class:`kogpt2.decoder.Decoder`.
+        sampler: ``host`` (numpy, the default) or ``graph`` (one XLA function; to compare, see
+            :mod:`kogpt2.graph_sampling`).
     """
 
     def __init__(
@@ -147,162 +205,258 @@ class Generator:
         dtype: str = "float32",
         batch_size: int = DEFAULT_BATCH_SIZE,
         scores: bool = True,
+        cache_growth: int = DEFAULT_CACHE_GROWTH,
+        sampler: str = "host",
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
         if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
         self.tokenizer = tokenizer
-        self.decoder = Decoder(model, dtype, scores=scores)
+        self.decoder = Decoder(model, dtype, cache_growth=cache_growth)
+        self.sampler = make_sampler(sampler, self.decoder.vocab_size, scores=scores)
+        self._sampler_base = (self.sampler.traces, self.sampler.xla_compiles)  # shared: count from here
         self.dtype = dtype
         self.batch_size = int(batch_size)
         self.n_positions = int(model.config.n_positions)
+        #: Seconds spent so far in the decoder (prefill, steps, cache growth and compaction), in
+        #: the sampler, and on the host (the rest of each step), for a profile of where time goes.
+        self.timings = {"decoder": 0.0, "sampler": 0.0, "host": 0.0, "steps": 0.0}
 
     @classmethod
-    def from_folder(cls, path: str, *, dtype: str = "float32", batch_size: int = DEFAULT_BATCH_SIZE) -> Generator:
+    def from_folder(
+        cls,
+        path: str,
+        *,
+        dtype: str = "float32",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        cache_growth: int = DEFAULT_CACHE_GROWTH,
+        sampler: str = "host",
+    ) -> Generator:
         """Load a model folder (see :func:`kogpt2.model.load_model`) into a generator."""
         from kogpt2.model import load_model
 
         model, tokenizer = load_model(path)
-        return cls(model, tokenizer, dtype=dtype, batch_size=batch_size)
+        return cls(model, tokenizer, dtype=dtype, batch_size=batch_size, cache_growth=cache_growth, sampler=sampler)
 
     @property
     def compiles(self) -> int:
-        """Graph traces plus XLA compiles so far."""
-        return self.decoder.traces + self.decoder.xla_compiles
+        """Graph traces plus XLA compiles since this generator was made (decoder and sampler).
+
+        The sampler and the attention function are shared by the process's generators of the
+        same shape, so a shape another generator compiled costs nothing here.
+        """
+        d, s = self.decoder, self.sampler
+        return d.traces + d.xla_compiles + s.traces + s.xla_compiles - sum(self._sampler_base)
 
     def generate(self, prompts: Sequence[str], config: GenerationConfig) -> list[Sample]:
         """``num_samples`` outputs per prompt, prompt-major (prompt 0's samples first)."""
         rows = [(p, i) for p in prompts for i in range(config.num_samples)]
         return self.generate_rows(rows, config)
 
-    def generate_rows(self, rows: Sequence[tuple[str, int]], config: GenerationConfig) -> list[Sample]:
-        """Generate one output per ``(prompt, sample_index)`` row, in the order given.
+    def generate_rows(self, rows: Sequence[Row], config: GenerationConfig) -> list[Sample]:
+        """Generate one output per row, in the order given.
 
         Args:
-            rows: ``(prompt, sample_index)`` pairs (``config.num_samples`` is not used here).
-            config: the strategy.
+            rows: ``(prompt, sample_index)`` pairs (under ``config``; its ``num_samples`` is not
+                used here) or :class:`GenRow` (under their own config, ``config`` if None).
+            config: the settings of rows that bring none.
 
         Returns:
             One :class:`Sample` per row.
 
         Raises:
-            ValueError: a prompt is not a string, or ``max_new_tokens`` does not fit the model.
+            ValueError: a prompt is not a string, or a ``max_new_tokens`` does not fit the model.
             BatchFailedError: decoding a batch raised (the first such error).
         """
-        by_row: dict[tuple[str, int], Sample] = {}
-        for outcome in self.stream_rows(rows, config):
+        out: list[Sample | None] = [None] * len(rows)
+        for outcome, positions in self._stream(rows, config):
             if outcome.error is not None:
                 raise BatchFailedError(f"a batch of {len(outcome.rows)} rows failed: {outcome.error}")
-            by_row.update(((s.prompt, s.sample_index), s) for s in outcome.samples)
-        return [by_row[(p, i)] for p, i in rows]
+            for pos, sample in zip(positions, outcome.samples, strict=True):
+                out[pos] = sample
+        return [s for s in out if s is not None]
 
-    def run_rows(self, rows: Sequence[tuple[str, int]], config: GenerationConfig) -> list[BatchOutcome]:
+    def run_rows(self, rows: Sequence[Row], config: GenerationConfig) -> list[BatchOutcome]:
         """:meth:`stream_rows` as a list (what crosses a process boundary, for shared models)."""
         return list(self.stream_rows(rows, config))
 
-    def stream_rows(self, rows: Sequence[tuple[str, int]], config: GenerationConfig) -> Iterator[BatchOutcome]:
+    def stream_rows(self, rows: Sequence[Row], config: GenerationConfig) -> Iterator[BatchOutcome]:
         """Decode ``rows`` in full, length-bucketed batches; yield each batch's outcome as it finishes.
 
         Rows are sorted by prompt length, so every batch but the last of each length bucket
-        holds ``batch_size`` rows. A batch whose decoding raises yields its rows with the
-        error message (``samples`` empty) and the next batch goes on: callers decide what a
-        failure means. Duplicate rows are decoded once; greedy rows of one prompt too.
+        holds ``batch_size`` rows, whatever mix of per-row settings they carry (rows that
+        differ in ``suppress_tokens`` or ``valid_utf8`` are batched apart: :func:`batch_key`).
+        A batch whose decoding raises yields its rows with the error message (``samples``
+        empty) and the next batch goes on: callers decide what a failure means. Duplicate
+        rows are decoded once; greedy rows of one prompt and settings too.
+
+        Args:
+            rows: ``(prompt, sample_index)`` pairs (under ``config``) or :class:`GenRow`.
+            config: the settings of rows that bring none.
 
         Raises:
-            ValueError: a prompt is not a string, or ``max_new_tokens`` does not fit the model.
+            ValueError: a prompt is not a string, or a ``max_new_tokens`` does not fit the model.
         """
-        limit = max_prompt_tokens(self.n_positions, config.max_new_tokens)
+        for outcome, _ in self._stream(rows, config):
+            yield outcome
+
+    def _stream(self, rows: Sequence[Row], config: GenerationConfig) -> Iterator[tuple[BatchOutcome, list[int]]]:
+        """:meth:`stream_rows`, with the positions in ``rows`` each outcome's samples answer."""
+        resolved = [_resolve(row, config) for row in rows]
         tok = self.tokenizer
-        encoded: dict[str, tuple[list[int], bool]] = {}
-        for prompt, _ in rows:
-            if not isinstance(prompt, str):
-                raise ValueError(f"prompt {prompt!r}: must be a string")
-            if prompt not in encoded:
-                ids = [tok.bos_id, *tok.encode(prompt)]
-                cut = len(ids) > limit
-                encoded[prompt] = ([tok.bos_id, *ids[len(ids) - limit + 1 :]] if cut else ids, cut)
-        n_cut = sum(1 for p, _ in rows if encoded[p][1])
-        if n_cut:
-            msg = (
-                f"{n_cut} of {len(rows)} prompts are longer than {limit} tokens (the model's {self.n_positions} "
-                f"positions minus max_new_tokens={config.max_new_tokens}); cut from the left"
+        limits = {
+            r.config.max_new_tokens: max_prompt_tokens(self.n_positions, r.config.max_new_tokens) for r in resolved
+        }
+        full: dict[str, list[int]] = {}
+        for r in resolved:
+            if r.prompt not in full:
+                full[r.prompt] = [tok.bos_id, *tok.encode(r.prompt)]
+        self._warn_cuts(resolved, full, limits)
+        # Greedy outputs do not depend on the sample index or the seed: decode each prompt once.
+        members: dict[_Unit, list[int]] = {}
+        for pos, r in enumerate(resolved):
+            unit = (
+                _Unit(r.prompt, 0, _greedy_key(r.config))
+                if r.config.greedy
+                else _Unit(r.prompt, r.sample_index, r.config)
             )
-            warnings.warn(msg, stacklevel=2)
-            log.warning(msg)
-        # Greedy outputs do not depend on the sample index: decode each prompt once.
-        members: dict[tuple[str, int], list[tuple[str, int]]] = {}
-        for p, i in dict.fromkeys(rows):
-            members.setdefault((p, 0 if config.greedy else i), []).append((p, i))
-        unique = sorted(members, key=lambda k: (len(encoded[k[0]][0]), k))
-        for batch in self._batches(unique, encoded, limit):
+            members.setdefault(unit, []).append(pos)
+        groups = {key: n for n, key in enumerate(dict.fromkeys(batch_key(u.config) for u in members))}
+        configs = {c: n for n, c in enumerate(dict.fromkeys(u.config for u in members))}
+
+        def prompt_ids(unit: _Unit) -> tuple[list[int], bool]:
+            ids, limit = full[unit.prompt], limits[unit.config.max_new_tokens]
+            return ([tok.bos_id, *ids[len(ids) - limit + 1 :]], True) if len(ids) > limit else (ids, False)
+
+        encoded = {u: prompt_ids(u) for u in members}
+        width = {u: prompt_bucket(len(encoded[u][0]), limits[u.config.max_new_tokens]) for u in members}
+        unique = sorted(
+            members,
+            key=lambda u: (
+                groups[batch_key(u.config)],
+                width[u],
+                u.config.max_new_tokens,
+                len(encoded[u][0]),
+                u.prompt,
+                u.sample_index,
+                configs[u.config],
+            ),
+        )
+        for batch in self._batches(unique, lambda u: (groups[batch_key(u.config)], width[u])):
             started = time.perf_counter()
-            batch_rows = [r for k in batch for r in members[k]]
+            positions = [pos for u in batch for pos in members[u]]
+            batch_rows = [resolved[pos].row for pos in positions]
             try:
                 with self.decoder.lock:
                     outs = _decode_batch(
                         self.decoder,
                         tok,
-                        [encoded[k[0]][0] for k in batch],
-                        np.array([config.row_seed(*k) for k in batch], np.uint64),
-                        config,
-                        limit,
+                        [encoded[u][0] for u in batch],
+                        width[batch[0]],
+                        RowSettings.of(
+                            [u.config for u in batch], [u.config.row_seed(u.prompt, u.sample_index) for u in batch]
+                        ),
+                        vocab_rules(tok, self.decoder.vocab_size, *batch_key(batch[0].config)),
+                        self.sampler,
                         max_batch=self.batch_size,
+                        timings=self.timings,
                     )
             except Exception as exc:  # noqa: BLE001 - reported per batch; the caller dead-letters the rows
                 log.warning("a batch of %d rows failed: %s: %s", len(batch_rows), type(exc).__name__, exc)
-                yield BatchOutcome(batch_rows, [], 0, time.perf_counter() - started, f"{type(exc).__name__}: {exc}")
+                failed = BatchOutcome(batch_rows, [], 0, time.perf_counter() - started, f"{type(exc).__name__}: {exc}")
+                yield failed, positions
                 continue
             samples = []
-            for key, row in zip(batch, outs, strict=True):
-                prompt_ids, cut = encoded[key[0]]
-                for prompt, index in members[key]:
-                    samples.append(
-                        _make_sample(tok, prompt, index, prompt_ids, row, config.row_seed(prompt, index), cut)
-                    )
-            new_tokens = sum(len(row.new) for row in outs)
-            yield BatchOutcome(batch_rows, samples, new_tokens, time.perf_counter() - started, None)
+            for unit, out in zip(batch, outs, strict=True):
+                prompt_ids_, cut = encoded[unit]
+                for pos in members[unit]:
+                    r = resolved[pos]
+                    seed = r.config.row_seed(r.prompt, r.sample_index)
+                    samples.append(_make_sample(tok, r, prompt_ids_, out, seed, cut))
+            new_tokens = sum(len(out.new) for out in outs)
+            yield BatchOutcome(batch_rows, samples, new_tokens, time.perf_counter() - started, None), positions
 
-    def _batches(
-        self, keys: list[tuple[str, int]], encoded: dict[str, tuple[list[int], bool]], limit: int
-    ) -> list[list[tuple[str, int]]]:
-        """Split length-sorted rows into batches of at most ``batch_size`` sharing a length bucket."""
-        batches: list[list[tuple[str, int]]] = []
-        current: list[tuple[str, int]] = []
-        bucket = None
-        for key in keys:
-            b = prompt_bucket(len(encoded[key[0]][0]), limit)
-            if current and (b != bucket or len(current) == self.batch_size):
+    def _warn_cuts(self, resolved: list[_Resolved], full: dict[str, list[int]], limits: dict[int, int]) -> None:
+        """Warn once per prompt-length limit about the prompts cut to fit it."""
+        for max_new, limit in sorted(limits.items()):
+            rows = [r for r in resolved if r.config.max_new_tokens == max_new]
+            n_cut = sum(1 for r in rows if len(full[r.prompt]) > limit)
+            if n_cut:
+                msg = (
+                    f"{n_cut} of {len(rows)} prompts are longer than {limit} tokens (the model's {self.n_positions} "
+                    f"positions minus max_new_tokens={max_new}); cut from the left"
+                )
+                warnings.warn(msg, stacklevel=4)
+                log.warning(msg)
+
+    def _batches(self, units: list[_Unit], group: Any) -> list[list[_Unit]]:
+        """Split sorted units into batches of at most ``batch_size`` sharing ``group(unit)``."""
+        batches: list[list[_Unit]] = []
+        current: list[_Unit] = []
+        for unit in units:
+            if current and (group(unit) != group(current[-1]) or len(current) == self.batch_size):
                 batches.append(current)
                 current = []
-            current.append(key)
-            bucket = b
+            current.append(unit)
         if current:
             batches.append(current)
         return batches
 
 
-@dataclass(frozen=True)
-class _Row:
-    """What decoding gives for one row."""
-
-    new: list[int]
-    reason: str
-    logprob_sum: float
-    dropped: int
+_GRAPH_SAMPLERS: dict[tuple[int, bool], Sampler] = {}
 
 
-def _make_sample(
-    tok: Tokenizer, prompt: str, index: int, prompt_ids: list[int], row: _Row, seed: int, cut: bool
-) -> Sample:
+def make_sampler(kind: str, vocab: int, *, scores: bool = True) -> Sampler:
+    """A sampler of this kind for ``vocab``-wide logits.
+
+    A ``graph`` sampler is shared by the process's generators of this width (its compiled
+    shapes are reused); a ``host`` sampler keeps a buffer, so each generator has its own.
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    if kind not in SAMPLERS:
+        raise ValueError(f"sampler={kind!r}: must be one of {SAMPLERS}")
+    if kind == "host":
+        return HostSampler(vocab, scores=scores)
+    key = (int(vocab), bool(scores))
+    if key not in _GRAPH_SAMPLERS:
+        from kogpt2.graph_sampling import GraphSampler
+
+        _GRAPH_SAMPLERS[key] = GraphSampler(vocab, scores=scores)
+    return _GRAPH_SAMPLERS[key]
+
+
+def _resolve(row: Row, config: GenerationConfig) -> _Resolved:
+    """An input row with its prompt, sample index, settings and key checked."""
+    if isinstance(row, GenRow):
+        prompt, index, cfg, key = row.prompt, row.sample_index, row.config or config, row.key
+    else:
+        (prompt, index), cfg, key = row, config, None
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt {prompt!r}: must be a string")
+    if not is_int(index) or index < 0:
+        raise ValueError(f"sample_index={index!r}: must be an integer >= 0")
+    if not isinstance(cfg, GenerationConfig):
+        raise ValueError(f"config {cfg!r}: must be a GenerationConfig")
+    return _Resolved(row, prompt, int(index), cfg, key)
+
+
+def _greedy_key(config: GenerationConfig) -> GenerationConfig:
+    """A greedy config without what greedy output does not depend on (the seed)."""
+    return config if config.seed == 0 else config.replace(seed=0)
+
+
+def _make_sample(tok: Tokenizer, r: _Resolved, prompt_ids: list[int], row: DecodedRow, seed: int, cut: bool) -> Sample:
     new = row.new
     text = tok.decode(prompt_ids + new)
     prefix = tok.decode(prompt_ids)
     continuation = text[len(prefix) :] if text.startswith(prefix) else tok.decode(new)
     mean = row.logprob_sum / len(new) if new else 0.0
     return Sample(
-        prompt,
-        index,
+        r.prompt,
+        r.sample_index,
         text,
         continuation,
         len(new),
@@ -314,161 +468,8 @@ def _make_sample(
         row.logprob_sum,
         mean,
         row.dropped,
+        r.key,
     )
-
-
-@dataclass(frozen=True)
-class _TokenTables:
-    byte_ids: np.ndarray  # (256,) id of <0xNN>, -1 if absent
-    specials: tuple[int, ...]  # every special piece but </s>
-
-
-_TABLES: dict[str, _TokenTables] = {}
-
-
-def _token_tables(tok: Tokenizer) -> _TokenTables:
-    """Byte pieces and special ids of a tokenizer, computed once per tokenizer file."""
-    key = tok.fingerprint
-    if key not in _TABLES:
-        byte_ids = byte_piece_ids((i, tok.id_to_piece(i)) for i in range(tok.vocab_size))
-        specials = set(tok.special_ids) | {tok.unk_id}
-        _TABLES[key] = _TokenTables(byte_ids, default_suppressed(specials, tok.eos_id))
-    return _TABLES[key]
-
-
-def padded_batch(rows: int, max_batch: int) -> int:
-    """The decoder batch for ``rows`` rows: the next power of two, or ``max_batch``.
-
-    A partial batch (the last of a length bucket) is padded with idle rows, so the decoder
-    sees a few batch shapes (powers of two below ``max_batch``, and ``max_batch``) whatever
-    the job: each new shape costs an XLA compile and memory that is kept.
-    """
-    if rows >= max_batch:
-        return rows
-    return min(1 << (rows - 1).bit_length(), max_batch)
-
-
-def _decode_batch(
-    decoder: Decoder,
-    tok: Tokenizer,
-    prompts: list[list[int]],
-    seeds: np.ndarray,
-    config: GenerationConfig,
-    limit: int,
-    *,
-    max_batch: int | None = None,
-) -> list[_Row]:
-    """Decode one batch of prompt ids (each <= ``limit`` tokens); one :class:`_Row` per prompt.
-
-    With ``max_batch``, the batch is padded to :func:`padded_batch` rows: idle copies of the
-    first prompt that are never generated for (they finish before the first step).
-    """
-    real = len(prompts)
-    batch = padded_batch(real, max_batch) if max_batch else real
-    if batch > real:
-        prompts = prompts + [prompts[0]] * (batch - real)
-        seeds = np.concatenate([seeds, np.repeat(seeds[:1], batch - real)])
-    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-    width = prompt_bucket(int(lengths.max()), limit)
-    max_new = config.max_new_tokens
-    ids = np.full((batch, width), tok.pad_id, dtype=np.int64)
-    starts = width - lengths  # (B,) first real slot of each row
-    history = np.zeros((batch, width + max_new), dtype=np.int64)  # real ids only, left-aligned
-    for b, p in enumerate(prompts):
-        ids[b, starts[b] :] = p
-        history[b, : len(p)] = p
-    hlen = lengths.copy()
-    out: list[list[int]] = [[] for _ in range(batch)]
-    scores: list[list[float]] = [[] for _ in range(batch)]  # per-token log-probabilities
-    reasons = ["length"] * batch
-    tables = _token_tables(tok)
-    guard = Utf8Guard(tables.byte_ids, batch) if config.valid_utf8 else None
-    rows = np.arange(batch)  # (R,) original row of each decoder row; shrinks as rows finish
-    alive = np.arange(batch) < real  # (R,) decoder rows still generating (idle padding rows never are)
-    logits = decoder.prefill(ids, starts, width + max_new - 1)  # (R, V)
-    logz = decoder.last_logz  # (R,)
-    vocab = logits.shape[1]
-    banned = list(tables.specials if config.suppress_tokens is None else config.suppress_tokens)
-    banned += range(tok.vocab_size, vocab)  # ids the tokenizer cannot decode
-    suppressed = np.array(sorted(i for i in set(banned) if i < vocab), dtype=np.int64)
-    penalty = config.repetition_penalty
-    for step in range(max_new):
-        idx = np.nonzero(alive)[0]
-        lg = logits if len(idx) == len(rows) else logits[idx]  # (A, V)
-        live = rows[idx]  # (A,) original rows
-        hist, hl = history[live], hlen[live]
-        if penalty != 1.0:
-            apply_repetition_penalty(lg, hist, hl, penalty)
-        if config.no_repeat_ngram_size:
-            ban_repeated_ngrams(lg, hist, hl, config.no_repeat_ngram_size)
-        suppress(lg, suppressed)
-        if step < config.min_new_tokens:
-            lg[:, tok.eos_id] = -np.inf
-        if guard is not None:
-            guard.mask(lg, live)
-        chosen = select_tokens(
-            lg,
-            greedy=config.greedy,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
-            row_seeds=seeds[live],
-            step=step,
-        )
-        picked = lg[np.arange(len(idx)), chosen].astype(np.float64)  # (A,)
-        if penalty != 1.0:  # undo the penalty on the picked logit: scores are under the raw model
-            seen = ((hist == chosen[:, None]) & (np.arange(hist.shape[1])[None, :] < hl[:, None])).any(axis=1)
-            picked = np.where(seen, np.where(picked > 0, picked * penalty, picked / penalty), picked)
-        lps = picked - logz[idx]
-        if guard is not None:
-            guard.advance(live, chosen)
-        done = chosen == tok.eos_id
-        for i, (r, t) in enumerate(zip(live.tolist(), chosen.tolist(), strict=True)):
-            out[r].append(t)
-            scores[r].append(float(lps[i]))
-            history[r, hlen[r]] = t
-            hlen[r] += 1
-            if t == tok.eos_id:
-                reasons[r] = "eos"
-            elif config.stop and _has_stop(tok.decode(out[r]), config.stop):
-                reasons[r] = "stop"
-                done[i] = True
-        alive[idx[done]] = False
-        if step == max_new - 1 or not alive.any():
-            break
-        feed = np.full(len(rows), tok.pad_id, dtype=np.int64)  # finished rows are fed <pad>, never read
-        feed[idx] = chosen
-        keep = _compaction(alive)
-        if keep is not None:
-            decoder.select_rows(keep)
-            rows, alive, feed = rows[keep], alive[keep], feed[keep]
-        logits = decoder.step(feed, starts[rows], width + step)
-        logz = decoder.last_logz
-    results = []
-    for r in range(real):
-        dropped = guard.open_bytes(r) if guard is not None and reasons[r] == "length" else 0
-        kept = len(out[r]) - dropped
-        results.append(_Row(out[r][:kept], reasons[r], float(sum(scores[r][:kept])), dropped))
-    return results
-
-
-def _has_stop(text: str, stops: tuple[str, ...]) -> bool:
-    return any(s in text for s in stops)
-
-
-def _compaction(alive: np.ndarray) -> np.ndarray | None:
-    """Decoder rows to keep once at most half of them are still generating, else None.
-
-    The batch shrinks by halves (finished rows fill the gap), so a batch takes at most
-    log2(batch size) distinct shapes: recompiles stay bounded.
-    """
-    size, n_alive = len(alive), int(alive.sum())
-    if size < 8 or n_alive > size // 2:
-        return None
-    while size // 2 >= max(n_alive, 1):
-        size //= 2
-    filler = np.nonzero(~alive)[0][: size - n_alive]
-    return np.sort(np.concatenate([np.nonzero(alive)[0], filler]))
 
 
 # A model's generators, by dtype and batch size, so repeated calls reuse the compiled decoder.

@@ -7,15 +7,7 @@ import pytest
 from conftest import make_sentences
 
 from kogpt2.generation import GenerationConfig
-from kogpt2.sampling import (
-    apply_repetition_penalty,
-    ban_repeated_ngrams,
-    row_seed,
-    sample_nucleus,
-    sample_top_k,
-    select_tokens,
-    uniforms,
-)
+from kogpt2.sampling import DrawInputs, HostSampler, VocabRules, repeated_ngram_bans, row_seed, seen_tokens, uniforms
 
 PROMPTS = ["이때", "그날 밤", "마침내 그는", "아이들은 강가에서 오래 기다렸다", "노인은"]
 
@@ -37,6 +29,13 @@ def gen(tiny, prompts, batch_size=64, **kw):
 
 def texts(samples):
     return {(s.prompt, s.sample_index): s.text for s in samples}
+
+
+def draw(logits, seeds, step=0, **kw):
+    """Tokens the sampler draws for numpy ``logits`` (every token allowed)."""
+    vocab = logits.shape[1]
+    tokens, _ = HostSampler(vocab).draw(logits, DrawInputs.make(seeds, step, **kw), VocabRules.open(vocab))
+    return tokens
 
 
 # -- config ---------------------------------------------------------------------------------
@@ -79,45 +78,115 @@ def test_row_seed_and_uniforms_are_pure_functions_of_stable_ids():
     assert row_seed("이때", 0, 7) == row_seed("이때", 0, 7)
     assert len({row_seed("이때", i, s) for i in range(3) for s in range(3)}) == 9
     seeds = np.array([row_seed(p, 0, 0) for p in PROMPTS], dtype=np.uint64)
-    u = uniforms(seeds, step=3)
-    assert np.all((u >= 0) & (u < 1))
-    np.testing.assert_array_equal(u[[2, 0]], uniforms(seeds[[2, 0]], step=3))  # row alone == row in a batch
-    assert not np.array_equal(u, uniforms(seeds, step=4))
+    u = uniforms(seeds, step=3, attempts=17)
+    assert u.shape == (5, 17) and np.all((u >= 0) & (u < 1))
+    np.testing.assert_array_equal(u[[2, 0]], uniforms(seeds[[2, 0]], step=3, attempts=17))  # alone == in a batch
+    np.testing.assert_array_equal(u[:, :1], uniforms(seeds, step=3))  # attempt a is the same draw however many
+    assert not np.array_equal(u, uniforms(seeds, step=4, attempts=17))
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
-    logits = np.array([[2.0, -1.0, 3.0, 1.0]], dtype=np.float32)
-    apply_repetition_penalty(logits, np.array([[0, 1, 0, 9]]), np.array([3]), 2.0)  # id 9 is past the length
-    np.testing.assert_allclose(logits, [[1.0, -2.0, 3.0, 1.0]])
+    pairs = seen_tokens(np.array([[0, 1, 0, 9], [2, 2, 0, 0]]), np.array([3, 2]))  # id 9 is past the length
+    np.testing.assert_array_equal(pairs, [[0, 0], [0, 1], [1, 2]])
+    logits = np.array([[4.0, 3.0, -1.0], [-1.0, -1.5, -3.0]], dtype=np.float32)
+    seeds = np.arange(2, dtype=np.uint64)
+    assert draw(logits, seeds, greedy=True).tolist() == [0, 0]
+    penalized = np.array([[0, 0], [1, 0]])  # 4 / 2 < 3 in row 0; -1 * 2 < -1.5 in row 1
+    assert draw(logits, seeds, greedy=True, penalized=penalized, penalty=np.array([2.0, 2.0])).tolist() == [1, 1]
 
 
 def test_no_repeat_ngram_bans_the_token_that_would_repeat_a_bigram():
+    bans = repeated_ngram_bans(np.array([[1, 2, 3, 1, 0], [4, 4, 4, 0, 0]]), np.array([4, 3]), 2)
+    np.testing.assert_array_equal(bans, [[0, 2], [1, 4]])  # "1 2" seen and suffix "1"; "4 4" seen, suffix "4"
     logits = np.zeros((1, 6), dtype=np.float32)
-    ban_repeated_ngrams(logits, np.array([[1, 2, 3, 1, 0]]), np.array([4]), 2)  # "1 2" seen, suffix "1"
-    assert logits[0, 2] == -np.inf and np.isfinite(np.delete(logits[0], 2)).all()
+    logits[0, 2] = 5.0
+    assert draw(logits, np.zeros(1, np.uint64), greedy=True, banned=bans[:1]).tolist() == [0]
 
 
 def test_nucleus_sampling_keeps_only_the_nucleus_and_matches_its_distribution():
     p = np.array([0.5, 0.3, 0.15, 0.05])  # top_p 0.75 keeps {0, 1}: renormalized 0.625 / 0.375
     logits = np.log(p)[None].repeat(4000, axis=0).astype(np.float32)
     seeds = np.array([row_seed("x", i, 0) for i in range(4000)], dtype=np.uint64)
-    drawn = sample_nucleus(logits, 0.75, seeds, step=0)
+    drawn = draw(logits, seeds, top_p=0.75)
     assert set(drawn.tolist()) == {0, 1}
     assert abs(np.mean(drawn == 0) - 0.625) < 0.03
-    full = sample_nucleus(logits, 1.0, seeds, step=0)
+    full = draw(logits, seeds, top_p=1.0)
     assert abs(np.mean(full == 3) - 0.05) < 0.015
-    top2 = sample_top_k(logits, 2, 1.0, seeds, step=0)
-    assert set(top2.tolist()) == {0, 1}
+    top2 = draw(logits, seeds, top_k=2)
+    assert set(top2.tolist()) == {0, 1} and abs(np.mean(top2 == 0) - 0.625) < 0.03
+    # per-row settings in one call: each row drawn as it would be alone
+    mixed = draw(logits, seeds, top_p=np.where(np.arange(4000) % 2, 0.75, 1.0), top_k=np.arange(4000) % 3 == 0)
+    for i in (0, 1, 2, 3, 4, 5):
+        alone = draw(logits[i : i + 1], seeds[i : i + 1], top_p=0.75 if i % 2 else 1.0, top_k=int(i % 3 == 0))
+        assert mixed[i] == alone[0]
+
+
+def test_nucleus_draws_cover_a_large_vocabulary_exactly():
+    """Block sums over 256-token blocks, then a search inside the block: every token reachable, none outside the nucleus."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(1, 1000)).astype(np.float32).repeat(3000, axis=0)
+    seeds = np.arange(3000, dtype=np.uint64)
+    p = np.exp(logits[0] - logits[0].max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    nucleus = set(order[: int(np.searchsorted(np.cumsum(p[order]), 0.5)) + 1].tolist())
+    drawn = draw(logits, seeds, top_p=0.5)
+    assert set(drawn.tolist()) <= nucleus and len(set(drawn.tolist())) > len(nucleus) // 2
+    full = draw(logits, seeds)
+    assert np.max(full) > 768  # the last, partial block is reached
+    heavy = order[0]
+    assert abs(np.mean(full == heavy) - p[heavy]) < 4 * np.sqrt(p[heavy] / 3000) + 1e-3
+
+
+def test_the_compiled_draw_equals_the_host_draw():
+    """The XLA sampler (an alternative to measure) runs the same algorithm: same tokens, same scores."""
+    from kogpt2.graph_sampling import GraphSampler
+
+    rng = np.random.default_rng(5)
+    rows, vocab = 48, 700
+    logits = (rng.normal(size=(rows, vocab)) * 2).astype(np.float32)
+    byte_of = np.full(vocab, 256, np.int32)
+    byte_of[10:266] = np.arange(256)
+    static_ok = np.ones(vocab, bool)
+    static_ok[[0, 3, 5]] = False
+    rules = VocabRules(static_ok, byte_of, 1)
+    allowed = np.ones((rows, 257), bool)
+    allowed[:, :32] = False  # control bytes
+    allowed[::7, :] = False  # inside a character: only a few continuation bytes
+    allowed[::7, 0x80:0x84] = True
+    inputs = DrawInputs.make(
+        np.arange(rows, dtype=np.uint64),
+        2,
+        greedy=np.arange(rows) % 5 == 0,
+        temperature=np.where(np.arange(rows) % 3 == 0, 0.7, 1.0),
+        top_k=np.where(np.arange(rows) % 4 == 1, 20, 0),
+        top_p=np.where(np.arange(rows) % 2 == 0, 0.9, 1e-4),
+        allowed_bytes=allowed,
+        ban_eos=np.arange(rows) % 6 == 0,
+        penalized=np.array([[1, 2], [2, 40], [4, 2]]),
+        penalty=np.array([1.5, 1.5, 0.5]),
+        banned=np.array([[1, 7], [9, 8]]),
+        idle=np.isin(np.arange(rows), [10, 32, 45]),  # finished rows: nothing drawn
+    )
+    host_tokens, host_lp = HostSampler(vocab).draw(logits, inputs, rules)
+    graph_tokens, graph_lp = GraphSampler(vocab).draw(logits, inputs, rules)
+    np.testing.assert_array_equal(host_tokens, graph_tokens)
+    np.testing.assert_allclose(host_lp, graph_lp, atol=1e-4)
+    assert all(0x80 <= byte_of[t] < 0x84 for t in host_tokens[::7])  # inside a character: its next byte
+    assert host_tokens[[10, 32, 45]].tolist() == [0, 0, 0]
+    assert not set(np.delete(host_tokens, [10, 32, 45]).tolist()) & {0, 3, 5, *range(10, 42)}
 
 
 def test_greedy_ties_and_tiny_cuts_pick_the_best_token():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(8, 50)).astype(np.float32)
+    logits[0, 7] = logits[0, 30] = logits[0].max() + 1  # a tie: the lower id wins
     seeds = np.arange(8, dtype=np.uint64)
-    best = select_tokens(logits, greedy=True, temperature=1.0, top_k=0, top_p=1.0, row_seeds=seeds, step=0)
+    best = draw(logits, seeds, greedy=True)
+    assert best[0] == 7
+    np.testing.assert_array_equal(best, np.argmax(logits, axis=1))
     for kw in ({"top_k": 1, "top_p": 1.0}, {"top_k": 0, "top_p": 1e-6}, {"top_k": 5, "top_p": 1e-6}):
-        got = select_tokens(logits, greedy=False, temperature=1.0, row_seeds=seeds, step=0, **kw)
-        np.testing.assert_array_equal(got, best)
+        np.testing.assert_array_equal(draw(logits, seeds, **kw), best)
 
 
 def test_temperatures_too_small_for_float32_take_the_best_token():
@@ -128,8 +197,7 @@ def test_temperatures_too_small_for_float32_take_the_best_token():
     best = np.argmax(logits, axis=1)
     for t in (1e-39, 1e-20, 5e-5):
         for kw in ({"top_k": 0, "top_p": 1.0}, {"top_k": 0, "top_p": 0.9}, {"top_k": 20, "top_p": 1.0}):
-            got = select_tokens(logits, greedy=False, temperature=t, row_seeds=seeds, step=3, **kw)
-            np.testing.assert_array_equal(got, best)
+            np.testing.assert_array_equal(draw(logits, seeds, step=3, temperature=t, **kw), best)
 
 
 # -- the decoder matches the transformers model ---------------------------------------------
@@ -331,17 +399,36 @@ def test_cli_rejects_greedy_with_sampling_flags(tiny_model_dir, capsys):
     assert "top_p=2.0" in capsys.readouterr().err
 
 
-def test_compiles_are_bounded_by_length_buckets(tiny):
+def test_compiles_are_bounded_by_length_buckets_and_cache_levels(tiny):
     from kogpt2.generation import Generator
 
     model, tok = tiny
-    gen = Generator(model, tok, batch_size=4)
+    gen = Generator(model, tok, batch_size=4, cache_growth=16)
     cfg = GenerationConfig(strategy="greedy", max_new_tokens=5)
     gen.generate(["이때", "그날"], cfg)
     first = gen.compiles
+    assert first == 3  # prefill and step traces, one attention shape (the host sampler compiles nothing)
+    assert gen.decoder._shapes == {(2, 16)}
     gen.generate(["마침내 그는", "노인은"], cfg)  # other prompts, same length bucket and batch shape
     gen.generate(["그날", "이때"], cfg)
-    assert gen.compiles == first == 3  # prefill + step traces, one XLA attention shape
+    assert gen.compiles == first
+    # a longer budget grows the cache level by level (multiples of 16): one attention shape per level
+    gen.generate(["이때", "그날"], cfg.replace(max_new_tokens=40, min_new_tokens=40))
+    assert {c for _, c in gen.decoder._shapes} == {16, 32, 48}  # slots 8 .. 46
+    assert gen.compiles == first + 2
+
+
+def test_cache_growth_changes_nothing_but_the_cache_size(tiny):
+    from kogpt2.generation import Generator
+
+    model, tok = tiny
+    cfg = GenerationConfig(num_samples=3, max_new_tokens=40, top_p=0.9, seed=5)
+    runs = {g: Generator(model, tok, batch_size=16, cache_growth=g).generate(PROMPTS, cfg) for g in (0, 16, 32)}
+    assert texts(runs[0]) == texts(runs[16]) == texts(runs[32])
+    assert max(s.new_tokens for s in runs[0]) > 32  # levels were crossed
+    graph = Generator(model, tok, batch_size=16, sampler="graph").generate(PROMPTS, cfg)  # the draw in XLA
+    assert texts(graph) == texts(runs[32])
+    assert [s.logprob_sum for s in graph] == pytest.approx([s.logprob_sum for s in runs[32]], abs=1e-3)
 
 
 def test_partial_batches_are_padded_to_few_shapes_so_compiles_stay_bounded(tiny):

@@ -83,6 +83,48 @@ def test_sampled_text_never_holds_replacement_characters(tiny_model_dir):
         assert sum(tok.id_to_piece(i).startswith("<0x") for i in s.new_ids) > 0
 
 
+def _unprintable(text: str) -> list[str]:
+    import unicodedata
+
+    return [c for c in text if c not in "\t\n" and unicodedata.category(c) in {"Cc", "Co", "Cn", "Cs"}]
+
+
+def test_the_byte_state_allows_only_bytes_that_can_finish_a_printable_character():
+    from kogpt2.constraints import next_bytes, unprintable_pieces
+
+    start = next_bytes((), True)
+    assert start[ord("a")] and start[ord("\n")] and start[ord("\t")] and start[256]
+    assert not start[0x00] and not start[0x13] and not start[0x7F] and not start[ord("\r")]
+    assert not start[0x80] and not start[0xC0] and not start[0xF5]  # continuation, overlong, past U+10FFFF
+    assert start[0xEA] and not start[0xEE] and not start[0xF4]  # Hangul; all private use (U+E000.., plane 16)
+    assert next_bytes((), False)[0xEE] and next_bytes((), False)[0x13]  # valid UTF-8 alone allows them
+    after_c2 = next_bytes((0xC2,), True)  # U+0080 .. U+00BF: C1 controls, then Latin-1 signs
+    assert not after_c2[256] and not after_c2[0x80] and not after_c2[0x9F] and after_c2[0xA0] and after_c2[0xBF]
+    after_ef = next_bytes((0xEF,), True)  # U+F000 .. U+F8FF private use, then CJK compatibility
+    assert not after_ef[0x80] and not after_ef[0xA3] and after_ef[0xA4]
+    assert not next_bytes((0xED,), False)[0xA0]  # surrogates are never valid
+    assert unprintable_pieces([(5, "가\x7f"), (6, "가 나"), (7, "\ue000"), (8, "\t\n")]) == [5, 7]
+
+
+def test_generated_characters_are_always_printable(tiny_model_dir):
+    """An untrained byte-fallback model, unfiltered and hot: byte pieces spell every kind of character."""
+    from kogpt2.model import load_model
+
+    model, tok = load_model(tiny_model_dir)
+    byte_ids = {i for i in range(tok.vocab_size) if tok.id_to_piece(i).startswith("<0x")}
+    assert len(byte_ids) == 256  # the tiny tokenizer has byte fallback
+    gen = Generator(model, tok)
+    cfg = GenerationConfig(num_samples=64, max_new_tokens=24, top_p=1.0, temperature=3.0, seed=11)
+    free = gen.generate(PROMPTS[:4], cfg.replace(valid_utf8=False))
+    assert sum(bool(_unprintable(s.continuation)) for s in free) > 100  # what the model does unguarded
+    guarded = gen.generate(PROMPTS[:4], cfg)
+    assert len(guarded) == 256
+    assert [c for s in guarded for c in _unprintable(s.continuation)] == []
+    assert not any("\ufffd" in s.text for s in guarded)
+    assert sum(t in byte_ids for s in guarded for t in s.new_ids) > 2000  # most characters were spelled in bytes
+    assert sum(ord(c) > 0x7F and not 0xAC00 <= ord(c) <= 0xD7A3 for s in guarded for c in s.continuation) > 300
+
+
 def test_special_pieces_are_never_sampled_unless_asked(tiny_model_dir):
     model, tok = biased_model(tiny_model_dir, [], 0.0)
     specials = sorted((set(tok.special_ids) | {tok.unk_id}) - {tok.eos_id})
