@@ -378,7 +378,7 @@ class GenerateUnits(beam.DoFn):
                 self._model = self._shared.acquire(load, tag=tag)
         return self._model
 
-    def _decode(self, rows: list[tuple[str, int]], config: Any) -> Iterable[Any]:
+    def _decode(self, rows: list[Any], config: Any) -> Iterable[Any]:
         gen = self._generator()
         if self._job.share_model_across_processes:  # a proxy: lists cross processes, generators do not
             return gen.run_rows(rows, config)
@@ -400,6 +400,7 @@ class GenerateUnits(beam.DoFn):
     def process(self, element: tuple[int, Iterable[UnitItem]], units: int, unit_rows: dict[int, int], kept: Any):  # type: ignore[no-untyped-def]
         import numpy as np
 
+        from kogpt2.generation import GenRow
         from kogpt2.row_settings import effective
 
         unit, items = element
@@ -429,24 +430,22 @@ class GenerateUnits(beam.DoFn):
             for named in plan.grid:
                 config = effective(job.config, row.settings, named if plan.partitioned else None)
                 plan_rows += [(row, named.name, config, i) for i in range(config.num_samples)]
-        groups: dict[Any, list[tuple[str, int]]] = {}
-        for row, _, config, i in plan_rows:
-            groups.setdefault(config, []).append((row.prompt, i))
+        # rows of any settings share full decode batches: each carries its own (GenRow), keyed by its position
+        gen_rows = [GenRow(row.prompt, i, config, key=n) for n, (row, _, config, i) in enumerate(plan_rows)]
         started = time.perf_counter()
-        samples: dict[tuple[Any, str, int], Any] = {}
+        samples: dict[int, Any] = {}
         failures: list[dict[str, Any]] = []
-        failed_keys: set[tuple[Any, str, int]] = set()
+        failed_keys: set[int] = set()
         new_tokens = 0
         try:
-            for config, rows in groups.items():
-                for outcome in self._decode(list(dict.fromkeys(rows)), config):
-                    if outcome.error is not None:
-                        failed_keys.update((config, p, i) for p, i in outcome.rows)
-                        failures.append({"detail": outcome.error, "rows": len(outcome.rows)})
-                        continue
-                    samples.update(((config, s.prompt, s.sample_index), s) for s in outcome.samples)
-                    new_tokens += outcome.new_tokens
-                    self._progress.add(len(outcome.rows), outcome.new_tokens, outcome.seconds)
+            for outcome in self._decode(gen_rows, job.config):
+                if outcome.error is not None:
+                    failed_keys.update(r.key for r in outcome.rows)
+                    failures.append({"detail": outcome.error, "rows": len(outcome.rows)})
+                    continue
+                samples.update((s.key, s) for s in outcome.samples)
+                new_tokens += outcome.new_tokens
+                self._progress.add(len(outcome.rows), outcome.new_tokens, outcome.seconds)
         except Exception as exc:  # noqa: BLE001 - the unit cannot be planned: every row is a dead letter
             log.warning("unit %d failed: %s: %s", unit, type(exc).__name__, exc)
             failures.append({"detail": f"{type(exc).__name__}: {exc}", "rows": len(plan_rows)})
@@ -458,19 +457,19 @@ class GenerateUnits(beam.DoFn):
             files.append(REJECTED_PATTERN.format(unit=unit, units=units))
             write_text(join(work, files[-1]), "".join(line + "\n" for line in lines))
         failed_path = join(work, FAILED_PATTERN.format(unit=unit, units=units))
-        missing = [(r, n, c, i) for r, n, c, i in plan_rows if (c, r.prompt, i) not in samples]
+        missing = [n for n in range(len(plan_rows)) if n not in samples]
         if failures or missing:
             # The unit is not committed, so none of its rows is written: the failing batches' rows
             # carry their error, the others say why they were held back. A rerun redoes the unit.
             first = failures[0]["detail"] if failures else "rows without an outcome"
             letters = []
-            for r, n, c, i in plan_rows:
-                failed = (c, r.prompt, i) in failed_keys or (c, r.prompt, i) not in samples
+            for k, (r, cname, _, i) in enumerate(plan_rows):
+                failed = k in failed_keys or k not in samples
                 letters.append(
                     {
                         "row_id": r.row_id,
                         "seed": r.seed,
-                        "config": n,
+                        "config": cname,
                         "sample_index": i,
                         "reason": "inference_error" if failed else "unit_not_committed",
                         "detail": first
@@ -486,8 +485,8 @@ class GenerateUnits(beam.DoFn):
             return
         store_for(failed_path).delete(failed_path)  # an earlier attempt's, if any
         by_config: dict[str, list[dict[str, Any]]] = {named.name: [] for named in plan.grid}
-        for row, cname, config, i in plan_rows:
-            sample = samples[(config, row.prompt, i)]
+        for k, (row, cname, config, _) in enumerate(plan_rows):
+            sample = samples[k]
             by_config[cname].append(
                 to_record(sample, config, row, kept, plan.model_fingerprint, plan.tokenizer_fingerprint)
             )
