@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from kogpt2.generation_config import DTYPES  # re-exported: the decoder's computation types
 from kogpt2.tf_setup import import_tf
 
-DTYPES = ("float32", "bfloat16")
 #: Cache slots added at a time; 0 allocates the whole budget at prefill.
 DEFAULT_CACHE_GROWTH = 32
 _NEG = -1e9  # additive mask for slots a row must not attend

@@ -181,9 +181,15 @@ def given_values(args: argparse.Namespace, names: Iterable[str]) -> dict[str, An
     return out
 
 
-def read_config_file(path: str, allowed: Iterable[str]) -> dict[str, Any]:
+def read_config_file(path: str, allowed: Iterable[str], *, ignore_unknown: bool = False) -> dict[str, Any]:
     """Settings from a JSON file (``--config``): an object of setting names to values, or one whose
     ``config`` key holds that object (what a run's ``history.json`` records). Lists become tuples.
+
+    Args:
+        path: the file.
+        allowed: the setting names.
+        ignore_unknown: drop keys that are no setting (a bulk job's ``job.json`` read by a command
+            that has only some of its settings) instead of refusing them.
 
     Raises:
         ValueError: unreadable file, not an object, or a key that is no setting (named, with the closest one).
@@ -200,6 +206,8 @@ def read_config_file(path: str, allowed: Iterable[str]) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ValueError(f"--config {path}: must hold a JSON object of settings")
     allowed = sorted(allowed)
+    if ignore_unknown:
+        doc = {k: v for k, v in doc.items() if k in allowed}
     for key in doc:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)

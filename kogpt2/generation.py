@@ -33,6 +33,7 @@ from kogpt2.decode_loop import decode_batch as _decode_batch  # a module name: t
 from kogpt2.decoder import DEFAULT_CACHE_GROWTH, DTYPES, Decoder
 from kogpt2.generation_config import (  # noqa: F401  (re-exported: the generation API)
     DECODING_STRATEGIES,
+    DEFAULT_BATCH_SIZE,
     DEFAULT_TOP_P,
     GENERATION_CONFIG_FILE,
     GenerationConfig,
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 
 #: Padded prompt lengths; a batch is padded to the bucket of its longest prompt.
 PROMPT_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-DEFAULT_BATCH_SIZE = 64
 
 
 class BatchFailedError(RuntimeError):

@@ -21,6 +21,8 @@ DECODING_STRATEGIES = ("greedy", "sample")
 #: The file of a model folder that holds its generation defaults (transformers' name and keys).
 GENERATION_CONFIG_FILE = "generation_config.json"
 DEFAULT_TOP_P = 0.95
+#: The sampling settings, at the values that mean "no effect" (what greedy requires).
+SAMPLING_NEUTRAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,10 @@ class GenerationConfig:
     strategy: str = field(default="sample", metadata=flag("sample or greedy", choices=DECODING_STRATEGIES, cli=False))
     temperature: float = field(default=1.0, metadata=flag("divides the logits before sampling, > 0", metavar="T"))
     top_k: int = field(default=0, metadata=flag("sample among the K best tokens (0 = no cut)", metavar="K"))
-    top_p: float = field(default=DEFAULT_TOP_P, metadata=flag("nucleus mass in (0, 1]", metavar="P"))
+    top_p: float = field(
+        default=None,  # type: ignore[assignment]  # resolved in __post_init__: 0.95 sampling, 1.0 greedy
+        metadata=flag(f"nucleus mass in (0, 1] (default {DEFAULT_TOP_P} when sampling)", metavar="P"),
+    )
     repetition_penalty: float = field(
         default=1.0, metadata=flag("> 1 discourages tokens already in the prompt or output", metavar="R")
     )
@@ -70,6 +75,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         owner = "GenerationConfig"
         check_choice(owner, "strategy", self.strategy, DECODING_STRATEGIES)
+        if self.top_p is None:  # not given: the strategy's own default
+            object.__setattr__(self, "top_p", 1.0 if self.strategy == "greedy" else DEFAULT_TOP_P)
         check_number(owner, "temperature", self.temperature, gt=0)
         check_int(owner, "top_k", self.top_k, low=0, note="0 = no top-k cut")
         check_number(owner, "top_p", self.top_p, gt=0, le=1, note="1.0 = no nucleus cut")
@@ -91,9 +98,7 @@ class GenerationConfig:
         check_bool(owner, "valid_utf8", self.valid_utf8)
         check_int(owner, "seed", self.seed, low=0, high=2**63 - 1)
         if self.strategy == "greedy":
-            if self.top_p == DEFAULT_TOP_P:  # the sampling default: greedy ignores it
-                object.__setattr__(self, "top_p", 1.0)
-            for name, neutral in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):
+            for name, neutral in SAMPLING_NEUTRAL.items():
                 if getattr(self, name) != neutral:
                     raise ValueError(
                         f"{owner}.{name}={getattr(self, name)!r} has no effect with strategy='greedy': "
@@ -184,22 +189,58 @@ class GenerationConfig:
         return out
 
     @classmethod
-    def from_folder(cls, folder: str | Path | None, **overrides: Any) -> GenerationConfig:
-        """Our defaults, then the folder's ``generation_config.json`` (when present), then ``overrides``.
+    def from_layers(cls, *layers: dict[str, Any], names: tuple[str, ...] = ()) -> GenerationConfig:
+        """The one place settings meet: our defaults, then each layer in turn (later ones win).
 
-        ``overrides`` with a value of None are ignored (a flag not given). Choosing
-        ``strategy="greedy"`` drops sampling settings that came from the folder.
+        The order every caller uses: a model folder's ``generation_config.json``
+        (:meth:`folder_layer`), a ``--config`` file, the flags given, then a bulk job's per-row or
+        named settings. A value of None means "not given". Greedy versus sampling is decided
+        here and only here:
+
+        - a layer that chooses ``strategy="greedy"`` drops the sampling settings (temperature,
+          top-k, top-p) of the layers before it; one that also sets a sampling setting itself is
+          refused;
+        - a layer that sets a sampling setting without naming a strategy chooses sampling over an
+          earlier layer's greedy.
+
+        Args:
+            layers: settings by field name.
+            names: how each layer is named in errors (``("the model folder", "--config", "flags")``).
+
+        Raises:
+            ValueError: a layer combining greedy with a sampling setting, or an invalid value.
         """
-        base: dict[str, Any] = {}
-        if folder is not None:
-            path = Path(folder) / GENERATION_CONFIG_FILE
-            if path.is_file():
-                base = cls.hf_overrides(json.loads(path.read_text(encoding="utf-8")))
-        given = {k: v for k, v in overrides.items() if v is not None}
-        if given.get("strategy") == "greedy":
-            for name in ("temperature", "top_k", "top_p"):
-                base.pop(name, None)
-        return cls(**{**base, **given})
+        settings: dict[str, Any] = {}
+        for n, layer in enumerate(layers):
+            given = {k: v for k, v in layer.items() if v is not None}
+            sampling = [k for k in SAMPLING_NEUTRAL if k in given]
+            if given.get("strategy") == "greedy":
+                clash = [k for k in sampling if given[k] != SAMPLING_NEUTRAL[k]]
+                if clash:
+                    where = f" ({names[n]})" if n < len(names) else ""
+                    flags = ", ".join("--" + k.replace("_", "-") for k in clash)
+                    raise ValueError(f"--greedy cannot be combined with {flags}{where}: greedy takes the best token")
+                for k in SAMPLING_NEUTRAL:
+                    settings.pop(k, None)
+            elif settings.get("strategy") == "greedy" and (given.get("strategy") == "sample" or sampling):
+                settings["strategy"] = "sample"  # sampling chosen over an earlier greedy: greedy's neutral
+                for k in SAMPLING_NEUTRAL:  # values go, the sampling defaults apply where this layer is silent
+                    settings.pop(k, None)
+            settings.update(given)
+        return cls(**settings)
+
+    @classmethod
+    def folder_layer(cls, folder: str | Path | None) -> dict[str, Any]:
+        """A model folder's ``generation_config.json`` as a layer of :meth:`from_layers` ({} without one)."""
+        if folder is None:
+            return {}
+        path = Path(folder) / GENERATION_CONFIG_FILE
+        return cls.hf_overrides(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else {}
+
+    @classmethod
+    def from_folder(cls, folder: str | Path | None, **overrides: Any) -> GenerationConfig:
+        """Our defaults, then the folder's ``generation_config.json`` (when present), then ``overrides``."""
+        return cls.from_layers(cls.folder_layer(folder), overrides)
 
 
 _HF_KEYS = {
@@ -229,3 +270,61 @@ def write_generation_config(folder: str | Path, config: GenerationConfig, specia
     doc.pop("num_return_sequences", None)  # a per-call choice, not a model default
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
+
+
+#: Rows decoded together by default.
+DEFAULT_BATCH_SIZE = 64
+#: Computation types of the decoder.
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How a generator computes (not what it generates): one definition for ``kogpt2 generate`` and
+    the bulk pipeline (whose :class:`~pipelines.generate_config.GenerateJob` reuses these flags)."""
+
+    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata=flag("rows decoded together", metavar="N"))
+    dtype: str = field(default="float32", metadata=flag("computation type", choices=DTYPES))
+
+    def __post_init__(self) -> None:
+        check_int("DecodeSettings", "batch_size", self.batch_size, low=1)
+        check_choice("DecodeSettings", "dtype", self.dtype, DTYPES)
+
+    @staticmethod
+    def flag(name: str) -> dict[str, Any]:
+        """The flag metadata of one field, for a config that carries the same setting."""
+        return dict(next(f for f in dataclasses.fields(DecodeSettings) if f.name == name).metadata)
+
+
+# -- command-line flags ----------------------------------------------------------------------
+
+
+def add_generation_arguments(p: Any) -> None:
+    """The strategy flags, one per :class:`GenerationConfig` field (None = not given), and ``--greedy`` /
+    ``--do-sample``: shared by ``kogpt2 generate`` and the bulk pipeline."""
+    from kogpt2.flags import add_config_arguments
+
+    g = p.add_argument_group(
+        "strategy (defaults: sampling, top-p 0.95, 100 new tokens; the model folder's generation_config.json "
+        "overrides them, a --config file overrides that, these flags override all)"
+    )
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--greedy", action="store_true", default=None, help="take the best token each step (identical on every run)"
+    )
+    mode.add_argument(
+        "--do-sample", action="store_true", default=None, help="sample (transformers' spelling; the default)"
+    )
+    add_config_arguments(g, GenerationConfig, unset=True)
+
+
+def flag_layer(args: Any) -> dict[str, Any]:
+    """The strategy flags given (:func:`add_generation_arguments`) as a layer of :meth:`GenerationConfig.from_layers`."""
+    from kogpt2.flags import given_values
+
+    layer = given_values(args, [f.name for f in dataclasses.fields(GenerationConfig)])
+    if getattr(args, "greedy", None):
+        layer["strategy"] = "greedy"
+    elif getattr(args, "do_sample", None):
+        layer["strategy"] = "sample"
+    return layer

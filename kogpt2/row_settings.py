@@ -40,7 +40,6 @@ ROW_SETTINGS = (
 _INTS = frozenset({"top_k", "max_new_tokens", "min_new_tokens", "num_samples", "seed"})
 #: Settings a named configuration may set.
 GRID_SETTINGS = (*ROW_SETTINGS, "strategy", "no_repeat_ngram_size")
-_SAMPLING = ("temperature", "top_k", "top_p")
 #: A configuration's name is a folder name (``config=NAME/``) and a value in every row.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_CONFIG = "default"
@@ -109,16 +108,17 @@ def apply(base: GenerationConfig, overrides: Mapping[str, Any]) -> GenerationCon
         SettingError: naming the setting the config refused and why.
     """
     changes = dict(overrides)
-    if changes.get("strategy") == "greedy" and not base.greedy:
-        for name, neutral in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):
-            changes.setdefault(name, neutral)
     try:
-        return base.replace(**changes)
+        return GenerationConfig.from_layers(base.describe() | _tuples(base), changes)
     except ValueError as exc:
         text = str(exc)
         match = re.match(r"GenerationConfig\.(\w+)=", text)
         field = match.group(1) if match else next(iter(changes), "settings")
         raise SettingError(field, text.split(": ", 1)[-1] if ": " in text else text) from None
+
+
+def _tuples(config: GenerationConfig) -> dict[str, Any]:
+    return {"stop": config.stop, "suppress_tokens": config.suppress_tokens}
 
 
 @dataclass(frozen=True)
@@ -183,9 +183,13 @@ def effective(base: GenerationConfig, row: Mapping[str, Any], named: NamedConfig
     Raises:
         SettingError: the combination is invalid (named).
     """
-    overrides = {**row, **(named.overrides if named else {})}
-    if named is not None and named.config.greedy:
-        for name in _SAMPLING:
-            overrides.pop(name, None)  # a greedy configuration: sampling columns of the row do not apply
-        overrides["strategy"] = "greedy"
-    return apply(base, overrides)
+    layers = [base.describe() | _tuples(base), dict(row)]
+    if named is not None:
+        layers.append(named.overrides)  # a greedy configuration drops the row's sampling columns
+    try:
+        return GenerationConfig.from_layers(*layers)
+    except ValueError as exc:
+        text = str(exc)
+        match = re.match(r"GenerationConfig\.(\w+)=", text)
+        field = match.group(1) if match else "settings"
+        raise SettingError(field, text.split(": ", 1)[-1] if ": " in text else text) from None

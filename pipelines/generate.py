@@ -99,15 +99,15 @@ class RowsFailedError(DataFailedError):
 
 def make_parser() -> argparse.ArgumentParser:
     """Our flags, built from :class:`GenerateJob` and the strategy fields; ``--a-b`` also answers to ``--a_b``."""
-    from kogpt2.commands.generate import add_sampling_arguments
     from kogpt2.flags import add_underscore_spellings
+    from kogpt2.generation_config import add_generation_arguments
 
     p = argparse.ArgumentParser(
         prog="python -m pipelines.generate", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
     p.add_argument("--config", metavar="FILE", help="settings from a JSON file (a run's job.json); flags override")
     add_config_arguments(p, GenerateJob, unset=True)
-    add_sampling_arguments(p)
+    add_generation_arguments(p)
     add_underscore_spellings(p)
     return p
 
@@ -126,8 +126,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GenerateJob, list[str
         ValueError: an invalid flag value, or an option neither ours nor Beam's.
         FileNotFoundError: a ``--seeds`` pattern matches no file.
     """
-    from kogpt2.commands.generate import config_from_args
     from kogpt2.flags import our_flags
+    from kogpt2.generation_config import flag_layer
 
     parser = make_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -157,7 +157,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GenerateJob, list[str
         root = outputs.version_root(model, job="train")
     except outputs.NotCommittedError as exc:
         raise ValueError(f"--model {model}: {exc}") from None
-    config = config_from_args(args, local_copy(root) if _is_folder(root) else None, settings)
+    folder = local_copy(root) if _is_folder(root) else None
+    config = GenerationConfig.from_layers(
+        GenerationConfig.folder_layer(folder),
+        {k: v for k, v in settings.items() if k in strategy_fields},
+        flag_layer(args),
+        names=("the model folder", "--config", "flags"),
+    )
     return GenerateJob(**job_settings, config=config), beam_args
 
 

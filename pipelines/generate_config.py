@@ -11,9 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from kogpt2.decoder import DTYPES
 from kogpt2.flags import flag
-from kogpt2.generation import DEFAULT_BATCH_SIZE, GenerationConfig
+from kogpt2.generation_config import DEFAULT_BATCH_SIZE, DTYPES, DecodeSettings, GenerationConfig
 from kogpt2.outputs import DEFAULT_KEEP_VERSIONS, DEFAULT_LEASE_SECONDS
 from kogpt2.row_settings import DEFAULT_CONFIG, NamedConfig
 from kogpt2.storage import local_path
@@ -66,8 +65,8 @@ class GenerateJob:
         default=False,
         metadata=flag("also write duplicates.parquet (row_id, group, first row_id) of exact duplicate continuations"),
     )
-    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata=flag("rows decoded together", metavar="N"))
-    dtype: str = field(default="float32", metadata=flag("computation type", choices=DTYPES))
+    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata=DecodeSettings.flag("batch_size"))
+    dtype: str = field(default="float32", metadata=DecodeSettings.flag("dtype"))
     rows_per_file: int = field(
         default=DEFAULT_ROWS_PER_FILE, metadata=flag("target rows per Parquet file, one work unit each", metavar="N")
     )

@@ -181,13 +181,13 @@ def test_min_new_tokens_holds_back_eos_and_stop_strings_end_rows(tiny_model_dir,
 def test_defaults_come_from_the_library_then_the_folder_then_the_flags(tiny_model_dir, tmp_path):
     import shutil
 
-    from kogpt2.commands.generate import add_arguments, config_from_args
+    from kogpt2.commands.generate import add_arguments, resolve
     from kogpt2.generation import write_generation_config
 
     def cli(*argv, folder=None):
         p = __import__("argparse").ArgumentParser()
         add_arguments(p)
-        return config_from_args(p.parse_args(["--model", "m", "x", *argv]), folder)
+        return resolve(p.parse_args(["--model", "m", "x", *argv]), folder)[0]
 
     assert cli() == GenerationConfig() and GenerationConfig().top_p == 0.95  # one set of defaults
     folder = tmp_path / "model"
@@ -202,6 +202,11 @@ def test_defaults_come_from_the_library_then_the_folder_then_the_flags(tiny_mode
     assert cli("--do_sample", "--stop", "다.", "--stop", "\n", "--min-new-tokens", "2").stop == ("다.", "\n")
     with pytest.raises(ValueError, match="--greedy cannot be combined with --top-k"):
         cli("--greedy", "--top-k", "3")
+    # a --config file between the folder and the flags (a bulk job's job.json works: other keys ignored)
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"top_k": 9, "max_new_tokens": 11, "batch_size": 8, "seeds": ["s.txt"]}))
+    from_file = cli("--config", str(job), "--max-new-tokens", "12", folder=folder)
+    assert (from_file.top_k, from_file.temperature, from_file.max_new_tokens) == (9, 0.8, 12)
     hf = json.loads((folder / "generation_config.json").read_text())
     assert hf["do_sample"] is True and hf["top_k"] == 40 and hf["eos_token_id"] == 1
 

@@ -13,78 +13,48 @@ import json
 import sys
 from typing import IO, TYPE_CHECKING, Any
 
-from kogpt2.flags import add_config_arguments, given_values
-
 if TYPE_CHECKING:
-    from kogpt2.generation import GenerationConfig, Sample
-
-
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    """The strategy flags, built from :class:`~kogpt2.generation.GenerationConfig`'s fields (None = not given).
-
-    Shared by this command and the bulk pipeline.
-    """
-    from kogpt2.generation import GenerationConfig
-
-    g = p.add_argument_group(
-        "strategy (defaults: sampling, top-p 0.95, 100 new tokens; the model folder's generation_config.json "
-        "overrides them, these flags override both)"
-    )
-    mode = g.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--greedy", action="store_true", default=None, help="take the best token each step (identical on every run)"
-    )
-    mode.add_argument(
-        "--do-sample", action="store_true", default=None, help="sample (transformers' spelling; the default)"
-    )
-    add_config_arguments(g, GenerationConfig, unset=True)
-
-
-def config_from_args(
-    args: argparse.Namespace, folder: Any = None, base: dict[str, Any] | None = None
-) -> GenerationConfig:
-    """The validated config: library defaults < ``folder``'s ``generation_config.json`` < ``base`` < the flags given.
-
-    Args:
-        args: parsed flags (:func:`add_sampling_arguments`).
-        folder: a model folder whose ``generation_config.json`` supplies defaults.
-        base: settings from a ``--config`` file.
-
-    Raises:
-        ValueError: ``--greedy`` combined with a sampling flag, or an invalid value.
-    """
-    import dataclasses
-
-    from kogpt2.generation import GenerationConfig
-
-    if args.greedy:
-        given = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "temperature") if getattr(args, k) is not None]
-        if given:
-            raise ValueError(f"--greedy cannot be combined with {', '.join(given)}")
-    names = [f.name for f in dataclasses.fields(GenerationConfig)]
-    settings = {k: v for k, v in (base or {}).items() if k in names}
-    settings.update(given_values(args, names))
-    if args.greedy:
-        settings["strategy"] = "greedy"
-    elif args.do_sample:
-        settings["strategy"] = "sample"
-    return GenerationConfig.from_folder(folder, **settings)
+    from kogpt2.generation import Sample
+    from kogpt2.generation_config import DecodeSettings, GenerationConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from kogpt2.decoder import DTYPES
-    from kogpt2.flags import add_underscore_spellings
-    from kogpt2.generation import DEFAULT_BATCH_SIZE
+    from kogpt2.flags import add_config_arguments, add_underscore_spellings
+    from kogpt2.generation_config import DecodeSettings, add_generation_arguments
 
     p.add_argument("--model", required=True, metavar="DIR", help="model folder (kogpt2 or save_pretrained layout)")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="seed words or sentences")
     p.add_argument("--input", metavar="FILE", help="read prompts from FILE, one a line ('-': standard input)")
     p.add_argument("--jsonl", action="store_true", help="one JSON object per sample instead of its text")
     p.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N", help="rows decoded together")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="computation type (default float32)")
-    add_sampling_arguments(p)
+    p.add_argument("--config", metavar="FILE", help="settings from a JSON file (a bulk job's job.json too); flags win")
+    add_config_arguments(p, DecodeSettings, unset=True)
+    add_generation_arguments(p)
     add_underscore_spellings(p)
+
+
+def resolve(args: argparse.Namespace, folder: Any = None) -> tuple[GenerationConfig, DecodeSettings]:
+    """The command's settings: defaults < ``folder``'s ``generation_config.json`` < ``--config`` < flags.
+
+    Raises:
+        ValueError: ``--greedy`` combined with a sampling flag, an unknown ``--config`` key, or an invalid value.
+    """
+    import dataclasses
+
+    from kogpt2.flags import config_from_args, read_config_file
+    from kogpt2.generation_config import DecodeSettings, GenerationConfig, flag_layer
+
+    gen_names = [f.name for f in dataclasses.fields(GenerationConfig)]
+    decode_names = [f.name for f in dataclasses.fields(DecodeSettings)]
+    file = read_config_file(args.config, gen_names + decode_names, ignore_unknown=True) if args.config else {}
+    config = GenerationConfig.from_layers(
+        GenerationConfig.folder_layer(folder),
+        {k: v for k, v in file.items() if k in gen_names},
+        flag_layer(args),
+        names=("the model folder", "--config", "flags"),
+    )
+    decode = config_from_args(DecodeSettings, args, base={k: v for k, v in file.items() if k in decode_names})
+    return config, decode
 
 
 def read_prompts(args: argparse.Namespace, stdin: IO[str]) -> list[str]:
@@ -150,9 +120,9 @@ def run(args: argparse.Namespace) -> int:
     from kogpt2.model import resolve_model_folder
 
     folder = resolve_model_folder(args.model)  # a training output folder: its committed version
-    config = config_from_args(args, folder)  # validate flags before loading TensorFlow
+    config, decode = resolve(args, folder)  # validate flags before loading TensorFlow
     model, tokenizer = load_model(folder)
-    gen = Generator(model, tokenizer, dtype=args.dtype, batch_size=args.batch_size)
+    gen = Generator(model, tokenizer, dtype=decode.dtype, batch_size=decode.batch_size)
     rows = [(p, i) for p in prompts for i in range(config.num_samples)]
     unique = len(rows) if not config.greedy else len(set(prompts))
     bar = _Bar(len(rows), sys.stderr) if unique > gen.batch_size else None
