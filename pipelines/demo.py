@@ -185,8 +185,10 @@ class Demo:
 
     def generate(self, phase: str, model: str) -> str:
         """One bulk job: every seed under two named configurations (greedy, and top-p sampling)."""
-        from kogpt2 import outputs
+        from kogpt2.generation_config import GenerationConfig
+        from kogpt2.model import resolve_model_folder
         from pipelines import generate
+        from pipelines.generate_config import GenerateJob
 
         grid = self.run_dir / "generations" / "configs.jsonl"
         grid.parent.mkdir(parents=True, exist_ok=True)
@@ -198,13 +200,13 @@ class Demo:
             encoding="utf-8",
         )
         out = self.run_dir / "generations" / phase
-        status = generate.run(
-            ["--model", model, "--seeds", self.config.seeds, "--output", str(out), "--configs", str(grid),
-             "--max-new-tokens", str(self.config.max_new_tokens), "--seed", str(self.config.seed), "--overwrite"]
-        )  # fmt: skip
-        if status != 0:
-            raise RuntimeError(f"bulk generation into {out} exited with status {status}")
-        info = outputs.open_committed(str(out), job="generate").read_json("info.json")
+        config = GenerationConfig.from_layers(
+            GenerationConfig.folder_layer(resolve_model_folder(model)),
+            {"max_new_tokens": self.config.max_new_tokens, "seed": self.config.seed},
+        )
+        job = GenerateJob(model=model, seeds=(self.config.seeds,), output=str(out), configs=str(grid),
+                                   config=config, overwrite=True)  # fmt: skip
+        info = generate.run_config(job).info
         per = ", ".join(f"{name} {c['rows']}" for name, c in info["by_config"].items())
         return f"{info['counts']['rows']} samples ({per}) written to {out}"
 

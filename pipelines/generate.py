@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
@@ -574,35 +576,63 @@ def summary_line(info: dict[str, Any], output: str) -> str:
     return line + f"; output {output}"
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line, then :func:`run_config`; print the summary.
+class GenerateStatus(enum.StrEnum):
+    """How a bulk generation run ended (a failed one raises instead)."""
 
-    Returns:
-        0 when every row was committed (or the output already held this very run).
+    NEW = "new"  # a new version, committed
+    RESUMED = "resumed"  # an unfinished run with these settings, continued and committed
+    ALREADY_COMPLETE = "already complete"  # the current version is this very run: nothing generated
 
-    Raises:
-        See :func:`run_config`.
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What a bulk generation run did.
+
+    Attributes:
+        status: how it ended.
+        output: the output folder.
+        info: the committed version's ``info.json`` (counts, per-configuration figures, files).
+        version: the committed version's number.
+        version_path: the committed version folder (Parquet files, ``config=NAME/`` with ``--configs``).
     """
-    from kogpt2.tf_setup import set_verbose
 
-    _show_progress()
-    job, beam_args = parse_args(argv)
-    if job.verbose:
-        set_verbose(True)
-    info, status = run_config(job, beam_args)
-    if status == ALREADY_COMPLETE:
-        log.info("already complete (same model, seeds and flags): %s", summary_line(info, job.output))
-    else:
-        log.info(summary_line(info, job.output))
-    return ExitStatus.DONE
+    status: GenerateStatus
+    output: str
+    info: dict[str, Any]
+    version: int
+    version_path: str
+
+    def report(self) -> list[str]:
+        """The lines ``python -m pipelines.generate`` prints at the end."""
+        line = summary_line(self.info, self.output)
+        if self.status is GenerateStatus.ALREADY_COMPLETE:
+            return [f"already complete (same model, seeds and flags): {line}"]
+        return [line, f"committed {self.output} version {self.version}: {self.version_path}"]
 
 
-def run_config(job: GenerateJob, beam_args: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
+def run(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipelines.generate``: parse, :func:`run_config`, print; the exit status (:mod:`kogpt2.jobs`)."""
+
+    def body() -> int:
+        from kogpt2.tf_setup import set_verbose
+
+        _show_progress()
+        job, beam_args = parse_args(argv)
+        if job.verbose:
+            set_verbose(True)
+        for line in run_config(job, beam_args).report():
+            log.info(line)
+        return ExitStatus.DONE
+
+    return run_main("pipelines.generate", body)
+
+
+#: The command-line entry point (the same as :func:`run`).
+main = run
+
+
+def run_config(job: GenerateJob, beam_args: Sequence[str] = ()) -> GenerateResult:
     """Validate, plan, claim the output folder, run the pipeline; the pipeline commits the new version.
-
-    Returns:
-        ``(info.json document, status)``: ``new``, ``resume`` (an unfinished run with these settings
-        continued: its committed units kept) or ``already complete`` (nothing generated).
 
     Raises:
         ValueError / FileNotFoundError: bad flags or inputs (nothing was written).
@@ -619,7 +649,7 @@ def run_config(job: GenerateJob, beam_args: Sequence[str] = ()) -> tuple[dict[st
     with outputs.claimed(job.output, JOB, sig, overwrite=job.overwrite, keep_versions=job.keep_versions,
                          lease_seconds=job.lease_seconds) as claim:  # fmt: skip
         if claim.action == ALREADY_COMPLETE:
-            return outputs.open_committed(job.output, job=JOB).read_json(INFO_FILE), ALREADY_COMPLETE
+            return _result(job, GenerateStatus.ALREADY_COMPLETE)
         if claim.action == RESUME:
             log.info("resuming into %s: committed units are kept, the rest is generated", claim.work)
         log.info("generating from %d seed files into %s: %s", len(job.seeds), job.output, job.config.summary())
@@ -630,7 +660,7 @@ def run_config(job: GenerateJob, beam_args: Sequence[str] = ()) -> tuple[dict[st
             raise RuntimeError(f"pipeline ended in state {pipeline_state}")
         current = outputs.read_manifest(job.output)
         if current is not None and current[0].run_id == claim.run_id:
-            return outputs.open_committed(job.output, job=JOB).read_json(INFO_FILE), claim.action
+            return _result(job, GenerateStatus.RESUMED if claim.action == RESUME else GenerateStatus.NEW)
         info = json.loads(read_text(join(claim.work, INFO_FILE)))
     log.info(summary_line(info, job.output))
     raise RowsFailedError(
@@ -639,13 +669,13 @@ def run_config(job: GenerateJob, beam_args: Sequence[str] = ()) -> tuple[dict[st
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: exit statuses as in :mod:`kogpt2.jobs`."""
-    return run_main("pipelines.generate", lambda: run(argv))
+def _result(job: GenerateJob, status: GenerateStatus) -> GenerateResult:
+    done = outputs.open_committed(job.output, job=JOB)
+    return GenerateResult(status, job.output, dict(done.read_json(INFO_FILE)), done.manifest.version, done.root)
 
 
 if __name__ == "__main__":
     # Run the imported module, not __main__: Beam then pickles the DoFns by reference.
-    from pipelines.generate import main as _main
+    from pipelines.generate import run as _run
 
-    sys.exit(_main())
+    sys.exit(_run())

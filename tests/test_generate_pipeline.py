@@ -150,17 +150,22 @@ def test_bad_seeds_are_dead_lettered_with_reasons_and_counted(first_run):
     assert set(done.manifest.files) >= {"info.json", "job.json", *info["files"]["parquet"], *info["files"]["rejected"]}
 
 
-def test_rerun_of_a_finished_folder_changes_nothing_and_another_run_is_refused(first_run, tiny_model_dir, seeds_dir):
-    from kogpt2.outputs import OutputConflictError
-    from pipelines.generate import run
+def test_rerun_of_a_finished_folder_changes_nothing_and_another_run_is_refused(
+    first_run, tiny_model_dir, seeds_dir, capsys
+):
+    from pipelines.generate import GenerateStatus, parse_args, run, run_config
 
     before = tree(first_run)
     assert run(argv(tiny_model_dir, seeds_dir / "*", first_run)) == 0
     assert tree(first_run) == before  # untouched, still complete
-    with pytest.raises(OutputConflictError, match=r"config\.seed: 0 -> 5"):
-        run(argv(tiny_model_dir, seeds_dir / "*", first_run, "--seed", "5"))
-    with pytest.raises(OutputConflictError, match=r"batch_size: 64 -> 8"):  # near-tie tokens can flip with it
-        run(argv(tiny_model_dir, seeds_dir / "*", first_run, "--batch-size", "8"))
+    result = run_config(parse_args(argv(tiny_model_dir, seeds_dir / "*", first_run))[0])
+    assert (
+        result.status is GenerateStatus.ALREADY_COMPLETE and result.version == 1 and result.info["counts"]["rows"] == 12
+    )
+    assert run(argv(tiny_model_dir, seeds_dir / "*", first_run, "--seed", "5")) == 2
+    assert "config.seed: 0 -> 5" in capsys.readouterr().err
+    assert run(argv(tiny_model_dir, seeds_dir / "*", first_run, "--batch-size", "8")) == 2
+    assert "batch_size: 64 -> 8" in capsys.readouterr().err  # near-tie tokens can flip with it
     assert tree(first_run) == before
 
 
@@ -378,10 +383,7 @@ def test_a_run_killed_mid_job_resumes_to_exactly_the_rows_of_an_uninterrupted_ru
     assert not (out / "COMPLETED").exists()
 
     # the killed run's lock was never released: refused while its lease lives, taken over once it expired
-    from kogpt2.outputs import OutputLockedError
-
-    with pytest.raises(OutputLockedError, match="expires"):
-        run(argv(tiny_model_dir, seeds, out, *args))
+    assert run(argv(tiny_model_dir, seeds, out, *args)) == 3
     time.sleep(2.1)
     assert run(argv(tiny_model_dir, seeds, out, *args)) == 0
     assert (out / "COMPLETED").exists()
