@@ -7,7 +7,7 @@ Steps (each a labelled Beam transform):
 1. The input globs are matched when the command starts (any Beam filesystem, ``gs://`` too: an
    empty glob fails before anything is written); ``MatchFiles`` / ``ReadMatches`` the files, cut
    each into byte ranges (``PlanRanges``; gzip/bzip2 files are one range) and ``ReadLines`` them
-   as bytes, remembering file, range and line index (:mod:`pipelines.textio`).
+   as bytes, remembering file, range and line index (:mod:`pipelines.shards.textio`).
 2. ``Clean``: decode (undecodable lines go to ``rejected-*.jsonl``), normalize, optionally
    split sentences, filter; optionally ``Dedup`` exact duplicates (:mod:`pipelines.preprocess_steps`).
 3. ``Tokenize`` (tokenizer loaded in ``setup``): ``<s>`` + ids + ``</s>``.
@@ -18,7 +18,7 @@ Steps (each a labelled Beam transform):
    sorted runs to ``_spill-*`` files; one task per shard merges its runs (streaming) and
    writes the shard. Shards are byte-identical on rerun, whatever the runner's order, and
    memory stays flat because examples never pass through an in-memory shuffle
-   (:mod:`pipelines.sorted_shards`).
+   (:mod:`pipelines.shards`).
 6. ``WriteInfo``: ``info.json`` (checked against ``schemas/shard_info.json``), the spill files
    are removed, and ``COMPLETED`` is written last.
 
@@ -73,9 +73,9 @@ from pipelines.preprocess_info import (
     failure_error,
 )
 from pipelines.preprocess_steps import CleanLines, Dedup, MakeExamples, Tokenize, open_tokenizer
-from pipelines.sorted_shards import SPILL_PREFIX as SPILL_PREFIX  # re-exported
-from pipelines.sorted_shards import SpillRuns, WriteShards, spill_prefix
-from pipelines.textio import REJECTED_FILE, ReadLines, match_files, plan_ranges
+from pipelines.shards.spill import SpillRuns, spill_prefix
+from pipelines.shards.textio import REJECTED_FILE, ReadLines, match_files, plan_ranges
+from pipelines.shards.writer import WriteShards
 
 #: The job's name in manifests and locks.
 JOB = "preprocess"
@@ -270,7 +270,7 @@ def compressed_count(files: Sequence[str]) -> int:
 
 
 def compressed_parts(size: int, workers: int, compressed: int) -> int:
-    """Parts a compressed input of ``size`` bytes is read in (:func:`pipelines.textio.plan_ranges`).
+    """Parts a compressed input of ``size`` bytes is read in (:func:`pipelines.shards.textio.plan_ranges`).
 
     Locally: enough for every worker to have one, counting the other compressed files (2 workers
     and one ``.gz``: 2 parts; 2 workers and ten: 1). On other runners (``workers`` 0): one per

@@ -17,16 +17,11 @@ from kogpt2.flags import flag
 from kogpt2.outputs import DEFAULT_KEEP_VERSIONS, DEFAULT_LEASE_SECONDS
 from kogpt2.storage import local_path
 from kogpt2.validate import check_bool, check_choice, check_int, check_number
-from pipelines.textio import MAX_LINE_BYTES, REJECTED_FILE
+from pipelines.shards.textio import MAX_LINE_BYTES, REJECTED_FILE
 
 #: Auto sharding: one train shard per this many input bytes (at most MAX_AUTO_SHARDS).
 AUTO_SHARD_BYTES = 128 << 20
 MAX_AUTO_SHARDS = 1000
-FINGERPRINT_METHOD = (
-    "sha256 over the lines 'shard name<TAB>sha256 of its records' of every train/validation shard, "
-    "sorted by name; a shard's sha256 runs over its serialized tf.train.Example records concatenated "
-    "in file order (self-delimiting protos; independent of gzip and TFRecord framing)"
-)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ an input was corrupt.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -23,12 +22,11 @@ from kogpt2.schemas import validate_info
 from pipelines.common import join, write_json
 from pipelines.counters import Counters
 from pipelines.preprocess_config import (
-    FINGERPRINT_METHOD,
     Plan,
     PreprocessConfig,
 )
-from pipelines.sorted_shards import delete_spills
-from pipelines.textio import REJECT_REASONS, REJECTED_FILE
+from pipelines.shards.spill import delete_spills
+from pipelines.shards.textio import REJECT_REASONS, REJECTED_FILE
 
 
 class CollectRun(beam.CombineFn):
@@ -121,8 +119,7 @@ def summarize_counts(config: PreprocessConfig, stats: dict[str, int], shards: li
 
 def data_fingerprint(shards: list[dict[str, Any]]) -> str:
     """sha256 over the sorted ``name<TAB>records sha256`` lines of the train/validation shards."""
-    lines = sorted(f"{r['name']}\t{r['sha256']}\n" for r in shards if r["split"] in records.SPLITS)
-    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+    return records.data_fingerprint({r["name"]: r["sha256"] for r in shards if r["split"] in records.SPLITS})
 
 
 def build_info(
@@ -133,7 +130,7 @@ def build_info(
         "schema_version": 1,
         "created_by": f"kogpt2-pipeline {kogpt2.__version__}",
         "data_fingerprint": data_fingerprint(shards),
-        "fingerprint_method": FINGERPRINT_METHOD,
+        "fingerprint_method": records.FINGERPRINT_METHOD,
         "tokenizer": dict(plan.tokenizer),
         "max_len": config.max_len,
         "packing": config.packing,

@@ -22,8 +22,9 @@ from kogpt2.tokenizer import Tokenizer, load_tokenizer
 from pipelines.common import freeze_worker_heap, local_copy
 from pipelines.counters import Counters
 from pipelines.preprocess_config import Plan, PreprocessConfig
-from pipelines.run_records import KEY_LEN, FileBatch, batch_of, run_record
-from pipelines.textio import REJECTED_FILE, LineBatch, rejected_entry
+from pipelines.shards import framing
+from pipelines.shards.runs import KEY_LEN, FileBatch, batch_of, run_record
+from pipelines.shards.textio import REJECTED_FILE, LineBatch, rejected_entry
 
 _TOKENIZERS: dict[tuple[str, int, int], Tokenizer] = {}
 
@@ -242,8 +243,8 @@ class Tokenize(OneAhead):
         freeze_worker_heap()  # a worker process's modules and tokenizer live as long as it does
 
     def work(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        flat, lengths = records.flatten(self.tok.encode_batch(texts))
-        return records.frame_flat(flat, lengths, self.tok.bos_id, self.tok.eos_id)
+        flat, lengths = framing.flatten(self.tok.encode_batch(texts))
+        return framing.frame_flat(flat, lengths, self.tok.bos_id, self.tok.eos_id)
 
     def emit(self, texts: list[str], encoded: tuple[np.ndarray, np.ndarray]) -> Iterator[EncodedBatch]:
         yield EncodedBatch(records.stable_hashes(texts), *encoded)
@@ -262,8 +263,8 @@ def window_indices(owners: list[int]) -> list[int]:
 class MakeExamples(OneAhead):
     """Assign split and shard by the text hash; fit, pad, serialize and frame as TFRecords, a batch at a time.
 
-    With ``packing`` sentences stay whole (token ids) until :class:`~pipelines.sorted_shards.WriteShards`
-    packs them. Main output: a :class:`~pipelines.run_records.FileBatch` per batch: run records
+    With ``packing`` sentences stay whole (token ids) until :class:`~pipelines.shards.writer.WriteShards`
+    packs them. Main output: a :class:`~pipelines.shards.runs.FileBatch` per batch: run records
     keyed by the text hash and window index, each with its shard file. ``stats`` output.
     """
 
@@ -293,7 +294,7 @@ class MakeExamples(OneAhead):
         """The run records of a batch, with their output files, and its counts."""
         digests, flat, lengths = batch
         names = (self.names["train"], self.names["validation"])
-        splits, shards = records.split_masks(digests, self.val_fraction, (len(names[0]), len(names[1])))
+        splits, shards = framing.split_masks(digests, self.val_fraction, (len(names[0]), len(names[1])))
         max_len, packing = self.max_len, self.packing
         overflowed = 0 if packing else int((lengths > max_len).sum())
         if packing:  # whole sentences (int32 ids), packed into blocks by WriteShards
@@ -304,12 +305,12 @@ class MakeExamples(OneAhead):
         else:
             if self.overflow == "truncate" or not overflowed:
                 owners, windows = np.arange(len(digests)), None
-                pieces, piece_lengths = records.truncate_flat(flat, lengths, max_len)
+                pieces, piece_lengths = framing.truncate_flat(flat, lengths, max_len)
             else:
-                owned, fitted = records.fit_batch(records.unflatten(flat, lengths), max_len, self.overflow)
+                owned, fitted = framing.fit_batch(framing.unflatten(flat, lengths), max_len, self.overflow)
                 owners, windows = np.asarray(owned, dtype=np.int64), window_indices(owned)
-                pieces, piece_lengths = records.flatten(fitted)
-            data, sizes = records.tfrecord_example_batch(pieces, piece_lengths, max_len, self.pad_id)
+                pieces, piece_lengths = framing.flatten(fitted)
+            data, sizes = framing.tfrecord_example_batch(pieces, piece_lengths, max_len, self.pad_id)
         # per split (0 = train, 1 = validation): tokens, <unk> tokens, sequences
         piece_split = np.asarray(splits, dtype=np.int64)[owners]
         rows = np.repeat(np.arange(len(piece_lengths)), piece_lengths)

@@ -34,7 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 from kogpt2 import text as textlib
 from pipelines.common import match_globs
 from pipelines.counters import Counters
-from pipelines.run_records import run_record
+from pipelines.shards.runs import run_record
 
 REJECTED_FILE = "rejected-00000-of-00001.jsonl"
 #: Default byte limit of one line, terminator excluded (``--max-line-bytes``).
