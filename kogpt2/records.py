@@ -16,12 +16,57 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from kogpt2.protowire import read_varint, varint
 from kogpt2.schemas import load_schema
+from kogpt2.tokenizer import Tokenizer
 
 SPLITS = ("train", "validation")
 OVERFLOW_MODES = ("truncate", "window")
+
+
+@dataclass(frozen=True)
+class TokenizerFacts:
+    """The tokenizer facts examples are made with: what ``info.json`` records (its ``tokenizer`` object).
+
+    The special ids frame (``<s>``, ``</s>``) and pad (``<pad>``) every example; the fingerprint
+    and vocabulary size tie shards to the tokenizer that made them (training refuses another).
+
+    Attributes:
+        fingerprint: sha256 of the tokenizer file.
+        vocab_size: number of pieces.
+        bos_id: ``<s>``. eos_id: ``</s>``. pad_id: ``<pad>``. unk_id: ``<unk>``.
+    """
+
+    fingerprint: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    unk_id: int
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> TokenizerFacts:
+        """The facts of a loaded tokenizer."""
+        return cls(tokenizer.fingerprint, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id,
+                   tokenizer.pad_id, tokenizer.unk_id)  # fmt: skip
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> TokenizerFacts:
+        """The facts recorded in an ``info.json`` (its ``tokenizer`` object; other keys are ignored).
+
+        Raises:
+            KeyError: a fact is missing.
+        """
+        return cls(
+            str(doc["fingerprint"]), *(int(doc[k]) for k in ("vocab_size", "bos_id", "eos_id", "pad_id", "unk_id"))
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``tokenizer`` object of ``info.json`` (:meth:`kogpt2.tokenizer.Tokenizer.describe`'s keys)."""
+        return asdict(self)
 
 
 def frame(ids: Sequence[int], bos_id: int, eos_id: int) -> list[int]:

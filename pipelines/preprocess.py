@@ -29,7 +29,6 @@ in :mod:`pipelines.preprocess_config`, ``info.json`` in :mod:`pipelines.preproce
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import logging
@@ -48,24 +47,21 @@ from kogpt2 import outputs, records
 from kogpt2.flags import add_config_arguments, add_underscore_spellings, config_from_args, our_flags
 from kogpt2.jobs import ExitStatus, run_main
 from kogpt2.outputs import ALREADY_COMPLETE, INFO_FILE, RESUME, OutputRun
+from kogpt2.records import TokenizerFacts
 from kogpt2.storage import store_for
 from pipelines.common import (
     check_beam_args,
     copy_file,
     create_pipeline,
-    file_sizes,
     freeze_heap,
     frozen_heap,
     join,
+    match_globs,
     pipeline_options,
     read_text,
 )
 from pipelines.counters import NAMESPACE as NAMESPACE  # re-exported
-from pipelines.preprocess_config import (
-    Plan,
-    PreprocessConfig,
-    shard_counts,
-)
+from pipelines.preprocess_config import Plan, PreprocessConfig, Role, settings, shard_counts
 from pipelines.preprocess_info import (
     CollectRun,
     WriteInfo,
@@ -74,7 +70,7 @@ from pipelines.preprocess_info import (
 )
 from pipelines.preprocess_steps import CleanLines, Dedup, MakeExamples, Tokenize, open_tokenizer
 from pipelines.shards.spill import SpillRuns, spill_prefix
-from pipelines.shards.textio import REJECTED_FILE, ReadLines, match_files, plan_ranges
+from pipelines.shards.textio import REJECTED_FILE, ReadLines, plan_ranges
 from pipelines.shards.writer import WriteShards
 
 #: The job's name in manifests and locks.
@@ -96,8 +92,7 @@ def make_plan(config: PreprocessConfig) -> Plan:
         NothingNewError: every matched file was already preprocessed (``--exclude-inputs-of``).
         ValueError: an input file changed since a previous span read it.
     """
-    files = match_files(config.inputs)
-    stats = file_sizes(sorted(files))
+    stats = {path: list(stat) for path, stat in match_globs(config.inputs, flag="--input").items()}
     if config.exclude_inputs_of:
         done = inputs_of_spans(config.exclude_inputs_of)
         changed = [p for p in stats if p in done and done[p][0] != stats[p]]
@@ -108,19 +103,24 @@ def make_plan(config: PreprocessConfig) -> Plan:
                 f"{stats[path]}): files of an incremental corpus must not change. Move the new data to a new file, "
                 "or rebuild the spans"
             )
-        files = {p: n for p, n in files.items() if p not in done}
-        if not files:
+        stats = {p: stat for p, stat in stats.items() if p not in done}
+        if not stats:
             raise NothingNewError(
                 f"nothing new: every file --input matches was already preprocessed into "
                 f"{', '.join(sorted({where for _, where in done.values()}))}"
             )
-        stats = {p: stats[p] for p in files}
     tok = open_tokenizer(config.tokenizer)
-    total = sum(files.values())
-    counts = shard_counts(config, total)
+    counts = shard_counts(config, sum(stat[0] for stat in stats.values()))
     names = {s: tuple(records.shard_name(s, i, n) for i in range(n)) for s, n in counts.items()}
-    paths = tuple(sorted(files))
-    return Plan(paths, total, tok.describe(), names, uuid.uuid4().hex[:12], (str(tok.path), tok.canonical_name), stats)
+    return Plan(
+        files=tuple(sorted(stats)),
+        file_stats=stats,
+        tokenizer=TokenizerFacts.of(tok),
+        tokenizer_file=str(tok.path),
+        tokenizer_name=tok.canonical_name,
+        shard_names=names,
+        run_id=uuid.uuid4().hex[:12],
+    )
 
 
 def inputs_of_spans(patterns: Sequence[str]) -> dict[str, tuple[list[int], str]]:
@@ -139,35 +139,20 @@ def inputs_of_spans(patterns: Sequence[str]) -> dict[str, tuple[list[int], str]]
     return out
 
 
-#: Settings that do not shape the output (how it is built, kept or accepted): outside the signature.
-PER_RUN_SETTINGS = (
-    "overwrite",
-    "keep_versions",
-    "lease_seconds",
-    "exclude_inputs_of",
-    "allow_empty",
-    "allow_corrupt_input",
-    "batch_size",
-    "spill_mb",
-)
-
-
 def signature(config: PreprocessConfig, plan: Plan) -> dict[str, Any]:
-    """What makes two runs the same run (``run.json``): inputs, tokenizer and every output-shaping flag.
+    """What makes two runs the same run: the inputs as given and resolved, the tokenizer, every output-shaping flag.
 
-    The input files are named with their size and modification time, so a corpus edited in
-    place (appended to, replaced) makes a different run.
+    The flags are the settings of roles :data:`~pipelines.preprocess_config.Role.INPUT` and
+    :data:`~pipelines.preprocess_config.Role.SHAPES` (``info.json`` records the latter too). The
+    input files are named with their size and modification time, so a corpus edited in place
+    (appended to, replaced) makes a different run.
     """
-    flags = dataclasses.asdict(config)
-    for key in (*PER_RUN_SETTINGS, "output"):
-        flags.pop(key)
-    flags["inputs"] = list(config.inputs)
     return {
         "pipeline": "kogpt2.preprocess",
-        "flags": flags,
+        "flags": settings(config, Role.INPUT, Role.SHAPES),
         "files": list(plan.files),
-        "file_stats": {path: list(plan.file_stats.get(path, [])) for path in plan.files},
-        "tokenizer": plan.tokenizer,
+        "file_stats": {path: list(plan.file_stats[path]) for path in plan.files},
+        "tokenizer": plan.tokenizer.to_json(),
     }
 
 
@@ -208,7 +193,7 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, plan: Plan, run: 
     cleaned = lines.lines | "Clean" >> beam.ParDo(CleanLines(config, plan.files)).with_outputs(
         CleanLines.REJECTED, CleanLines.STATS, main="texts"
     )
-    stats = [lines.line_counts | "LinesRead" >> beam.Map(lambda c: {"lines_read": c[2]}), lines.stats, cleaned.stats]
+    stats = [lines.stats, cleaned.stats]
     texts = cleaned.texts
     if config.dedup:
         texts, dedup_stats = texts | "Dedup" >> Dedup(config.batch_size, config.split_sentences)
@@ -225,8 +210,7 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, plan: Plan, run: 
     example_runs = examples.items | "SpillSortedRuns" >> beam.ParDo(SpillRuns(prefix, spill_bytes))
     rejected_runs = cleaned.rejected | "SpillRejected" >> beam.ParDo(SpillRuns(prefix, spill_bytes))
     unread_runs = lines.rejected | "SpillUnread" >> beam.ParDo(SpillRuns(prefix, spill_bytes))
-    pad_id = int(plan.tokenizer["pad_id"])
-    writer = WriteShards(target, prefix, packing=config.packing, max_len=config.max_len, pad_id=pad_id)
+    writer = WriteShards(target, prefix, packing=config.packing, max_len=config.max_len, pad_id=plan.tokenizer.pad_id)
     every_file = p | "OutputFiles" >> beam.Create([(name, None) for name in plan.all_names], reshuffle=False)
     written = (
         (example_runs, rejected_runs, unread_runs, every_file)
@@ -234,10 +218,8 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, plan: Plan, run: 
         | "GroupRuns" >> beam.GroupByKey()
         | "WriteShards" >> beam.ParDo(writer, beam.pvalue.AsList(lines.line_counts))
     )
-    tagged = [pc | f"Tag{i}" >> beam.Map(lambda counts: ("counts", counts)) for i, pc in enumerate(stats)]
-    tagged.append(written | "TagShards" >> beam.Map(lambda shard: ("shard", shard)))
     return (
-        tagged
+        [*stats, written]
         | "CountsAndShards" >> beam.Flatten()
         | "CollectRun" >> beam.CombineGlobally(CollectRun()).without_defaults()
         | "WriteInfo" >> beam.ParDo(WriteInfo(config, plan, run))
@@ -406,7 +388,7 @@ def prepare_work(plan: Plan, claim: OutputRun) -> None:
     if claim.action == RESUME:  # nobody reads an uncommitted work folder: its partial files go
         store.delete_tree(join(claim.work, ""))
     store.makedirs(claim.work)
-    copy_file(plan.tokenizer_file[0], join(claim.work, plan.tokenizer_file[1]))
+    copy_file(plan.tokenizer_file, join(claim.work, plan.tokenizer_name))
 
 
 def refuse_output_over_inputs(output: str, inputs: Sequence[str]) -> None:

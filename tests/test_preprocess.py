@@ -20,7 +20,7 @@ from kogpt2 import outputs, records
 from kogpt2.outputs import COMPLETED_FILE, MANIFEST_FILE
 from kogpt2.schemas import tf_feature_spec, validate_info
 from kogpt2.text import escape_bytes, normalize_text, split_sentences, unescape_bytes
-from pipelines import preprocess, preprocess_info
+from pipelines import preprocess
 from pipelines.preprocess import PreprocessConfig, build_pipeline, parse_args
 from pipelines.shards import spill, textio, writer
 
@@ -166,16 +166,6 @@ def test_parse_args_takes_both_spellings_and_refuses_unknown_flags() -> None:
         parse_args([*base, "--max-lenn", "5"])
     with pytest.raises(ValueError, match="missing --input, --output"):
         parse_args(["--tokenizer", "t"])
-
-
-def test_summarize_counts_refuses_broken_accounting() -> None:
-    config = PreprocessConfig(inputs=("a",), tokenizer="t", output="o")
-    counts = preprocess_info.summarize_counts(
-        config, {"lines_read": 5, "kept": 3, "filtered.empty": 1, "rejected": 1}, []
-    )
-    assert counts["filtered"] == {"empty": 1, "too_short": 0, "duplicate": 0}
-    with pytest.raises(RuntimeError, match="accounting"):
-        preprocess_info.summarize_counts(config, {"lines_read": 6, "kept": 3}, [])
 
 
 # --- pipelines -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 from conftest import make_sentences
 
 from kogpt2.text import escape_bytes
+from pipelines.counters import Count
 from pipelines.shards import runs, textio
 
 
@@ -189,7 +190,9 @@ def test_truncated_gzip_is_a_corrupt_input_dead_letter(tmp_path: Path) -> None:
     (letter,) = out["rejected"]
     assert letter["reason"] == "corrupt_input" and letter["index"] == textio.FILE_LEVEL
     assert f"{len(kept)} lines read" in letter["detail"]
-    assert out["stats"][0]["corrupt_inputs"] == 1 and out["line_counts"] == [(str(cut), 0, len(kept))]
+    (stats,) = out["stats"]
+    assert stats.counts[Count.CORRUPT_INPUTS] == 1 and stats.corrupt_inputs == (str(cut),)
+    assert stats.counts[Count.LINES_READ] == len(kept) and out["line_counts"] == [(str(cut), 0, len(kept))]
     # an intact multi-member gzip and a bzip2 file read whole, with no dead letter
     good = tmp_path / "good.txt.gz"
     good.write_bytes(gzip.compress("\n".join(sentences[:5]).encode()) + gzip.compress(("\n" + sentences[5]).encode()))

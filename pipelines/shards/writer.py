@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -30,6 +30,23 @@ from pipelines.shards.spill import merge_runs
 from pipelines.shards.textio import REJECTED_FILE, write_rejected
 
 
+class WrittenFile(NamedTuple):
+    """An output file :class:`WriteShards` wrote.
+
+    Attributes:
+        name: its file name.
+        split: ``train``, ``validation`` or ``rejected``.
+        examples: records (or dead letters) in it.
+        sha256: of its serialized examples in file order (:func:`kogpt2.records.shard_digest`), or of
+            the JSONL file.
+    """
+
+    name: str
+    split: str
+    examples: int
+    sha256: str
+
+
 class WriteShards(beam.DoFn):
     """Merge the sorted runs of one output file and write it (TFRecord shard or rejected JSONL).
 
@@ -39,7 +56,7 @@ class WriteShards(beam.DoFn):
     file is written by :func:`write_tfrecord`.
 
     Input: ``(file name, [run refs, or None])``; side input: the line counts of every range.
-    Output: ``{"name", "split", "examples", "sha256"}``.
+    Output: a :class:`WrittenFile`.
     """
 
     def __init__(self, output: str, prefix: str, *, packing: bool, max_len: int, pad_id: int):
@@ -51,20 +68,20 @@ class WriteShards(beam.DoFn):
 
     def process(
         self, element: tuple[str, Iterable[Any]], line_counts: list[tuple[str, int, int]]
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[WrittenFile]:
         name, refs = element
         merged = merge_runs(sorted(r for r in refs if r is not None), self.prefix)
         path = join(self.output, name)
         if name == REJECTED_FILE:
             payloads = (payload for batch in merged for payload in batch.payloads())
-            yield {"name": name, "split": "rejected", **write_rejected(path, payloads, line_counts)}
+            yield WrittenFile(name, "rejected", **write_rejected(path, payloads, line_counts))
             return
         chunks = (
             pack_chunks(merged, self.max_len, self.pad_id)
             if self.packing
             else ((batch.data, batch.sizes) for batch in merged)
         )
-        yield {"name": name, "split": name.split("-", 1)[0], **write_tfrecord(path, chunks)}
+        yield WrittenFile(name, name.split("-", 1)[0], **write_tfrecord(path, chunks))
 
 
 #: Framed TFRecords: their bytes concatenated and each one's size.
