@@ -137,25 +137,19 @@ class Demo:
 
     def preprocess(self) -> str:
         from pipelines import preprocess
+        from pipelines.preprocess_config import PreprocessConfig
 
-        info = preprocess.run(
-            [
-                "--input",
-                self.config.corpus,
-                "--tokenizer",
-                self.tokenizer_path,
-                "--output",
-                str(self.run_dir / "data"),
-                "--max-len",
-                str(self.config.max_len),
-                "--val-fraction",
-                "0.1",
-                "--dedup",
-                "--packing",
-                "--overwrite",
-            ]
+        config = PreprocessConfig(
+            inputs=(self.config.corpus,),
+            tokenizer=self.tokenizer_path,
+            output=str(self.run_dir / "data"),
+            max_len=self.config.max_len,
+            val_fraction=0.1,
+            dedup=True,
+            packing=True,
+            overwrite=True,
         )
-        c = info["counts"]
+        c = preprocess.run_config(config).counts
         return (
             f"{c['lines_read']} lines read, {c['kept']} kept, {c['rejected']} rejected, "
             f"examples train {c['examples']['train']} / validation {c['examples']['validation']}"

@@ -21,6 +21,7 @@ from kogpt2.outputs import COMPLETED_FILE, MANIFEST_FILE
 from kogpt2.schemas import tf_feature_spec, validate_info
 from kogpt2.text import escape_bytes, normalize_text, split_sentences, unescape_bytes
 from pipelines import preprocess
+from pipelines.counters import NAMESPACE
 from pipelines.preprocess import PreprocessConfig, build_pipeline, parse_args
 from pipelines.shards import spill, textio, writer
 
@@ -212,7 +213,7 @@ def test_pipeline_filters_rejects_dedups_and_writes_shards(tmp_path: Path, tiny_
     check_folder(out, info)
     check_accounting(info)
     # Beam counters carry the same figures as info.json
-    query = result.metrics().query(MetricsFilter().with_namespace(preprocess.NAMESPACE))
+    query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     counters = {m.key.metric.name: m.committed for m in query["counters"]}
     c = info["counts"]
     assert counters["lines_read"] == c["lines_read"] and counters["rejected"] == c["rejected"]
@@ -767,3 +768,39 @@ def test_status_command_says_what_a_scheduler_needs(tmp_path: Path, tiny_tokeniz
     assert s["current"]["files"] == len(outputs.read_manifest(str(out))[0].files)  # type: ignore[index]
     assert main(["status", str(out), "--path"]) == 0
     assert capsys.readouterr().out.strip() == str(current(out))
+
+
+def test_run_config_says_how_the_run_ended(tmp_path: Path, tiny_tokenizer, monkeypatch) -> None:
+    import dataclasses
+
+    from pipelines.preprocess import PreprocessStatus
+
+    src = tmp_path / "a.txt"
+    src.write_text("\n".join(make_sentences(30)) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    config = PreprocessConfig(inputs=(str(src),), tokenizer=str(tiny_tokenizer.path), output=str(out))
+    # a run that fails leaves its work folder; the same run again resumes it
+    real_write = writer.write_tfrecord
+
+    def failing(path: str, examples: Any) -> dict[str, Any]:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writer, "write_tfrecord", failing)
+    with pytest.raises(OSError, match="disk full"):
+        preprocess.run_config(config)
+    monkeypatch.setattr(writer, "write_tfrecord", real_write)
+    first = preprocess.run_config(config)
+    assert first.status is PreprocessStatus.RESUMED and first.version == 1
+    assert first.version_path is not None and Path(first.version_path) == current(out)
+    assert first.info == read_info(out) and first.counts["lines_read"] == 30
+    assert first.report()[-1] == f"committed {out} version 1: {first.version_path}"
+    again = preprocess.run_config(config)
+    assert again.status is PreprocessStatus.ALREADY_COMPLETE and again.info == first.info and again.version == 1
+    assert "already complete" in again.report()[0]
+    rebuilt = preprocess.run_config(dataclasses.replace(config, overwrite=True))
+    assert rebuilt.status is PreprocessStatus.NEW and rebuilt.version == 2 and rebuilt.info == first.info
+    span = tmp_path / "span-2"
+    later = preprocess.run_config(dataclasses.replace(config, output=str(span), exclude_inputs_of=(str(out),)))
+    assert later.status is PreprocessStatus.NOTHING_NEW and later.info is None and later.counts == {}
+    assert str(out) in later.detail and later.report() == [f"{later.detail}; no folder written"]
+    assert not span.exists()
