@@ -209,7 +209,7 @@ class Demo:
         return f"{rows} samples written to {self.run_dir / 'generations'}/{phase}-*"
 
     def train(self) -> str:
-        from kogpt2.training import TrainConfig, train
+        from kogpt2.training import TrainConfig, run_config
 
         cfg = TrainConfig(
             data=(str(self.run_dir / "data"),),
@@ -228,7 +228,7 @@ class Demo:
             max_seconds=self.config.train_seconds,
             overwrite=True,
         )
-        result = train(cfg, progress=True)
+        result = run_config(cfg, progress=True)
         after = self.evaluate("after", str(self.run_dir / "model"))
         return f"{result.summary()}; {after}"
 

@@ -24,13 +24,49 @@ from conftest import REPO, make_sentences, write_test_shards
 from kogpt2 import outputs
 from kogpt2.cli import main
 from kogpt2.dataset import IGNORE_ID, ShardError, TokenizerMismatchError, make_dataset, open_shards
-from kogpt2.evaluate import LMTrainer, evaluate_model, masked_lm_loss, token_stats
+from kogpt2.evaluate import evaluate_model
 from kogpt2.model import load_model, new_model, read_model_info
 from kogpt2.tf_setup import import_keras, import_tf
-from kogpt2.training import EXIT_AFTER_EPOCH_ENV, STEP_SLEEP_ENV, TrainConfig, TrainingFailed, train
+from kogpt2.trainer import LMTrainer, token_stats
+from kogpt2.training import TrainConfig, TrainingFailed, run_config
 
 tf = import_tf()
 keras = import_keras()
+
+
+#: ``kogpt2 ARGS...`` preempted (``os._exit(75)``) right after epoch ``sys.argv[1]``'s checkpoint is written.
+PREEMPTED_AFTER_EPOCH = textwrap.dedent(
+    """
+    import os, sys
+    import kogpt2
+    from kogpt2 import callbacks
+    epoch = int(sys.argv[1])
+    real = callbacks.RunTracker.on_epoch_end
+    def on_epoch_end(self, index, logs=None):
+        real(self, index, logs)
+        if index + 1 == epoch:
+            os._exit(75)
+    callbacks.RunTracker.on_epoch_end = on_epoch_end
+    from kogpt2.cli import main
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+#: ``kogpt2 ARGS...`` with every batch followed by a pause of ``sys.argv[1]`` seconds (so a kill lands mid-epoch).
+SLOW_BATCHES = textwrap.dedent(
+    """
+    import sys, time
+    import kogpt2
+    from kogpt2 import callbacks
+    pause = float(sys.argv[1])
+    real = callbacks.RunTracker.on_train_batch_end
+    def on_train_batch_end(self, batch, logs=None):
+        real(self, batch, logs)
+        time.sleep(pause)
+    callbacks.RunTracker.on_train_batch_end = on_train_batch_end
+    from kogpt2.cli import main
+    sys.exit(main(sys.argv[2:]))
+    """
+)
 
 
 def _config(shards: Path, out: Path, tok, **kwargs) -> TrainConfig:
@@ -94,9 +130,9 @@ def test_masked_loss_matches_a_hand_computation(tiny_tokenizer) -> None:
     hand = nll.sum() / real.sum()  # 6 real targets out of 12
     correct = sum(logits[b, t].argmax() == targets[b, t] for b, t in zip(*np.nonzero(real), strict=True))
 
-    loss = float(masked_lm_loss(tf.constant(targets), tf.constant(logits, tf.float32)))
-    assert loss == pytest.approx(hand, rel=1e-5)
     nll_sum, n_correct, count = (float(v) for v in token_stats(tf.constant(targets), tf.constant(logits, tf.float32)))
+    loss = nll_sum / max(count, 1.0)  # what LMTrainer minimizes: the sum over real targets over their count
+    assert loss == pytest.approx(hand, rel=1e-5)
     assert count == 6 and n_correct == correct and nll_sum == pytest.approx(nll.sum(), rel=1e-5)
     # The notebook's loss averaged over padding too: a different number.
     unmasked = -np.mean(np.take_along_axis(logp, np.where(real, targets, pad)[..., None], -1))
@@ -183,6 +219,19 @@ def test_evaluate_command_reports_the_best_validation_loss(trained: tuple[Path, 
     assert rc == 0 and stdout.startswith("train: loss ")
 
 
+def test_train_command_runs_from_an_argument_list(trained: tuple[Path, str], tiny_shards: Path, tiny_tokenizer,
+                                                  capsys) -> None:  # fmt: skip
+    from kogpt2.commands.train import run
+
+    out, _ = trained
+    args = ["--data", tiny_shards, "--model", "tiny", "--tokenizer", tiny_tokenizer.path, "--output", out, "--epochs", 3,
+            "--lr", 1e-3, "--warmup-steps", 2, "--clip-norm", 1.0, "--weight-decay", 0.01, "--quiet"]  # fmt: skip
+    assert run([str(a) for a in args]) == 0  # the fixture's very run: committed already, nothing to do
+    assert capsys.readouterr().out.strip().startswith("best epoch ")
+    assert run([str(a) for a in args] + ["--weight-decay", "0.5"]) == 2  # the last one counts: another run's folder
+    assert "--overwrite" in capsys.readouterr().err
+
+
 def test_early_stopping_saves_the_best_epoch(tmp_path: Path, tiny_tokenizer) -> None:
     # Validation text is the training text reversed: the model overfits to left-to-right
     # order, so validation loss turns up after a few epochs.
@@ -190,7 +239,9 @@ def test_early_stopping_saves_the_best_epoch(tmp_path: Path, tiny_tokenizer) -> 
     shards = write_test_shards(
         tmp_path / "shards", tiny_tokenizer, texts[:48], [t[::-1] for t in texts[48:]], max_len=32
     )
-    result = train(_config(shards, tmp_path / "out", tiny_tokenizer, epochs=12, learning_rate=3e-3), progress=False)
+    result = run_config(
+        _config(shards, tmp_path / "out", tiny_tokenizer, epochs=12, learning_rate=3e-3), progress=False
+    )
     h = result.history
     val = [e["val_loss"] for e in h["epochs"]]
     assert h["stopped_early"] and h["epochs_run"] < 12 and h["best_epoch"] == h["epochs_run"] - 2  # patience 2
@@ -203,10 +254,9 @@ def test_killed_run_resumes_to_the_full_epoch_count(tmp_path: Path, tiny_shards:
     out = tmp_path / "out"
     args = ["train", "--data", tiny_shards, "--model", "tiny", "--tokenizer", tiny_tokenizer.path, "--output", out,
             "--epochs", 4, "--lr", 1e-3, "--early-stopping-patience", 0, "--quiet"]  # fmt: skip
-    env = {**os.environ, EXIT_AFTER_EPOCH_ENV: "2"}
     proc = subprocess.run(
-        [sys.executable, "-m", "kogpt2.cli", *map(str, args), "--lease-seconds", "1"], env=env, capture_output=True,
-        text=True,
+        [sys.executable, "-c", PREEMPTED_AFTER_EPOCH, "2", *map(str, args), "--lease-seconds", "1"], cwd=REPO,
+        capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 75, proc.stderr[-2000:]  # "preempted" right after epoch 2's checkpoint
     state = json.loads((work(out) / "backup" / "state.json").read_text())
@@ -240,13 +290,13 @@ def test_time_budget_on_packed_shards_with_the_tokenizer_beside_them(tmp_path: P
         tmp_path / "packed", tiny_tokenizer, texts[:32], texts[32:], max_len=24, packing=True, include_tokenizer=True
     )
     config = _config(shards, tmp_path / "out", tiny_tokenizer, epochs=5, max_seconds=0.01, tokenizer=None)
-    result = train(config, progress=False)
+    result = run_config(config, progress=False)
     assert result.history["stopped_by_time"] and result.history["epochs_run"] == 1
     assert "time budget" in result.summary() and result.history["resumable"]
     load_model(tmp_path / "out")
     # the rerun without --resume says where the run stands; with --resume it trains on (a new version)
-    assert train(config, progress=False).history == result.history
-    more = train(dataclasses.replace(config, resume=True, max_seconds=None), progress=False)
+    assert run_config(config, progress=False).history == result.history
+    more = run_config(dataclasses.replace(config, resume=True, max_seconds=None), progress=False)
     assert more.history["epochs_run"] == 5 and not more.history["resumable"] and more.history["starts"] == 2
     assert [v["version"] for v in outputs.read_manifest(str(tmp_path / "out"))[0].versions] == [2, 1]  # type: ignore[index]
 
@@ -258,7 +308,7 @@ def test_a_time_budget_stops_at_the_first_step_checkpoint_and_resume_continues(
     out = tmp_path / "out"
     config = _config(tiny_shards, out, tiny_tokenizer, epochs=2, batch_size=4, save_steps=2, max_seconds=0.01,
                      early_stopping_patience=0)  # fmt: skip
-    first = train(config, progress=False).history
+    first = run_config(config, progress=False).history
     assert first["epochs"] == [] and first["partial_epoch"] == {"epoch": 1, "epoch_steps": 2} and first["steps"] == 2
     assert (
         first["stopped_by_time"] and first["resumable"] and "no epoch finished yet" in TrainResult_summary(out, first)
@@ -267,10 +317,10 @@ def test_a_time_budget_stops_at_the_first_step_checkpoint_and_resume_continues(
     state = json.loads((work(out) / "backup" / "state.json").read_text())
     assert state["epoch_steps"] == 2 and state["step"] == 2
     # scheduled reruns: each continues from the last checkpoint, a step checkpoint at a time
-    second = train(dataclasses.replace(config, resume=True), progress=False).history
+    second = run_config(dataclasses.replace(config, resume=True), progress=False).history
     assert second["partial_epoch"] == {"epoch": 1, "epoch_steps": 4} and second["steps"] == 4
-    rest = train(dataclasses.replace(config, resume=True, max_seconds=None), progress=False).history
-    straight = train(dataclasses.replace(config, output=str(tmp_path / "straight"), max_seconds=None),
+    rest = run_config(dataclasses.replace(config, resume=True, max_seconds=None), progress=False).history
+    straight = run_config(dataclasses.replace(config, output=str(tmp_path / "straight"), max_seconds=None),
                      progress=False).history  # fmt: skip
     assert rest["steps"] == straight["steps"] == 24 and rest["train_tokens"] == straight["train_tokens"]
     assert rest["starts"] == 3 and not rest["resumable"] and outputs.read_pending(str(out)) is None
@@ -284,7 +334,7 @@ def TrainResult_summary(out: Path, history: dict) -> str:
 
 
 def test_bf16_trains_with_float32_weights_and_loss(tmp_path: Path, tiny_shards: Path, tiny_tokenizer) -> None:
-    result = train(
+    result = run_config(
         _config(tiny_shards, tmp_path / "out", tiny_tokenizer, epochs=1, mixed_precision="bf16"), progress=False
     )
     assert (
@@ -306,7 +356,7 @@ def test_refusals(tmp_path: Path, tiny_shards: Path, tiny_tokenizer, tiny_model_
         tokenizer_overrides={"fingerprint": "e" * 64, "vocab_size": 999},
     )
     with pytest.raises(TokenizerMismatchError) as err:
-        train(_config(other, tmp_path / "o1", tiny_tokenizer, model=str(tiny_model_dir)), progress=False)
+        run_config(_config(other, tmp_path / "o1", tiny_tokenizer, model=str(tiny_model_dir)), progress=False)
     assert "eeeeeeeeeeeeeeee" in str(err.value) and tiny_tokenizer.fingerprint[:16] in str(err.value)
     assert "999" in str(err.value) and str(tiny_tokenizer.vocab_size) in str(err.value)
 
@@ -320,11 +370,11 @@ def test_refusals(tmp_path: Path, tiny_shards: Path, tiny_tokenizer, tiny_model_
 
     finished, _ = trained
     with pytest.raises(outputs.OutputConflictError, match="holds version 1 of a different run"):
-        train(_config(tiny_shards, finished, tiny_tokenizer), progress=False)
+        run_config(_config(tiny_shards, finished, tiny_tokenizer), progress=False)
     with pytest.raises(ValueError, match="--tokenizer"):
-        train(_config(tiny_shards, tmp_path / "o3", tiny_tokenizer, tokenizer=None), progress=False)
+        run_config(_config(tiny_shards, tmp_path / "o3", tiny_tokenizer, tokenizer=None), progress=False)
     with pytest.raises(ValueError, match="neither a model folder nor a preset"):
-        train(_config(tiny_shards, tmp_path / "o3", tiny_tokenizer, model=str(tmp_path / "nope")), progress=False)
+        run_config(_config(tiny_shards, tmp_path / "o3", tiny_tokenizer, model=str(tmp_path / "nope")), progress=False)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
 
 
@@ -337,14 +387,15 @@ MIRRORED_SCRIPT = textwrap.dedent(
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from kogpt2.evaluate import evaluate_model
-    from kogpt2.training import TrainConfig, make_strategy, train
+    from kogpt2.distribute import make_strategy
+    from kogpt2.training import TrainConfig, run_config
 
     shards, model, out = sys.argv[1:4]
     runs = {}
     for name in ("mirrored", "default"):
         config = TrainConfig(data=shards, model=model, output=f"{out}/{name}", epochs=2, batch_size=16,
                              learning_rate=1e-3, early_stopping_patience=0, strategy=name)
-        runs[name] = train(config, progress=False).history
+        runs[name] = run_config(config, progress=False).history
     ev = {name: evaluate_model(f"{out}/mirrored", shards, batch_size=5, strategy=make_strategy(name)).loss
           for name in ("mirrored", "default")}
     print("RESULT " + json.dumps({"runs": runs, "eval": ev}))
@@ -364,7 +415,7 @@ def test_mirrored_strategy_over_two_logical_cpus(tmp_path: Path, tiny_shards: Pa
     script.write_text(MIRRORED_SCRIPT)
     proc = subprocess.run(
         [sys.executable, str(script), str(tiny_shards), str(model), str(tmp_path / "runs")],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
@@ -409,9 +460,8 @@ def test_sigkill_mid_epoch_resumes_from_the_last_step_checkpoint(
     args = ["train", "--data", tiny_shards, "--model", "tiny", "--tokenizer", tiny_tokenizer.path, "--output", out,
             "--epochs", 2, "--batch-size", 4, "--lr", 1e-3, "--warmup-steps", 4, "--lr-schedule", "linear",
             "--early-stopping-patience", 0, "--save-steps", 3, "--eval-steps", 6, "--quiet"]  # fmt: skip
-    env = {**os.environ, STEP_SLEEP_ENV: "0.25"}  # slow batches, so the kill lands mid-epoch
-    proc = subprocess.Popen([sys.executable, "-m", "kogpt2.cli", *map(str, args), "--lease-seconds", "1"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_BATCHES, "0.25", *map(str, args), "--lease-seconds", "1"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     seen = _wait_for_state(out, proc, lambda s: len(s["epochs"]) == 1 and s["epoch_steps"] >= 3)
     state_path = work(out) / "backup" / "state.json"
     time.sleep(0.3)  # a batch or two past the checkpoint: trained, then lost with the process
@@ -431,7 +481,7 @@ def test_sigkill_mid_epoch_resumes_from_the_last_step_checkpoint(
 
     cfg = _config(tiny_shards, tmp_path / "straight", tiny_tokenizer, epochs=2, batch_size=4, warmup_steps=4,
                   lr_schedule="linear", early_stopping_patience=0, save_steps=3, eval_steps=6)  # fmt: skip
-    straight = train(cfg, progress=False).history
+    straight = run_config(cfg, progress=False).history
     # Same optimizer steps and tokens: the batches trained before the checkpoint were skipped, not repeated,
     # and the ones trained after it were redone.
     assert resumed["steps"] == straight["steps"] == 24 and resumed["starts"] == 2
@@ -480,7 +530,7 @@ def test_nan_run_fails_keeps_the_last_good_checkpoint_and_says_why(tmp_path: Pat
     out = tmp_path / "out"
     config = _config(shards, out, tiny_tokenizer, epochs=3)  # 3 batches per epoch
     with pytest.raises(TrainingFailed, match="non-finite training loss") as err:
-        train(config, progress=False, callbacks=[_PoisonWeights(at=5)])  # NaN from epoch 2's third batch
+        run_config(config, progress=False, callbacks=[_PoisonWeights(at=5)])  # NaN from epoch 2's third batch
     from kogpt2.jobs import ExitStatus, exit_status
 
     assert exit_status(err.value) == ExitStatus.DIVERGED  # the CLI exits with status 4
@@ -633,7 +683,7 @@ def test_remote_data_and_output_through_tf_gfile(
 
     out = f"{remote}/model"
     config = _config(f"{remote}/shards", out, tiny_tokenizer, epochs=2, save_steps=2)  # type: ignore[arg-type]
-    result = train(config, progress=False)
+    result = run_config(config, progress=False)
     assert result.output == out and result.history["epochs_run"] == 2
     # every file copied into the new version before the manifest that commits it
     assert copied[-3:] == ["config.json", "kogpt2.json", "history.json"] and "tf_model.h5" in copied[:-3]
@@ -654,10 +704,10 @@ def test_remote_data_and_output_through_tf_gfile(
     (local / "logs" / "lost").rename(local / "logs" / "train")
     assert json.loads((local / "history.json").read_text())["data"] == f"{remote}/shards"
     assert done.manifest.summary["epochs"] == 2
-    again = train(dataclasses.replace(config, resume=True), progress=False)  # finished: nothing to do
+    again = run_config(dataclasses.replace(config, resume=True), progress=False)  # finished: nothing to do
     assert again.history == result.history
     with pytest.raises(ValueError, match="lies inside an input"):
-        train(_config(f"{remote}/shards", f"{remote}/shards/out", tiny_tokenizer), progress=False)
+        run_config(_config(f"{remote}/shards", f"{remote}/shards/out", tiny_tokenizer), progress=False)
 
 
 # --- multi-worker training ---------------------------------------------------------------------
@@ -705,7 +755,7 @@ def test_two_workers_on_localhost_match_one_worker(tmp_path: Path, tiny_tokenize
     names = {p.name for p in version(out).iterdir()}  # the chief's model folder; the other worker wrote nothing here
     assert {"config.json", "tf_model.h5", "history.json", "logs"} <= names and not [n for n in names if ".tmp" in n]
     load_model(out)
-    single = train(_config(shards, tmp_path / "single", tiny_tokenizer, model=str(model), tokenizer=None, epochs=1,
+    single = run_config(_config(shards, tmp_path / "single", tiny_tokenizer, model=str(model), tokenizer=None, epochs=1,
                            early_stopping_patience=0), progress=False).history  # fmt: skip
     assert multi["steps"] == single["steps"] == 3 and multi["train_tokens"] == single["train_tokens"]
     # Same global batches, global masked mean: the same losses as one worker.
@@ -729,7 +779,7 @@ def test_a_copy_cut_short_does_not_look_finished_and_resume_completes_it(
     remote = f"ram://kogpt2-{tmp_path.name}/model"
     config = _config(tiny_shards, remote, tiny_tokenizer, epochs=1)  # type: ignore[arg-type]
     with pytest.raises(OSError, match="preempted"):
-        train(config, progress=False)
+        run_config(config, progress=False)
     gfile = tf.io.gfile
     assert outputs.read_manifest(remote) is None  # nothing committed
     pending = outputs.read_pending(remote)
@@ -738,7 +788,7 @@ def test_a_copy_cut_short_does_not_look_finished_and_resume_completes_it(
                          "--output", remote, "--epochs", 1, "--lr", 1e-3)  # fmt: skip
     assert rc == 2 and "interrupted run" in stderr  # not taken for a finished one
     monkeypatch.setattr(checkpointing, "_copy_file", real_copy)
-    history = train(dataclasses.replace(config, resume=True), progress=False).history
+    history = run_config(dataclasses.replace(config, resume=True), progress=False).history
     assert history["epochs_run"] == 1 and history["starts"] == 2
     done = outputs.open_committed(remote, job="train", verify="full")
     assert "history.json" in done.manifest.files and outputs.read_pending(remote) is None
