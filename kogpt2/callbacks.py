@@ -7,8 +7,9 @@ import math
 import time
 from typing import Any
 
-from kogpt2.checkpointing import STATE_FILE, RunState, join
+from kogpt2.checkpointing import STATE_FILE, RunState
 from kogpt2.schedules import current_learning_rate
+from kogpt2.storage import join
 from kogpt2.tf_setup import import_keras, import_tf
 
 tf = import_tf()

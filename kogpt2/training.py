@@ -33,7 +33,6 @@ from kogpt2.checkpointing import (
     STATE_FILE,
     RunState,
     TrainingFailed,
-    join,
     publish,
 )
 from kogpt2.curves import write_history
@@ -50,6 +49,7 @@ from kogpt2.outputs import (
 )
 from kogpt2.precision import dtype_policy, resolve_policy
 from kogpt2.schedules import make_optimizer
+from kogpt2.storage import join
 from kogpt2.tf_setup import import_keras, import_tf
 from kogpt2.tokenizer import Tokenizer, TokenizerError, find_tokenizer_file, load_tokenizer
 from kogpt2.train_config import TrainConfig, TrainResult
