@@ -92,6 +92,10 @@ class NothingNewError(Exception):
 def make_plan(config: PreprocessConfig) -> Plan:
     """Match the inputs (minus those of ``--exclude-inputs-of``) and read the tokenizer, before anything is written.
 
+    Returns:
+        The :class:`~pipelines.preprocess_config.Plan`: files with their sizes and times, the
+        tokenizer's facts and file, the shard names, a run id.
+
     Raises:
         FileNotFoundError: a glob matches no file.
         kogpt2.tokenizer.TokenizerError: the tokenizer cannot be read.
