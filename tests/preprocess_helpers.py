@@ -107,3 +107,12 @@ def folder_state(out: Path) -> dict[str, tuple[int, int, bytes]]:
     """Every file under ``out`` but the lock: (inode, mtime_ns, bytes); a rewritten file has a new inode."""
     files = [p for p in out.rglob("*") if p.is_file() and p.name not in (".lock", ".kogpt2-cas")]
     return {str(p.relative_to(out)): (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+
+
+def run_steps(test_pipeline, src: Path, tok, out: Path, **settings: Any) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Run the preprocessing steps over ``src`` into ``out`` on a test pipeline; return the committed info.json."""
+    out.mkdir()
+    config = PreprocessConfig(inputs=(str(src),), tokenizer=str(tok.path), output=str(out), **settings)
+    with test_pipeline as p:
+        built(p, config)
+    return read_info(out)

@@ -26,6 +26,7 @@ from preprocess_helpers import (
     is_completed,
     read_info,
     read_split,
+    run_steps,
     shard_bytes,
     unescape_bytes,
 )
@@ -178,18 +179,7 @@ def test_window_overflow_keeps_every_token(tmp_path: Path, tiny_tokenizer, test_
     src = tmp_path / "a.txt"
     src.write_text("\n".join(sentences) + "\n", encoding="utf-8")
     out = tmp_path / "out"
-    out.mkdir()
-    config = PreprocessConfig(
-        inputs=(str(src),),
-        tokenizer=str(tiny_tokenizer.path),
-        output=str(out),
-        max_len=8,
-        overflow="window",
-        val_fraction=0.0,
-    )
-    with test_pipeline as p:
-        built(p, config)
-    info = read_info(out)
+    info = run_steps(test_pipeline, src, tiny_tokenizer, out, max_len=8, overflow="window", val_fraction=0.0)
     assert info["shards"]["validation"] == [] and info["counts"]["examples"]["validation"] == 0
     examples = read_split(out, info, "train")
     assert as_counter(examples) == expected_examples(tiny_tokenizer, sentences, 8, "window")
@@ -210,19 +200,7 @@ def test_split_sentences_counts_lines_and_sentences(tmp_path: Path, tiny_tokeniz
     src = tmp_path / "p.txt"
     src.write_text("\n".join(paragraphs) + "\n", encoding="utf-8")
     out = tmp_path / "out"
-    out.mkdir()
-    config = PreprocessConfig(
-        inputs=(str(src),),
-        tokenizer=str(tiny_tokenizer.path),
-        output=str(out),
-        split_sentences=True,
-        min_chars=3,
-        dedup=True,
-        max_len=40,
-    )
-    with test_pipeline as p:
-        built(p, config)
-    info = read_info(out)
+    info = run_steps(test_pipeline, src, tiny_tokenizer, out, split_sentences=True, min_chars=3, dedup=True, max_len=40)
     check_accounting(info)
     c = info["counts"]
     assert c["lines_read"] == 6 and c["kept"] == 4
