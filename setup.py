@@ -29,6 +29,7 @@ setup(
         "apache-beam==2.77.*",
         "sentencepiece>=0.2",
         "google-crc32c>=1.5",  # TFRecord CRCs without TensorFlow (preprocessing workers)
+        "jsonschema>=4",  # info.json checked against schemas/shard_info.json
         "tokenizers>=0.20",
         "pyarrow>=15",
         "numpy>=1.26",

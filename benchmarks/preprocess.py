@@ -155,7 +155,10 @@ def child_command(pattern: str, tokenizer: str, output: str, workers: int, max_l
     mode = "in_memory" if workers == 1 else "multi_processing"
     argv = ["--input", pattern, "--tokenizer", tokenizer, "--output", output, "--max-len", str(max_len)]
     argv += [f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
-    code = preprocess.command(argv)  # what `python -m pipelines.preprocess` runs, exit included
+    from pipelines.common import freeze_heap
+
+    code = preprocess.run(argv)  # what `python -m pipelines.preprocess` runs, the frozen heap at exit included
+    freeze_heap()
     assert code == 0, code
     from kogpt2 import outputs
 

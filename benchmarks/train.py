@@ -11,11 +11,11 @@ Same preset, tokenizer, corpus, optimizer (Adam 1e-4) and batch size (16) for ev
   included (``SparseCategoricalCrossentropy``), ``accuracy`` metric. Only its non-pad
   targets count as useful.
 - ``padded[LEN][_xla]`` / ``packed[LEN][_xla]``: our job's train step
-  (:class:`kogpt2.evaluate.LMTrainer`: masked loss, masked accuracy, perplexity) fed by
+  (:class:`kogpt2.trainer.LMTrainer`: masked loss, masked accuracy, perplexity) fed by
   :func:`kogpt2.dataset.make_dataset` from gzip TFRecord shards on disk, padded
   (one sentence a row) or packed (blocks of LEN, default 30), optionally XLA-compiled.
 - ``synthetic:V``: variant V fed random in-memory batches of the same shape and real-token
-  share (:func:`kogpt2.dataset.synthetic_dataset`): the model alone.
+  share (:func:`synthetic_dataset`, below): the model alone.
 - ``streaming:V``: variant V with the in-memory record cache off (every epoch re-reads and
   gunzips the shards; what data sets over 512 MiB get).
 - ``V_bf16``: variant V under the ``mixed_bfloat16`` policy (``--mixed-precision bf16``);
@@ -103,19 +103,22 @@ def write_shards(
     rows = rows_of(lines)
     splits = {"train": rows, "validation": rows_of(val_lines) if val_lines else rows[:1]}
     names: dict[str, list[str]] = {}
+    digests: dict[str, str] = {}
     for split, split_rows in splits.items():
         n = min(num_shards, len(split_rows))
         names[split] = [records.shard_name(split, k, n) for k in range(n)]
         for k, name in enumerate(names[split]):
+            examples = [records.serialize_example(ids, length) for ids, length in split_rows[k::n]]
             with tf.io.TFRecordWriter(str(folder / name), options="GZIP") as w:
-                for ids, length in split_rows[k::n]:
-                    w.write(records.serialize_example(ids, length))
+                for data in examples:
+                    w.write(data)
+            digests[name] = records.shard_digest(examples)
     counts = {split: len(split_rows) for split, split_rows in splits.items()}
     tokens = {s: sum(n for _, n in r) for s, r in splits.items()}
     info = {
         "schema_version": 1,
         "created_by": "benchmarks/train.py",
-        "data_fingerprint": f"bench-{len(lines)}-{max_len}-{packing}",
+        "data_fingerprint": records.data_fingerprint(digests),  # as preprocessing computes it
         "tokenizer": tokenizer.describe(),
         "max_len": max_len,
         "packing": packing,
@@ -129,6 +132,39 @@ def write_shards(
     outputs.commit(claim, [*names["train"], *names["validation"], "info.json"])
     lease.release()
     return out
+
+
+def synthetic_dataset(
+    vocab_size: int, seq_len: int, batch_size: int, *, real_fraction: float = 1.0, seed: int = 0
+) -> Any:
+    """An endless in-memory dataset of one fixed random batch, shaped like :func:`kogpt2.dataset.make_dataset`'s.
+
+    It costs nothing to produce, so a job fed from it measures the model alone.
+
+    Args:
+        vocab_size: ids are drawn from ``[0, vocab_size)``.
+        seq_len: shard ``max_len``; batches are ``(B, seq_len - 1)``.
+        batch_size: rows per batch.
+        real_fraction: share of each row's targets that are real (the rest is padding).
+        seed: numpy seed of the random ids.
+
+    Returns:
+        A repeating ``tf.data.Dataset`` of ``(inputs, targets)``.
+
+    Raises:
+        ValueError: ``real_fraction`` outside (0, 1].
+    """
+    import numpy as np
+
+    from kogpt2.dataset import shift_targets
+
+    if not 0.0 < real_fraction <= 1.0:
+        raise ValueError(f"real_fraction={real_fraction}: must be in (0, 1]")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size, size=(batch_size, seq_len), dtype=np.int64)  # (B, T)
+    length = np.full((batch_size,), max(2, round(seq_len * real_fraction)), dtype=np.int64)  # (B,)
+    inputs, targets = shift_targets(tf.constant(ids), tf.constant(length))
+    return tf.data.Dataset.from_tensors((inputs, targets)).repeat()
 
 
 # ----------------------------------------------------------------------------- variants
@@ -198,9 +234,9 @@ def ours_variant(name: str, preset: str, tokenizer: Any, shards_dir: Path, batch
 
 def _ours_variant(name: str, preset: str, tokenizer: Any, shards_dir: Path, batch_size: int, *, xla: bool,
                   synthetic: bool = False, cache: bool | None = None) -> Variant:  # fmt: skip
-    from kogpt2.dataset import make_dataset, open_shards, synthetic_dataset
-    from kogpt2.evaluate import LMTrainer
+    from kogpt2.dataset import make_dataset, open_shards
     from kogpt2.model import new_model
+    from kogpt2.trainer import LMTrainer
 
     shards = open_shards(str(shards_dir))
     if synthetic:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from typing import Any
 
-from kogpt2.checkpointing import STATE_FILE, RunState, join
+from kogpt2.checkpointing import STATE_FILE, RunState
 from kogpt2.schedules import current_learning_rate
+from kogpt2.storage import join
 from kogpt2.tf_setup import import_keras, import_tf
 
 tf = import_tf()
@@ -18,10 +18,6 @@ log = logging.getLogger(__name__)
 # Base class typed Any: mypy cannot see through the runtime-selected Keras module.
 _Callback: Any = keras.callbacks.Callback
 
-#: Test hook: ``os._exit`` right after this epoch's checkpoint is written (simulates preemption).
-EXIT_AFTER_EPOCH_ENV = "KOGPT2_TEST_EXIT_AFTER_EPOCH"
-#: Test hook: sleep this many seconds after every batch (gives a test time to kill a run mid-epoch).
-STEP_SLEEP_ENV = "KOGPT2_TEST_STEP_SLEEP"
 METRICS = ("loss", "accuracy", "perplexity")
 
 
@@ -70,7 +66,6 @@ class RunTracker(_Callback):
         self.save_steps, self.eval_steps, self.scorer, self.val_data = save_steps, eval_steps, scorer, val_data
         self.val_steps = val_steps
         self.manager = tf.train.CheckpointManager(checkpoint, join(backup, "ckpt"), max_to_keep=2)
-        self._sleep = float(os.environ.get(STEP_SLEEP_ENV, "0") or 0)
         self._epoch = 0
         self._epoch_started = time.monotonic()
         self._base: dict[str, list[float]] = {}
@@ -122,8 +117,6 @@ class RunTracker(_Callback):
         if loss is not None and not math.isfinite(float(loss)):
             self._fail(f"non-finite training loss ({float(loss)}) in epoch {self._epoch + 1}, batch {epoch_steps}")
             return
-        if self._sleep:
-            time.sleep(self._sleep)
         if epoch_steps >= self.steps_per_epoch:
             # Validation reuses the metric objects before on_epoch_end: keep the training sums now.
             self._train_totals = self._totals()
@@ -209,8 +202,6 @@ class RunTracker(_Callback):
         for old in tf.io.gfile.glob(join(self.backup, "best-*")):
             if s.best_checkpoint and not old.startswith(s.best_checkpoint + "."):
                 tf.io.gfile.remove(old)
-        if os.environ.get(EXIT_AFTER_EPOCH_ENV) == str(n):
-            os._exit(75)  # test hook: a preemption right after the checkpoint
 
 
 class EpochSummaries(_Callback):

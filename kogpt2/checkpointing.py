@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kogpt2.jobs import DivergedError
+from kogpt2.storage import join
 from kogpt2.tf_setup import import_tf
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,6 @@ class RunState:
     @property
     def finished(self) -> bool:
         return self.stopped_early or self.stopped_by_time or len(self.epochs) >= int(self.config["epochs"])
-
-
-def join(folder: str, *names: str) -> str:
-    """``folder/name/...`` for local paths and URLs (``gs://``, ``ram://``) alike."""
-    return "/".join([str(folder).rstrip("/"), *names])
 
 
 def read_text(path: str) -> str:

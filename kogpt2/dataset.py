@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kogpt2.outputs import INFO_FILE
-from kogpt2.records import SPLITS
+from kogpt2.records import SPLITS, TokenizerFacts
 from kogpt2.schemas import tf_feature_spec, validate_info
 from kogpt2.tf_setup import import_tf
 from kogpt2.tokenizer import Tokenizer
@@ -64,8 +64,9 @@ class ShardSet:
         return bool(self.info["packing"])
 
     @property
-    def tokenizer_info(self) -> dict[str, Any]:
-        return dict(self.info["tokenizer"])
+    def tokenizer(self) -> TokenizerFacts:
+        """The facts of the tokenizer the shards were made with (``info.json``'s ``tokenizer``)."""
+        return TokenizerFacts.from_json(self.info["tokenizer"])
 
     @property
     def data_fingerprint(self) -> str:
@@ -200,22 +201,22 @@ def check_tokenizer(
         TokenizerMismatchError: fingerprints, vocabulary sizes or special ids differ, or
             the shards hold ids the model has no embedding for. The message names both sides.
     """
-    tok = shards.tokenizer_info
+    tok = shards.tokenizer
     where = f"shards {shards.folder}"
-    if tok["fingerprint"] != tokenizer.fingerprint or int(tok["vocab_size"]) != tokenizer.vocab_size:
+    if tok.fingerprint != tokenizer.fingerprint or tok.vocab_size != tokenizer.vocab_size:
         raise TokenizerMismatchError(
-            f"tokenizer mismatch: {where} were tokenized with sha256 {tok['fingerprint'][:16]} "
-            f"(vocab {tok['vocab_size']}), but {model} uses {tokenizer.path.name} sha256 "
+            f"tokenizer mismatch: {where} were tokenized with sha256 {tok.fingerprint[:16]} "
+            f"(vocab {tok.vocab_size}), but {model} uses {tokenizer.path.name} sha256 "
             f"{tokenizer.fingerprint[:16]} (vocab {tokenizer.vocab_size}); rerun preprocessing with "
             "the model's tokenizer (--tokenizer) or train with a model built on the shards' tokenizer"
         )
     for role in ("bos", "eos", "pad"):
-        have, want = int(tok[f"{role}_id"]), getattr(tokenizer, f"{role}_id")
+        have, want = getattr(tok, f"{role}_id"), getattr(tokenizer, f"{role}_id")
         if have != want:
             raise TokenizerMismatchError(f"{where}: {role}_id {have}, but {model}'s tokenizer says {want}")
-    if model_vocab_size is not None and int(tok["vocab_size"]) > model_vocab_size:
+    if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
         raise TokenizerMismatchError(
-            f"{where}: vocab {tok['vocab_size']} is larger than {model}'s embedding ({model_vocab_size} rows)"
+            f"{where}: vocab {tok.vocab_size} is larger than {model}'s embedding ({model_vocab_size} rows)"
         )
 
 
@@ -380,38 +381,3 @@ def make_dataset(
     options = tf.data.Options()
     options.experimental_deterministic = True
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
-
-
-def synthetic_dataset(
-    vocab_size: int,
-    seq_len: int,
-    batch_size: int,
-    *,
-    real_fraction: float = 1.0,
-    seed: int = 0,
-) -> Any:
-    """An endless in-memory dataset of one fixed random batch, shaped like :func:`make_dataset`'s.
-
-    For benchmarks: it costs nothing to produce, so a job fed from it measures the model
-    alone.
-
-    Args:
-        vocab_size: ids are drawn from ``[0, vocab_size)``.
-        seq_len: shard ``max_len``; batches are ``(B, seq_len - 1)``.
-        batch_size: rows per batch.
-        real_fraction: share of each row's targets that are real (the rest is padding).
-        seed: numpy seed of the random ids.
-
-    Returns:
-        A repeating ``tf.data.Dataset`` of ``(inputs, targets)``.
-    """
-    import numpy as np
-
-    tf = import_tf()
-    if not 0.0 < real_fraction <= 1.0:
-        raise ValueError(f"real_fraction={real_fraction}: must be in (0, 1]")
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab_size, size=(batch_size, seq_len), dtype=np.int64)  # (B, T)
-    length = np.full((batch_size,), max(2, round(seq_len * real_fraction)), dtype=np.int64)  # (B,)
-    inputs, targets = shift_targets(tf.constant(ids), tf.constant(length))
-    return tf.data.Dataset.from_tensors((inputs, targets)).repeat()

@@ -4,7 +4,7 @@
 AVX512-BF16/AMX, and it is rarely faster for small models; pass ``bf16`` to try it).
 ``bf16`` computes in bfloat16 on CPUs and GPUs with float32 weights. ``fp16`` computes in
 float16 with dynamic loss scaling, on GPUs only. The loss (and the softmax inside the
-cross-entropy) is computed in float32 either way: :func:`kogpt2.evaluate.token_stats`
+cross-entropy) is computed in float32 either way: :func:`kogpt2.trainer.token_stats`
 casts the logits first.
 """
 

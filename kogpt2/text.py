@@ -15,9 +15,6 @@ from functools import lru_cache
 
 from kogpt2.tokenizer import normalize
 
-#: Filter reasons, in the order they are checked.
-FILTER_REASONS = ("empty", "too_short", "duplicate")
-
 # Sentence ends after NFKC (which maps "？！．" to "?!." and "…" to "...").
 _TERMINALS = frozenset(".?!。")
 _OPEN_TO_CLOSE = {
@@ -154,11 +151,6 @@ def decode_lines(
 def escape_bytes(raw: bytes) -> str:
     """Printable ASCII (except ``\\``) as is, every other byte as ``\\xNN``: unambiguous and reversible."""
     return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw)
-
-
-def unescape_bytes(text: str) -> bytes:
-    """Invert :func:`escape_bytes`."""
-    return re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), text.encode("ascii"))
 
 
 @lru_cache(maxsize=1)

@@ -1,13 +1,16 @@
 """Training: fine-tune (or train from scratch) a GPT-2 LM on preprocessing shards.
 
-:func:`train` runs one job from a frozen :class:`TrainConfig`: ``tf.data`` over the
-shards, masked cross-entropy (padding never counts), masked accuracy and perplexity
-on train and validation every epoch, early stopping on validation loss with the best
-weights kept, resumable checkpoints at every epoch end (and every ``save_steps``
-batches), and a self-describing model folder with ``history.json``, ``curves.png`` and
-TensorBoard logs beside it. The pieces live in their own modules: :mod:`kogpt2.schedules`
-(learning rate, optimizer), :mod:`kogpt2.precision`, :mod:`kogpt2.distribute`,
-:mod:`kogpt2.checkpointing` (resume state), :mod:`kogpt2.callbacks`, :mod:`kogpt2.curves`.
+:func:`run_config` runs one job from a frozen :class:`~kogpt2.train_config.TrainConfig` and
+returns a :class:`~kogpt2.train_config.TrainResult`: ``tf.data`` over the shards, masked
+cross-entropy (padding never counts), masked accuracy and perplexity on train and validation
+every epoch, early stopping on validation loss with the best weights kept, resumable checkpoints
+at every epoch end (and every ``save_steps`` batches), and a self-describing model folder with
+``history.json``, ``curves.png`` and TensorBoard logs beside it, committed as a version of the
+output folder (:mod:`kogpt2.outputs`). ``kogpt2 train`` (:mod:`kogpt2.commands.train`) is its
+command line. The pieces live in their own modules: :mod:`kogpt2.trainer` (the Keras model with
+the masked loss), :mod:`kogpt2.schedules` (learning rate, optimizer), :mod:`kogpt2.precision`,
+:mod:`kogpt2.distribute`, :mod:`kogpt2.checkpointing` (resume state), :mod:`kogpt2.callbacks`,
+:mod:`kogpt2.curves`.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kogpt2 import outputs
-from kogpt2.callbacks import EXIT_AFTER_EPOCH_ENV, STEP_SLEEP_ENV, EpochSummaries, RunTracker, StoppedAtCheckpoint
+from kogpt2.callbacks import EpochSummaries, RunTracker, StoppedAtCheckpoint
 from kogpt2.checkpointing import (
     BACKUP_DIR,
     HISTORY_FILE,
@@ -30,30 +33,27 @@ from kogpt2.checkpointing import (
     STATE_FILE,
     RunState,
     TrainingFailed,
-    join,
     publish,
 )
-from kogpt2.curves import plot_curves, write_history
+from kogpt2.curves import write_history
 from kogpt2.dataset import ShardSet, check_tokenizer, make_dataset, open_shards
-from kogpt2.distribute import DISTRIBUTION_STRATEGIES, InputPlan, Worker, make_strategy, plan_input, worker_of
-from kogpt2.evaluate import LMTrainer
-from kogpt2.flags import flag
+from kogpt2.distribute import InputPlan, Worker, make_strategy, plan_input, worker_of
 from kogpt2.model import PRESETS, load_model, model_fingerprint, new_model, read_model_info, save_model
 from kogpt2.outputs import (
     ALREADY_COMPLETE,
-    DEFAULT_KEEP_VERSIONS,
-    DEFAULT_LEASE_SECONDS,
     RESUME,
     WORK_PREFIX,
     OutputConflictError,
     OutputRun,
     refuse_output_over_inputs,
 )
-from kogpt2.precision import AUTO, PRECISIONS, dtype_policy, normalize_precision, resolve_policy
-from kogpt2.schedules import SCHEDULES, WarmupSchedule, make_optimizer
+from kogpt2.precision import dtype_policy, resolve_policy
+from kogpt2.schedules import make_optimizer
+from kogpt2.storage import join
 from kogpt2.tf_setup import import_keras, import_tf
 from kogpt2.tokenizer import Tokenizer, TokenizerError, find_tokenizer_file, load_tokenizer
-from kogpt2.validate import check_bool, check_choice, check_int, check_number
+from kogpt2.train_config import TrainConfig, TrainResult
+from kogpt2.trainer import LMTrainer
 
 tf = import_tf()
 keras = import_keras()
@@ -62,254 +62,30 @@ log = logging.getLogger(__name__)
 #: The job's name in manifests and locks.
 JOB = "train"
 
-__all__ = [
-    "EXIT_AFTER_EPOCH_ENV", "STEP_SLEEP_ENV", "PRECISIONS", "SCHEDULES", "DISTRIBUTION_STRATEGIES", "TrainConfig", "TrainResult",
-    "TrainingFailed", "WarmupSchedule", "make_optimizer", "make_strategy", "plot_curves", "train", "write_history",
-]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training job.
-
-    Attributes:
-        data: preprocessing output folder (``info.json``, shards, ``COMPLETED``).
-        model: a model folder to fine-tune, or a preset (``tiny``, ``small``, ``base``) to train from scratch.
-        output: folder for the model, ``history.json``, ``curves.png``, ``logs/``.
-        epochs: maximum number of epochs.
-        batch_size: global batch size (split across replicas).
-        learning_rate: peak learning rate (Adam, as the notebook).
-        warmup_steps: linear warmup steps.
-        lr_schedule: after warmup, ``constant`` (default), ``linear`` (transformers' default)
-            or ``cosine`` decay to 0 at the last step.
-        weight_decay: decoupled weight decay (AdamW) when > 0; LayerNorm and biases excluded.
-        clip_norm: clip gradients to this global norm.
-        early_stopping_patience: stop after this many epochs without a better validation
-            loss; ``0`` disables. The best epoch's weights are saved either way.
-        seed: seeds weights of presets, dropout and the shuffle order.
-        mixed_precision: ``no`` (float32), ``bf16`` (CPUs and GPUs) or ``fp16`` (GPUs, loss
-            scaling); ``auto`` (the old boolean flag): fp16 on GPUs, bf16 on CPUs.
-        jit_compile: compile the train step with XLA.
-        steps_per_execution: train steps per ``tf.function`` call.
-        strategy: ``auto`` (MirroredStrategy when several GPUs are visible), ``mirrored``
-            (all visible GPUs, or all logical CPUs without GPUs) or ``default``.
-        shuffle_buffer: examples in the shuffle buffer.
-        tokenizer: tokenizer file for preset training (default: the one in ``data``).
-        resume: continue an interrupted run in ``output`` (or start one if there is none).
-        overwrite: replace a run already in ``output``.
-        max_seconds: time budget; training stops after the first epoch that ends past it.
-        save_steps: also checkpoint every this many batches within an epoch (0: epoch ends only).
-        eval_steps: also score the validation split every this many batches (0: epoch ends only).
-    """
-
-    data: tuple[str, ...] = field(
-        metadata=flag(
-            "preprocessing outputs: one folder, several, or a glob of them (daily spans) with the same tokenizer "
-            "and example format",
-            metavar="DIR",
-            required=True,
-        )
-    )
-    model: str = field(
-        metadata=flag(
-            "model folder to fine-tune, or a preset to train from scratch: tiny, small, base", metavar="PATH_OR_PRESET"
-        )
-    )
-    output: str = field(metadata=flag("output model folder (+ history.json, curves.png, logs/)", metavar="DIR"))
-    epochs: int = field(default=10, metadata=flag("maximum epochs", metavar="N"))
-    batch_size: int = field(default=16, metadata=flag("global batch size", metavar="N"))
-    learning_rate: float = field(
-        default=1e-4, metadata=flag("peak learning rate, Adam", metavar="LR", aliases=("--lr",))
-    )
-    warmup_steps: int = field(default=0, metadata=flag("linear warmup steps", metavar="N"))
-    lr_schedule: str = field(
-        default="constant",
-        metadata=flag(
-            "after warmup: constant, linear decay to 0 (transformers' default) or cosine decay to 0", choices=SCHEDULES
-        ),
-    )
-    weight_decay: float = field(default=0.0, metadata=flag("AdamW decoupled weight decay (0: Adam)", metavar="W"))
-    clip_norm: float | None = field(default=None, metadata=flag("clip gradients to this global norm", metavar="C"))
-    early_stopping_patience: int = field(
-        default=2,
-        metadata=flag(
-            "stop after N epochs without a better validation loss; 0 = off. The best epoch is saved", metavar="N"
-        ),
-    )
-    seed: int = field(default=0, metadata=flag("seed of preset weights, dropout and shuffling", metavar="S"))
-    mixed_precision: str = field(
-        default="no",
-        metadata=flag(
-            "compute dtype: no = float32 (on CPU bf16 is emulated on most chips), bf16 (CPUs, GPUs), fp16 with loss "
-            "scaling (GPUs only); the bare flag, as in earlier releases, is fp16 on GPUs, bf16 on CPUs",
-            choices=(*PRECISIONS, AUTO),
-            metavar="{no,bf16,fp16}",
-            nargs="?",
-            const=AUTO,
-        ),
-    )
-    jit_compile: bool = field(default=False, metadata=flag("compile the train step with XLA", aliases=("--xla",)))
-    steps_per_execution: int = field(default=1, metadata=flag("train steps per tf.function call", metavar="N"))
-    strategy: str = field(
-        default="auto",
-        metadata=flag(
-            "tf.distribute strategy; multi_worker: MultiWorkerMirroredStrategy over the cluster in TF_CONFIG "
-            "(run the same command on every worker; the chief writes --output)",
-            choices=DISTRIBUTION_STRATEGIES,
-        ),
-    )
-    shuffle_buffer: int = field(default=10_000, metadata=flag("examples in the shuffle buffer", metavar="N"))
-    tokenizer: str | None = field(
-        default=None, metadata=flag("tokenizer of the shards, for preset training", metavar="PATH")
-    )
-    resume: bool = field(
-        default=False, metadata=flag("continue an interrupted or time-stopped run in --output", per_run=True)
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata=flag(
-            "start a new run even if --output holds another one (its version stays readable until this one commits)",
-            per_run=True,
-        ),
-    )
-    max_seconds: float | None = field(
-        default=None,
-        metadata=flag(
-            "time budget: stop at the first checkpoint (epoch end, or --save-steps) past it; --resume continues",
-            metavar="S",
-        ),
-    )
-    keep_versions: int = field(
-        default=DEFAULT_KEEP_VERSIONS,
-        metadata=flag("committed model versions kept after a commit, the new one included", metavar="N"),
-    )
-    lease_seconds: float = field(
-        default=DEFAULT_LEASE_SECONDS, metadata=flag("the output lock's lease", metavar="S", hidden=True)
-    )
-    save_steps: int = field(
-        default=0,
-        metadata=flag("also checkpoint every N batches within an epoch, so --resume continues mid-epoch", metavar="N"),
-    )
-    eval_steps: int = field(
-        default=0,
-        metadata=flag("also score the validation split every N batches (history.json 'evaluations')", metavar="N"),
-    )
-
-    def __post_init__(self) -> None:
-        owner = "TrainConfig"
-        data = (self.data,) if isinstance(self.data, str) else tuple(self.data)
-        object.__setattr__(self, "data", tuple(outputs.local_path(str(d)) for d in data))
-        if not self.data or not all(self.data):
-            raise ValueError(f"{owner}.data={self.data!r}: required (one or more shard folders)")
-        object.__setattr__(
-            self, "output", outputs.local_path(self.output) if isinstance(self.output, str) else self.output
-        )
-        for name in ("model", "output"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"{owner}.{name}={getattr(self, name)!r}: required (a path)")
-        for name in ("epochs", "batch_size", "steps_per_execution", "shuffle_buffer"):
-            check_int(owner, name, getattr(self, name), low=1)
-        for name in ("warmup_steps", "early_stopping_patience", "seed", "save_steps", "eval_steps"):
-            check_int(owner, name, getattr(self, name), low=0)
-        check_int(owner, "keep_versions", self.keep_versions, low=1, note="the new version included")
-        check_number(owner, "lease_seconds", self.lease_seconds, gt=0)
-        check_number(owner, "learning_rate", self.learning_rate, gt=0, lt=1)
-        check_number(owner, "weight_decay", self.weight_decay, ge=0, lt=1)
-        if self.clip_norm is not None:
-            check_number(owner, "clip_norm", self.clip_norm, gt=0, note="or None for no clipping")
-        if self.max_seconds is not None:
-            check_number(owner, "max_seconds", self.max_seconds, gt=0, note="or None")
-        check_choice(owner, "strategy", self.strategy, DISTRIBUTION_STRATEGIES)
-        check_choice(owner, "lr_schedule", self.lr_schedule, SCHEDULES)
-        for name in ("jit_compile", "resume", "overwrite"):
-            check_bool(owner, name, getattr(self, name))
-        try:  # the old boolean is accepted: True -> auto, False -> no
-            object.__setattr__(self, "mixed_precision", normalize_precision(self.mixed_precision))
-        except ValueError:
-            raise ValueError(
-                f"TrainConfig.mixed_precision={self.mixed_precision!r}: must be one of {(*PRECISIONS, AUTO)}"
-            ) from None
-        for name in ("save_steps", "eval_steps"):
-            value = getattr(self, name)
-            if value and value % self.steps_per_execution:
-                raise ValueError(
-                    f"TrainConfig.{name}={value}: must be a multiple of steps_per_execution={self.steps_per_execution}"
-                )
-        if self.resume and self.overwrite:
-            raise ValueError("TrainConfig.resume and TrainConfig.overwrite: choose one")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["data"] = list(self.data)
-        return out
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` produced.
-
-    Attributes:
-        output: the output folder (a model folder: ``load_model(output)`` works): a ``Path``,
-            or the URL string of a remote folder.
-        history: the ``history.json`` document.
-    """
-
-    output: Path | str
-    history: dict[str, Any]
-
-    @property
-    def best_epoch(self) -> int:
-        return int(self.history["best_epoch"])
-
-    @property
-    def best_val_loss(self) -> float | None:
-        return self.history["best_val_loss"]
-
-    @property
-    def best_val_perplexity(self) -> float | None:
-        return self.history["best_val_perplexity"]
-
-    def summary(self) -> str:
-        """One line: best epoch, validation loss and perplexity, output folder."""
-        h = self.history
-        how = " (stopped early)" if h["stopped_early"] else " (time budget)" if h.get("stopped_by_time") else ""
-        if not h["epochs"]:
-            part = h.get("partial_epoch") or {}
-            return (
-                f"stopped by the time budget {part.get('epoch_steps', 0)} batches into epoch 1 (no epoch finished "
-                f"yet; --resume continues): {h['steps']} steps -> {self.output}"
-            )
-        if h["best_val_loss"] is None:
-            val = f"train loss {h['epochs'][-1]['loss']:.4f} (no validation split)"
-        else:
-            val = f"val loss {h['best_val_loss']:.4f}, perplexity {h['best_val_perplexity']:.2f}"
-        return (
-            f"best epoch {h['best_epoch']}/{h['epochs_run']}{how}: {val}, "
-            f"{h['steps']} steps, {h['train_tokens']} train tokens -> {self.output}"
-        )
+__all__ = ["JOB", "TrainConfig", "TrainResult", "TrainingFailed", "run_config", "signature"]
 
 
 # ----------------------------------------------------------------------------- model and tokenizer
 
 
 def _preset_tokenizer(config: TrainConfig, shards: ShardSet) -> Tokenizer:
-    """The tokenizer a preset is trained with: ``config.tokenizer``, else the one beside the shards."""
+    """The tokenizer a preset is trained with: ``--tokenizer``, else the one preprocessing copied beside the shards.
+
+    Beside the shards means in the committed version of the first ``--data`` folder (all of them
+    share one tokenizer, :func:`kogpt2.dataset.open_shards` checks), on a local disk; for shards on
+    remote storage, pass ``--tokenizer``.
+
+    Raises:
+        ValueError: no ``--tokenizer``, and no tokenizer file beside the shards.
+    """
     if config.tokenizer:
         return load_tokenizer(config.tokenizer)
-    candidates: list[Path] = []
-    folder = Path(shards.roots[0]) if shards.roots else Path(shards.folder)  # the committed version's files
-    if folder.is_dir():
+    beside = Path(shards.roots[0])
+    if beside.is_dir():
         try:
-            candidates.append(find_tokenizer_file(folder))
+            return load_tokenizer(find_tokenizer_file(beside))
         except TokenizerError:
             pass
-    for key in ("path", "file"):
-        recorded = shards.tokenizer_info.get(key)
-        if isinstance(recorded, str):
-            candidates.append(Path(recorded) if Path(recorded).is_absolute() else folder / recorded)
-    for path in candidates:
-        if path.is_file():
-            return load_tokenizer(path)
     raise ValueError(
         f"--model {config.model} trains from scratch and needs the shards' tokenizer, but {shards.folder} "
         "holds none: pass --tokenizer PATH (the file given to preprocessing)"
@@ -358,26 +134,27 @@ def _base_model_info(config: TrainConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the job
 
 
-def train(config: TrainConfig, *, progress: bool = True, callbacks: list[Any] | None = None) -> TrainResult:
-    """Run one training job (see the module docstring); the entry point of ``kogpt2 train``.
+def run_config(config: TrainConfig, *, progress: bool = True, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Run one training job (see the module docstring); what ``kogpt2 train`` runs.
 
     Args:
         config: the job.
         progress: print Keras progress (one line per epoch when stdout is not a terminal).
-        callbacks: extra Keras callbacks.
+        callbacks: extra Keras callbacks, run after the job's own (tests inject faults with them).
 
     Returns:
-        A :class:`TrainResult`; ``config.output`` holds the best epoch's model folder,
-        ``history.json``, ``curves.png`` and ``logs/``.
+        A :class:`~kogpt2.train_config.TrainResult`; ``config.output`` holds the best epoch's
+        model folder, ``history.json``, ``curves.png`` and ``logs/`` as its current version.
 
     Raises:
         ShardError: unfinished or malformed shards.
         TokenizerMismatchError: shards made with another tokenizer than the model's.
-        RuntimeError: ``output`` holds another run (see ``resume``/``overwrite``).
+        kogpt2.outputs.OutputConflictError: ``output`` holds another run (see ``resume``/``overwrite``).
+        kogpt2.outputs.OutputLockedError: another live run holds ``output``.
         ValueError: ``output`` is, contains or lies inside an input; ``resume`` with changed
             settings or data; a preset without a tokenizer; ``fp16`` without a GPU.
         TrainingFailed: the loss or the weights became non-finite; ``history.json`` says so,
-            no model is saved and the last good checkpoint stays in ``output/backup``.
+            no model is committed and the last good checkpoint stays in the work folder.
     """
     started = time.monotonic()
     # MultiWorkerMirroredStrategy configures collectives: before any other TensorFlow work.
@@ -498,9 +275,9 @@ def _run(
     policy: str,
     started: float,
     progress: bool,
-    callbacks: list[Any] | None,
+    callbacks: Sequence[Any],
 ) -> TrainResult:
-    """Build, restore, fit, commit: the body of :func:`train` once its work folder ``out`` is claimed.
+    """Build, restore, fit, commit: the body of :func:`run_config` once its work folder ``out`` is claimed.
 
     ``claim`` is the chief's claim on the output folder (None on other workers).
     """
@@ -547,7 +324,7 @@ def _run(
                 save_steps=config.save_steps, eval_steps=config.eval_steps, scorer=scorer, val_data=val_ds,
                 val_steps=val_steps,
             )  # fmt: skip
-            fit_callbacks = [tracker, EpochSummaries(join(out, LOGS_DIR), tracker), *(callbacks or [])]
+            fit_callbacks = [tracker, EpochSummaries(join(out, LOGS_DIR), tracker), *callbacks]
             verbose = (1 if sys.stdout.isatty() else 2) if progress else 0
             for first, last, skip in _segments(state, config.epochs):
                 train_ds = _input(strategy, worker, train_plan, shards, "train", config, first, last, skip)
@@ -684,11 +461,6 @@ def _result_path(out: str) -> Path | str:
     return out if "://" in out else Path(out)
 
 
-def _defaults() -> dict[str, Any]:
-    """Each setting's default: what a run started by an earlier release, without it, used."""
-    return {f.name: f.default for f in fields(TrainConfig)}
-
-
 def _inputs_of(config: TrainConfig) -> list[str]:
     """What the job reads, which ``--output`` must not overlap: shards, tokenizer, base model folder."""
     inputs = [*config.data, *([config.tokenizer] if config.tokenizer else [])]
@@ -761,7 +533,7 @@ def _history(config: TrainConfig, state: RunState, shards: ShardSet, strategy: A
         "evaluations": state.evaluations,
         "data": shards.folder,
         "data_fingerprint": shards.data_fingerprint,
-        "tokenizer_fingerprint": shards.tokenizer_info["fingerprint"],
+        "tokenizer_fingerprint": shards.tokenizer.fingerprint,
         "partial_epoch": {"epoch": len(epochs) + 1, "epoch_steps": state.epoch_steps} if state.epoch_steps else None,
         "config": {k: v for k, v in config.to_dict().items() if k not in ("resume", "overwrite")},
     }

@@ -81,6 +81,7 @@ def check_number(
             f"> {gt}" if gt is not None else "",
             f">= {ge}" if ge is not None else "",
             f"<= {le}" if le is not None else "",
+            f"< {lt}" if lt is not None else "",
         ]
         bounds = " and ".join(p for p in parts if p)
         rule = f"a finite number{' ' + bounds if bounds else ''}"

@@ -137,25 +137,19 @@ class Demo:
 
     def preprocess(self) -> str:
         from pipelines import preprocess
+        from pipelines.preprocess_config import PreprocessConfig
 
-        info = preprocess.run(
-            [
-                "--input",
-                self.config.corpus,
-                "--tokenizer",
-                self.tokenizer_path,
-                "--output",
-                str(self.run_dir / "data"),
-                "--max-len",
-                str(self.config.max_len),
-                "--val-fraction",
-                "0.1",
-                "--dedup",
-                "--packing",
-                "--overwrite",
-            ]
+        config = PreprocessConfig(
+            inputs=(self.config.corpus,),
+            tokenizer=self.tokenizer_path,
+            output=str(self.run_dir / "data"),
+            max_len=self.config.max_len,
+            val_fraction=0.1,
+            dedup=True,
+            packing=True,
+            overwrite=True,
         )
-        c = info["counts"]
+        c = preprocess.run_config(config).counts
         return (
             f"{c['lines_read']} lines read, {c['kept']} kept, {c['rejected']} rejected, "
             f"examples train {c['examples']['train']} / validation {c['examples']['validation']}"
@@ -211,7 +205,7 @@ class Demo:
         return f"{info['counts']['rows']} samples ({per}) written to {out}"
 
     def train(self) -> str:
-        from kogpt2.training import TrainConfig, train
+        from kogpt2.training import TrainConfig, run_config
 
         cfg = TrainConfig(
             data=(str(self.run_dir / "data"),),
@@ -230,7 +224,7 @@ class Demo:
             max_seconds=self.config.train_seconds,
             overwrite=True,
         )
-        result = train(cfg, progress=True)
+        result = run_config(cfg, progress=True)
         after = self.evaluate("after", str(self.run_dir / "model"))
         return f"{result.summary()}; {after}"
 

@@ -7,7 +7,7 @@ Steps (each a labelled Beam transform):
 1. The input globs are matched when the command starts (any Beam filesystem, ``gs://`` too: an
    empty glob fails before anything is written); ``MatchFiles`` / ``ReadMatches`` the files, cut
    each into byte ranges (``PlanRanges``; gzip/bzip2 files are one range) and ``ReadLines`` them
-   as bytes, remembering file, range and line index (:mod:`pipelines.textio`).
+   as bytes, remembering file, range and line index (:mod:`pipelines.shards.textio`).
 2. ``Clean``: decode (undecodable lines go to ``rejected-*.jsonl``), normalize, optionally
    split sentences, filter; optionally ``Dedup`` exact duplicates (:mod:`pipelines.preprocess_steps`).
 3. ``Tokenize`` (tokenizer loaded in ``setup``): ``<s>`` + ids + ``</s>``.
@@ -18,18 +18,24 @@ Steps (each a labelled Beam transform):
    sorted runs to ``_spill-*`` files; one task per shard merges its runs (streaming) and
    writes the shard. Shards are byte-identical on rerun, whatever the runner's order, and
    memory stays flat because examples never pass through an in-memory shuffle
-   (:mod:`pipelines.sorted_shards`).
+   (:mod:`pipelines.shards`).
 6. ``WriteInfo``: ``info.json`` (checked against ``schemas/shard_info.json``), the spill files
    are removed, and ``COMPLETED`` is written last.
 
 This module holds the job: plan, output folder, pipeline graph and command line; its settings are
-in :mod:`pipelines.preprocess_config`, ``info.json`` in :mod:`pipelines.preprocess_info`.
+in :mod:`pipelines.preprocess_config`, its counts in :mod:`pipelines.counters`, ``info.json`` in
+:mod:`pipelines.preprocess_info`. Two entry points, as every job has:
+
+- :func:`run_config` ``(PreprocessConfig, beam_args) -> PreprocessResult``: does the work and says
+  how it ended (new, resumed, already complete, nothing new), with the committed version's
+  ``info.json`` and folder; failures are exceptions.
+- :func:`run` ``(argv) -> int``: the command line: parses, calls :func:`run_config`, prints what
+  happened, and maps failures to the exit statuses of :mod:`kogpt2.jobs`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import logging
@@ -37,7 +43,9 @@ import math
 import os
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import apache_beam as beam
@@ -48,24 +56,20 @@ from kogpt2 import outputs, records
 from kogpt2.flags import add_config_arguments, add_underscore_spellings, config_from_args, our_flags
 from kogpt2.jobs import ExitStatus, run_main
 from kogpt2.outputs import ALREADY_COMPLETE, INFO_FILE, RESUME, OutputRun
+from kogpt2.records import TokenizerFacts
 from kogpt2.storage import store_for
 from pipelines.common import (
     check_beam_args,
     copy_file,
     create_pipeline,
-    file_sizes,
     freeze_heap,
     frozen_heap,
     join,
+    match_globs,
     pipeline_options,
     read_text,
 )
-from pipelines.counters import NAMESPACE as NAMESPACE  # re-exported
-from pipelines.preprocess_config import (
-    Plan,
-    PreprocessConfig,
-    shard_counts,
-)
+from pipelines.preprocess_config import Plan, PreprocessConfig, Role, settings, shard_counts
 from pipelines.preprocess_info import (
     CollectRun,
     WriteInfo,
@@ -73,14 +77,12 @@ from pipelines.preprocess_info import (
     failure_error,
 )
 from pipelines.preprocess_steps import CleanLines, Dedup, MakeExamples, Tokenize, open_tokenizer
-from pipelines.sorted_shards import SPILL_PREFIX as SPILL_PREFIX  # re-exported
-from pipelines.sorted_shards import SpillRuns, WriteShards, spill_prefix
-from pipelines.textio import REJECTED_FILE, ReadLines, match_files, plan_ranges
+from pipelines.shards.spill import SpillRuns, spill_prefix
+from pipelines.shards.textio import REJECTED_FILE, ReadLines, plan_ranges
+from pipelines.shards.writer import WriteShards
 
 #: The job's name in manifests and locks.
 JOB = "preprocess"
-#: What :func:`execute` returns when no input file is new (``--exclude-inputs-of``): nothing was written.
-NOTHING_NEW = "nothing new"
 
 
 class NothingNewError(Exception):
@@ -90,14 +92,17 @@ class NothingNewError(Exception):
 def make_plan(config: PreprocessConfig) -> Plan:
     """Match the inputs (minus those of ``--exclude-inputs-of``) and read the tokenizer, before anything is written.
 
+    Returns:
+        The :class:`~pipelines.preprocess_config.Plan`: files with their sizes and times, the
+        tokenizer's facts and file, the shard names, a run id.
+
     Raises:
         FileNotFoundError: a glob matches no file.
         kogpt2.tokenizer.TokenizerError: the tokenizer cannot be read.
         NothingNewError: every matched file was already preprocessed (``--exclude-inputs-of``).
         ValueError: an input file changed since a previous span read it.
     """
-    files = match_files(config.inputs)
-    stats = file_sizes(sorted(files))
+    stats = {path: list(stat) for path, stat in match_globs(config.inputs, flag="--input").items()}
     if config.exclude_inputs_of:
         done = inputs_of_spans(config.exclude_inputs_of)
         changed = [p for p in stats if p in done and done[p][0] != stats[p]]
@@ -108,19 +113,24 @@ def make_plan(config: PreprocessConfig) -> Plan:
                 f"{stats[path]}): files of an incremental corpus must not change. Move the new data to a new file, "
                 "or rebuild the spans"
             )
-        files = {p: n for p, n in files.items() if p not in done}
-        if not files:
+        stats = {p: stat for p, stat in stats.items() if p not in done}
+        if not stats:
             raise NothingNewError(
                 f"nothing new: every file --input matches was already preprocessed into "
                 f"{', '.join(sorted({where for _, where in done.values()}))}"
             )
-        stats = {p: stats[p] for p in files}
     tok = open_tokenizer(config.tokenizer)
-    total = sum(files.values())
-    counts = shard_counts(config, total)
+    counts = shard_counts(config, sum(stat[0] for stat in stats.values()))
     names = {s: tuple(records.shard_name(s, i, n) for i in range(n)) for s, n in counts.items()}
-    paths = tuple(sorted(files))
-    return Plan(paths, total, tok.describe(), names, uuid.uuid4().hex[:12], (str(tok.path), tok.canonical_name), stats)
+    return Plan(
+        files=tuple(sorted(stats)),
+        file_stats=stats,
+        tokenizer=TokenizerFacts.of(tok),
+        tokenizer_file=str(tok.path),
+        tokenizer_name=tok.canonical_name,
+        shard_names=names,
+        run_id=uuid.uuid4().hex[:12],
+    )
 
 
 def inputs_of_spans(patterns: Sequence[str]) -> dict[str, tuple[list[int], str]]:
@@ -139,35 +149,20 @@ def inputs_of_spans(patterns: Sequence[str]) -> dict[str, tuple[list[int], str]]
     return out
 
 
-#: Settings that do not shape the output (how it is built, kept or accepted): outside the signature.
-PER_RUN_SETTINGS = (
-    "overwrite",
-    "keep_versions",
-    "lease_seconds",
-    "exclude_inputs_of",
-    "allow_empty",
-    "allow_corrupt_input",
-    "batch_size",
-    "spill_mb",
-)
-
-
 def signature(config: PreprocessConfig, plan: Plan) -> dict[str, Any]:
-    """What makes two runs the same run (``run.json``): inputs, tokenizer and every output-shaping flag.
+    """What makes two runs the same run: the inputs as given and resolved, the tokenizer, every output-shaping flag.
 
-    The input files are named with their size and modification time, so a corpus edited in
-    place (appended to, replaced) makes a different run.
+    The flags are the settings of roles :data:`~pipelines.preprocess_config.Role.INPUT` and
+    :data:`~pipelines.preprocess_config.Role.SHAPES` (``info.json`` records the latter too). The
+    input files are named with their size and modification time, so a corpus edited in place
+    (appended to, replaced) makes a different run.
     """
-    flags = dataclasses.asdict(config)
-    for key in (*PER_RUN_SETTINGS, "output"):
-        flags.pop(key)
-    flags["inputs"] = list(config.inputs)
     return {
         "pipeline": "kogpt2.preprocess",
-        "flags": flags,
+        "flags": settings(config, Role.INPUT, Role.SHAPES),
         "files": list(plan.files),
-        "file_stats": {path: list(plan.file_stats.get(path, [])) for path in plan.files},
-        "tokenizer": plan.tokenizer,
+        "file_stats": {path: list(plan.file_stats[path]) for path in plan.files},
+        "tokenizer": plan.tokenizer.to_json(),
     }
 
 
@@ -208,7 +203,7 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, plan: Plan, run: 
     cleaned = lines.lines | "Clean" >> beam.ParDo(CleanLines(config, plan.files)).with_outputs(
         CleanLines.REJECTED, CleanLines.STATS, main="texts"
     )
-    stats = [lines.line_counts | "LinesRead" >> beam.Map(lambda c: {"lines_read": c[2]}), lines.stats, cleaned.stats]
+    stats = [lines.stats, cleaned.stats]
     texts = cleaned.texts
     if config.dedup:
         texts, dedup_stats = texts | "Dedup" >> Dedup(config.batch_size, config.split_sentences)
@@ -225,8 +220,7 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, plan: Plan, run: 
     example_runs = examples.items | "SpillSortedRuns" >> beam.ParDo(SpillRuns(prefix, spill_bytes))
     rejected_runs = cleaned.rejected | "SpillRejected" >> beam.ParDo(SpillRuns(prefix, spill_bytes))
     unread_runs = lines.rejected | "SpillUnread" >> beam.ParDo(SpillRuns(prefix, spill_bytes))
-    pad_id = int(plan.tokenizer["pad_id"])
-    writer = WriteShards(target, prefix, packing=config.packing, max_len=config.max_len, pad_id=pad_id)
+    writer = WriteShards(target, prefix, packing=config.packing, max_len=config.max_len, pad_id=plan.tokenizer.pad_id)
     every_file = p | "OutputFiles" >> beam.Create([(name, None) for name in plan.all_names], reshuffle=False)
     written = (
         (example_runs, rejected_runs, unread_runs, every_file)
@@ -234,10 +228,8 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, plan: Plan, run: 
         | "GroupRuns" >> beam.GroupByKey()
         | "WriteShards" >> beam.ParDo(writer, beam.pvalue.AsList(lines.line_counts))
     )
-    tagged = [pc | f"Tag{i}" >> beam.Map(lambda counts: ("counts", counts)) for i, pc in enumerate(stats)]
-    tagged.append(written | "TagShards" >> beam.Map(lambda shard: ("shard", shard)))
     return (
-        tagged
+        [*stats, written]
         | "CountsAndShards" >> beam.Flatten()
         | "CollectRun" >> beam.CombineGlobally(CollectRun()).without_defaults()
         | "WriteInfo" >> beam.ParDo(WriteInfo(config, plan, run))
@@ -270,7 +262,7 @@ def compressed_count(files: Sequence[str]) -> int:
 
 
 def compressed_parts(size: int, workers: int, compressed: int) -> int:
-    """Parts a compressed input of ``size`` bytes is read in (:func:`pipelines.textio.plan_ranges`).
+    """Parts a compressed input of ``size`` bytes is read in (:func:`pipelines.shards.textio.plan_ranges`).
 
     Locally: enough for every worker to have one, counting the other compressed files (2 workers
     and one ``.gz``: 2 parts; 2 workers and ten: 1). On other runners (``workers`` 0): one per
@@ -285,23 +277,171 @@ def _plan_ranges(path: str, size: int, workers: int, compressed: int = 1) -> lis
     return plan_ranges(path, size, compressed_parts=compressed_parts(size, workers, compressed))
 
 
-def finished_info(config: PreprocessConfig, run: OutputRun) -> dict[str, Any]:
-    """The ``info.json`` of the version this run committed.
+# --- the result ------------------------------------------------------------------------
+
+
+class PreprocessStatus(Enum):
+    """How a run ended when it did not fail."""
+
+    #: a new version of the output folder is committed
+    NEW = "new"
+    #: an unfinished run with these settings was rebuilt in its work folder and committed
+    RESUMED = "resumed"
+    #: the current version is this very run (same inputs, tokenizer and flags): nothing written
+    ALREADY_COMPLETE = "already complete"
+    #: ``--exclude-inputs-of`` left no input file: no folder written
+    NOTHING_NEW = "nothing new"
+
+
+_STATUS_OF_ACTION = {
+    outputs.NEW: PreprocessStatus.NEW,
+    RESUME: PreprocessStatus.RESUMED,
+    ALREADY_COMPLETE: PreprocessStatus.ALREADY_COMPLETE,
+}
+
+
+@dataclass(frozen=True)
+class PreprocessResult:
+    """What a preprocessing run did.
+
+    Attributes:
+        status: how it ended (:class:`PreprocessStatus`).
+        output: the output folder.
+        info: the ``info.json`` document of the committed version (None when nothing was new).
+        version: the committed version's number (None when nothing was new).
+        version_path: the committed version folder, a plain folder of shards (None when nothing was new).
+        detail: why nothing was new (the span folders that read every input), else empty.
+    """
+
+    status: PreprocessStatus
+    output: str
+    info: Mapping[str, Any] | None = None
+    version: int | None = None
+    version_path: str | None = None
+    detail: str = ""
+
+    @property
+    def counts(self) -> Mapping[str, Any]:
+        """The ``counts`` block of ``info.json`` (empty when nothing was new)."""
+        return self.info["counts"] if self.info is not None else {}
+
+    def report(self) -> list[str]:
+        """The lines ``python -m pipelines.preprocess`` prints."""
+        if self.info is None:
+            return [f"{self.detail}; no folder written"]
+        lines = [summary_line(self.info)]
+        if self.status is PreprocessStatus.ALREADY_COMPLETE:
+            lines.insert(
+                0,
+                f"{self.output} is already complete: same inputs (sizes, modification times), tokenizer and flags; "
+                "nothing to do (pass --overwrite to build a new version)",
+            )
+        else:
+            lines.append(f"committed {self.output} version {self.version}: {self.version_path}")
+        return lines
+
+
+def committed_result(output: str, status: PreprocessStatus) -> PreprocessResult:
+    """The result of a run whose version of ``output`` is the current one."""
+    done = outputs.open_committed(output, job=JOB)
+    info = dict(done.read_json(INFO_FILE))
+    return PreprocessResult(status, output, info, done.manifest.version, done.root)
+
+
+def summary_line(info: Mapping[str, Any]) -> str:
+    """The one-line summary of an ``info.json``; names corrupt input files when there are any."""
+    c = info["counts"]
+    line = (
+        f"lines read {c['lines_read']}: kept {c['kept']}, filtered {c['filtered']}, rejected {c['rejected']}"
+        f"{' ' + str(c['rejected_by_reason']) if c.get('rejected') else ''}; "
+        f"examples train {c['examples']['train']}, validation {c['examples']['validation']}; "
+        f"truncated {c['truncated']}; data {info['data_fingerprint'][:12]}"
+    )
+    corrupt = c.get("corrupt_inputs") or []
+    if corrupt:
+        line += (
+            f"; WARNING: {len(corrupt)} corrupt or truncated input file(s) accepted (--allow-corrupt-input), read "
+            f"only up to the damage: {', '.join(corrupt)} (see {info.get('rejected_file', REJECTED_FILE)})"
+        )
+    return line
+
+
+# --- the job ---------------------------------------------------------------------------
+
+
+def run_config(config: PreprocessConfig, beam_args: Sequence[str] = ()) -> PreprocessResult:
+    """Run the preprocessing pipeline into a new version of ``config.output``, unless it already holds this run.
+
+    Everything is validated (flags, globs, tokenizer, output folder) before the output folder is
+    touched. The run holds the folder's lease (:class:`kogpt2.outputs.Lease`), builds in a work
+    folder of its own and commits it with one manifest written last; the previous version stays
+    readable until then, and stays current if the run fails.
+
+    Args:
+        config: the run's settings.
+        beam_args: Beam pipeline options (``--runner``, ``--direct_num_workers``, ...).
+
+    Returns:
+        A :class:`PreprocessResult`: new, resumed, already complete or nothing new.
 
     Raises:
-        EmptyOutputError / CorruptInputError: the run's data blocked the commit (exit status 1).
-        RuntimeError: the pipeline finished without committing for another reason.
+        ValueError: bad Beam options; an unreadable tokenizer; a changed input; an output over an input.
+        FileNotFoundError: a glob matches no file.
+        kogpt2.outputs.OutputConflictError: the output folder holds another run (no ``--overwrite``).
+        kogpt2.outputs.OutputLockedError: another live run holds the output folder.
+        EmptyOutputError / CorruptInputError: the data blocked the commit (nothing committed).
+        RuntimeError: the pipeline finished without committing.
     """
-    got = outputs.read_manifest(config.output)
-    if got is not None and got[0].run_id == run.run_id:
-        return dict(outputs.open_committed(config.output, job=JOB).read_json(INFO_FILE))
+    try:
+        plan = make_plan(config)
+    except NothingNewError as exc:
+        return PreprocessResult(PreprocessStatus.NOTHING_NEW, config.output, detail=str(exc))
+    outputs.refuse_output_over_inputs(config.output, [*plan.files, config.tokenizer, *config.exclude_inputs_of])
+    options = pipeline_options(beam_args)
+    with outputs.claimed(
+        config.output,
+        JOB,
+        signature(config, plan),
+        overwrite=config.overwrite,
+        keep_versions=config.keep_versions,
+        lease_seconds=config.lease_seconds,
+        note=" (the current version stays readable until the new one commits)",
+    ) as claim:
+        status = _STATUS_OF_ACTION[claim.action]
+        if status is PreprocessStatus.ALREADY_COMPLETE:
+            return committed_result(config.output, status)
+        prepare_work(plan, claim)
+        p = create_pipeline(options)
+        build_pipeline(p, config, plan, claim)
+        with frozen_heap():
+            p.run().wait_until_finish()
+        current = outputs.read_manifest(config.output)
+        if current is None or current[0].run_id != claim.run_id:
+            raise uncommitted_error(config, claim)
+        return committed_result(config.output, status)
+
+
+def uncommitted_error(config: PreprocessConfig, run: OutputRun) -> Exception:
+    """Why a run whose pipeline finished did not commit: its data (exit status 1), or a failure named in the log."""
     try:
         info = json.loads(read_text(join(run.work, INFO_FILE)))
-    except Exception:  # noqa: BLE001 - explained below
+    except Exception:  # noqa: BLE001 - no info.json: the pipeline stopped before it
         info = None
     if info is not None and blocking_problems(config, info["counts"]):
-        raise failure_error(config, info, run.work)
-    raise RuntimeError(f"the pipeline finished but did not commit {config.output} (see the log above)")
+        return failure_error(config, info, run.work)
+    return RuntimeError(f"the pipeline finished but did not commit {config.output} (see the log above)")
+
+
+def prepare_work(plan: Plan, claim: OutputRun) -> None:
+    """Make the run's work folder ready: emptied if an unfinished run of these inputs left files, the tokenizer copied in.
+
+    The shards' tokenizer travels with them: ``kogpt2 train --model small`` finds it there.
+    """
+    store = store_for(claim.work)
+    if claim.action == RESUME:  # nobody reads an uncommitted work folder: its partial files go
+        store.delete_tree(join(claim.work, ""))
+    store.makedirs(claim.work)
+    copy_file(plan.tokenizer_file, join(claim.work, plan.tokenizer_name))
 
 
 # --- command line ----------------------------------------------------------------------
@@ -334,142 +474,32 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[PreprocessConfig, lis
     return config, beam_args
 
 
-def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the preprocessing pipeline from command-line arguments and wait for it.
+def run(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipelines.preprocess``: parse, :func:`run_config`, print what happened; return the exit status.
 
-    Returns:
-        The ``info.json`` document of the committed version (see :func:`execute`).
-
-    Raises:
-        See :func:`execute`.
+    Failures are reported on stderr and become the exit statuses of :mod:`kogpt2.jobs` (2: bad
+    flags or a refused output folder, 1: the data blocked the commit, 3: locked, 5: anything
+    else); nothing done and "nothing new" are 0.
     """
-    return execute(argv)[0]
-
-
-def execute(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], str]:
-    """Parse the command line, then :func:`run_config`."""
-    config, beam_args = parse_args(argv)
-    return run_config(config, beam_args)
-
-
-def run_config(config: PreprocessConfig, beam_args: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
-    """Run the preprocessing pipeline into a new version of ``config.output``, unless it already holds this run.
-
-    Everything is validated (flags, globs, tokenizer, output folder) before the output folder is
-    touched. The run holds the folder's lease (:class:`kogpt2.outputs.Lease`), builds in a work
-    folder of its own and commits it with one manifest written last; the previous version stays
-    readable until then, and stays current if the run fails.
-
-    Returns:
-        ``(info.json document, status)``: status :data:`~kogpt2.outputs.NEW` (committed),
-        :data:`~kogpt2.outputs.RESUME` (an unfinished run's work folder rebuilt and committed) or
-        :data:`~kogpt2.outputs.ALREADY_COMPLETE` (the current version is this run: nothing written).
-
-    Raises:
-        ValueError: bad flag values or unknown options; an unreadable tokenizer; a changed input.
-        FileNotFoundError: a glob matches no file.
-        NothingNewError: ``--exclude-inputs-of`` left no input file (nothing written).
-        kogpt2.outputs.OutputConflictError: the output folder holds another run (no ``--overwrite``).
-        kogpt2.outputs.OutputLockedError: another live run holds the output folder.
-        EmptyOutputError / CorruptInputError: the data blocked the commit.
-        RuntimeError: the pipeline finished without committing.
-    """
-    plan = make_plan(config)
-    refuse_output_over_inputs(config.output, [*plan.files, config.tokenizer, *config.exclude_inputs_of])
-    options = pipeline_options(beam_args)
-    sig = signature(config, plan)
-    with outputs.claimed(
-        config.output,
-        JOB,
-        sig,
-        overwrite=config.overwrite,
-        keep_versions=config.keep_versions,
-        lease_seconds=config.lease_seconds,
-        note=" (the current version stays readable until the new one commits)",
-    ) as claim:
-        if claim.action == ALREADY_COMPLETE:
-            return dict(outputs.open_committed(config.output, job=JOB).read_json(INFO_FILE)), ALREADY_COMPLETE
-        prepare_work(plan, claim)
-        p = create_pipeline(options)
-        build_pipeline(p, config, plan, claim)
-        with frozen_heap():
-            p.run().wait_until_finish()
-        return finished_info(config, claim), claim.action
-
-
-def prepare_work(plan: Plan, claim: OutputRun) -> None:
-    """Make the run's work folder ready: emptied if an unfinished run of these inputs left files, the tokenizer copied in.
-
-    The shards' tokenizer travels with them: ``kogpt2 train --model small`` finds it there.
-    """
-    store = store_for(claim.work)
-    if claim.action == RESUME:  # nobody reads an uncommitted work folder: its partial files go
-        store.delete_tree(join(claim.work, ""))
-    store.makedirs(claim.work)
-    copy_file(plan.tokenizer_file[0], join(claim.work, plan.tokenizer_file[1]))
-
-
-def refuse_output_over_inputs(output: str, inputs: Sequence[str]) -> None:
-    outputs.refuse_output_over_inputs(output, inputs)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: run and print a summary; exit statuses as in :mod:`kogpt2.jobs`."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
 
     def body() -> int:
-        config, beam_args = parse_args(argv)
-        try:
-            info, status = run_config(config, beam_args)
-        except NothingNewError as exc:
-            print(f"{exc}; no folder written")
-            return ExitStatus.DONE
-        if status == ALREADY_COMPLETE:
-            print(
-                f"{config.output} is already complete: same inputs (sizes, modification times), tokenizer and "
-                "flags; nothing to do (pass --overwrite to build a new version)"
-            )
-        print(summary_line(info))
-        if status != ALREADY_COMPLETE:
-            current = outputs.read_manifest(config.output)
-            if current is not None:
-                m = current[0]
-                print(f"committed {config.output} version {m.version}: {join(config.output, m.folder)}")
+        result = run_config(*parse_args(argv))
+        for line in result.report():
+            print(line)
         return ExitStatus.DONE
 
     return run_main("preprocess", body)
 
 
-def summary_line(info: dict[str, Any]) -> str:
-    """The one-line summary ``main`` prints; names corrupt input files when there are any."""
-    c = info["counts"]
-    line = (
-        f"lines read {c['lines_read']}: kept {c['kept']}, filtered {c['filtered']}, rejected {c['rejected']}"
-        f"{' ' + str(c['rejected_by_reason']) if c.get('rejected') else ''}; "
-        f"examples train {c['examples']['train']}, validation {c['examples']['validation']}; "
-        f"truncated {c['truncated']}; data {info['data_fingerprint'][:12]}"
-    )
-    corrupt = c.get("corrupt_inputs") or []
-    if corrupt:
-        line += (
-            f"; WARNING: {len(corrupt)} corrupt or truncated input file(s) accepted (--allow-corrupt-input), read "
-            f"only up to the damage: {', '.join(corrupt)} (see {info.get('rejected_file', REJECTED_FILE)})"
-        )
-    return line
-
-
-def command(argv: Sequence[str] | None = None) -> int:
-    """What ``python -m pipelines.preprocess`` runs: :func:`main`, then the heap frozen for the exit.
-
-    The process ends next, so the interpreter's exit need not walk every object for cycles.
-    """
-    code = main(argv)
-    freeze_heap()
-    return code
+#: The same entry under the name the scheduler scripts and the fault-matrix tests call.
+main = run
 
 
 if __name__ == "__main__":
     # Run the imported module, not __main__: Beam then pickles the DoFns by reference.
-    from pipelines.preprocess import command as _command
+    from pipelines.preprocess import run as _run
 
-    sys.exit(_command())
+    _code = _run()
+    freeze_heap()  # the process ends next: its exit need not walk every object for cycles
+    sys.exit(_code)

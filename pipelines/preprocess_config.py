@@ -1,32 +1,74 @@
 """The settings of one preprocessing run (its flags) and what planning resolves before it starts.
 
-Both :mod:`pipelines.preprocess` (the job) and :mod:`pipelines.preprocess_steps` (its steps)
-import this module; neither imports the other.
+Each setting is a field of :class:`PreprocessConfig` that declares, once, its flag and its
+:class:`Role`: whether it names an input, shapes the output (then the run's signature and
+``info.json`` both record it, through :func:`settings`), or only says how this run writes, keeps
+or accepts its output. Both :mod:`pipelines.preprocess` (the job) and
+:mod:`pipelines.preprocess_steps` (its steps) import this module; neither imports the other.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from kogpt2 import records
 from kogpt2 import text as textlib
 from kogpt2.flags import flag
 from kogpt2.outputs import DEFAULT_KEEP_VERSIONS, DEFAULT_LEASE_SECONDS
+from kogpt2.records import TokenizerFacts
 from kogpt2.storage import local_path
 from kogpt2.validate import check_bool, check_choice, check_int, check_number
-from pipelines.textio import MAX_LINE_BYTES, REJECTED_FILE
+from pipelines.shards.textio import MAX_LINE_BYTES, REJECTED_FILE
 
 #: Auto sharding: one train shard per this many input bytes (at most MAX_AUTO_SHARDS).
 AUTO_SHARD_BYTES = 128 << 20
 MAX_AUTO_SHARDS = 1000
-FINGERPRINT_METHOD = (
-    "sha256 over the lines 'shard name<TAB>sha256 of its records' of every train/validation shard, "
-    "sorted by name; a shard's sha256 runs over its serialized tf.train.Example records concatenated "
-    "in file order (self-delimiting protos; independent of gzip and TFRecord framing)"
-)
+
+
+class Role(Enum):
+    """What a setting is to a run: how its signature and its ``info.json`` record it."""
+
+    #: names what the run reads (globs, the tokenizer): the signature records it as given; the plan
+    #: resolves it, and info.json records what it resolved to (the files, the tokenizer's facts)
+    INPUT = "input"
+    #: shapes the examples: the signature and info.json record it
+    SHAPES = "shapes"
+    #: where and how this run writes, keeps or accepts its output: outside the signature
+    RUN = "run"
+
+
+_ROLE = "role"
+
+
+def setting(role: Role, help: str, **flag_options: Any) -> dict[str, Any]:
+    """Field metadata: the field's flag (:func:`kogpt2.flags.flag`) and its :class:`Role`."""
+    return {**flag(help, **flag_options), _ROLE: role}
+
+
+def role_of(f: dataclasses.Field[Any]) -> Role:
+    """A config field's :class:`Role`.
+
+    Raises:
+        TypeError: the field declares none (every field must).
+    """
+    role = f.metadata.get(_ROLE)
+    if not isinstance(role, Role):
+        raise TypeError(f"PreprocessConfig.{f.name} declares no Role: give it metadata=setting(Role...., ...)")
+    return role
+
+
+def settings(config: PreprocessConfig, *roles: Role) -> dict[str, Any]:
+    """The settings of the given roles, by field name in field order, as JSON values (tuples as lists)."""
+    return {
+        f.name: list(value) if isinstance(value := getattr(config, f.name), tuple) else value
+        for f in dataclasses.fields(config)
+        if role_of(f) in roles
+    }
 
 
 @dataclass(frozen=True)
@@ -63,58 +105,80 @@ class PreprocessConfig:
     """
 
     inputs: tuple[str, ...] = field(
-        metadata=flag("input files (repeatable; gs:// works)", metavar="GLOB", name="--input", required=True)
+        metadata=setting(
+            Role.INPUT, "input files (repeatable; gs:// works)", metavar="GLOB", name="--input", required=True
+        )
     )
-    tokenizer: str = field(metadata=flag("tokenizer file or model folder", metavar="PATH"))
-    output: str = field(metadata=flag("output folder", metavar="DIR"))
-    max_len: int = field(default=30, metadata=flag("tokens per example incl. <s> and </s>", metavar="N"))
-    val_fraction: float = field(default=0.1, metadata=flag("validation share, in [0, 1)", metavar="F"))
-    packing: bool = field(default=False, metadata=flag("pack sentences into full blocks instead of padding each"))
+    tokenizer: str = field(metadata=setting(Role.INPUT, "tokenizer file or model folder", metavar="PATH"))
+    output: str = field(metadata=setting(Role.RUN, "output folder", metavar="DIR"))
+    max_len: int = field(
+        default=30, metadata=setting(Role.SHAPES, "tokens per example incl. <s> and </s>", metavar="N")
+    )
+    val_fraction: float = field(default=0.1, metadata=setting(Role.SHAPES, "validation share, in [0, 1)", metavar="F"))
+    packing: bool = field(
+        default=False, metadata=setting(Role.SHAPES, "pack sentences into full blocks instead of padding each")
+    )
     overflow: str = field(
         default="truncate",
-        metadata=flag("long sentences: truncate (keep the front) or window", choices=records.OVERFLOW_MODES),
+        metadata=setting(
+            Role.SHAPES, "long sentences: truncate (keep the front) or window", choices=records.OVERFLOW_MODES
+        ),
     )
     encoding: str = field(
-        default="utf-8", metadata=flag("input encoding: utf-8 (BOM handled), cp949, euc-kr, ...", metavar="NAME")
+        default="utf-8",
+        metadata=setting(Role.SHAPES, "input encoding: utf-8 (BOM handled), cp949, euc-kr, ...", metavar="NAME"),
     )
-    split_sentences: bool = field(default=False, metadata=flag("lines are paragraphs: split them into sentences"))
-    min_chars: int = field(default=1, metadata=flag("drop texts shorter than this", metavar="N"))
-    dedup: bool = field(default=False, metadata=flag("drop exact duplicates of normalized texts"))
-    num_shards: int = field(default=0, metadata=flag("train shards; 0 = one per 128 MiB of input", metavar="N"))
+    split_sentences: bool = field(
+        default=False, metadata=setting(Role.SHAPES, "lines are paragraphs: split them into sentences")
+    )
+    min_chars: int = field(default=1, metadata=setting(Role.SHAPES, "drop texts shorter than this", metavar="N"))
+    dedup: bool = field(default=False, metadata=setting(Role.SHAPES, "drop exact duplicates of normalized texts"))
+    num_shards: int = field(
+        default=0, metadata=setting(Role.SHAPES, "train shards; 0 = one per 128 MiB of input", metavar="N")
+    )
     overwrite: bool = field(
         default=False,
-        metadata=flag(
-            "build a new version over another run (the current one stays readable until it commits)", per_run=True
+        metadata=setting(
+            Role.RUN,
+            "build a new version over another run (the current one stays readable until it commits)",
+            per_run=True,
         ),
     )
     keep_versions: int = field(
         default=DEFAULT_KEEP_VERSIONS,
-        metadata=flag("committed versions kept after a commit, the new one included", metavar="N"),
+        metadata=setting(Role.RUN, "committed versions kept after a commit, the new one included", metavar="N"),
     )
     exclude_inputs_of: tuple[str, ...] = field(
         default=(),
-        metadata=flag(
+        metadata=setting(
+            Role.RUN,
             "skip the input files that these complete shard folders (globs) were built from: only new files are read",
             metavar="DIR_GLOB",
         ),
     )
     max_line_bytes: int = field(
         default=MAX_LINE_BYTES,
-        metadata=flag("longest line in bytes; longer lines are rejected as too_long", metavar="N"),
+        metadata=setting(Role.SHAPES, "longest line in bytes; longer lines are rejected as too_long", metavar="N"),
     )
     allow_empty: bool = field(
         default=False,
-        metadata=flag("mark the run COMPLETED even when train (or validation, with --val-fraction > 0) has no example"),
+        metadata=setting(
+            Role.RUN, "mark the run COMPLETED even when train (or validation, with --val-fraction > 0) has no example"
+        ),
     )
     allow_corrupt_input: bool = field(
         default=False,
-        metadata=flag("commit even when a compressed input is truncated or corrupt (it is listed in info.json)"),
+        metadata=setting(
+            Role.RUN, "commit even when a compressed input is truncated or corrupt (it is listed in info.json)"
+        ),
     )
     lease_seconds: float = field(
-        default=DEFAULT_LEASE_SECONDS, metadata=flag("the output lock's lease", metavar="S", hidden=True)
+        default=DEFAULT_LEASE_SECONDS, metadata=setting(Role.RUN, "the output lock's lease", metavar="S", hidden=True)
     )
-    batch_size: int = field(default=4096, metadata=flag("lines per element between steps", hidden=True))
-    spill_mb: float = field(default=32.0, metadata=flag("MiB a worker sorts before spilling a run", hidden=True))
+    batch_size: int = field(default=4096, metadata=setting(Role.RUN, "lines per element between steps", hidden=True))
+    spill_mb: float = field(
+        default=32.0, metadata=setting(Role.RUN, "MiB a worker sorts before spilling a run", hidden=True)
+    )
 
     def __post_init__(self) -> None:
         inputs = (self.inputs,) if isinstance(self.inputs, str) else tuple(self.inputs)
@@ -128,6 +192,7 @@ class PreprocessConfig:
         owner = "PreprocessConfig"
         check_int(owner, "max_len", self.max_len, low=3, note="<s> + one token + </s>")
         check_number(owner, "val_fraction", self.val_fraction, ge=0, lt=1)
+        object.__setattr__(self, "val_fraction", float(self.val_fraction))
         check_choice(owner, "overflow", self.overflow, records.OVERFLOW_MODES)
         object.__setattr__(self, "encoding", textlib.check_encoding(self.encoding))
         check_int(owner, "min_chars", self.min_chars, low=0, note="characters")
@@ -144,20 +209,34 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class Plan:
-    """What a run resolves before it starts: matched files, tokenizer facts, shard names."""
+    """What a run resolves before it starts: the matched files, the tokenizer, the shard names.
+
+    Attributes:
+        files: the matched input files, sorted.
+        file_stats: ``path -> [size, mtime]`` of each: a corpus edited in place is a different run.
+        tokenizer: the facts of the tokenizer, loaded once (its ids frame and pad the examples).
+        tokenizer_file: a local copy of the tokenizer file (copied beside the shards).
+        tokenizer_name: the name that copy gets beside the shards (``tokenizer.spiece``, ``tokenizer.json``).
+        shard_names: the shard files of each split.
+        run_id: names this run's spill files.
+    """
 
     files: tuple[str, ...]
-    input_bytes: int
-    tokenizer: dict[str, Any]
-    shard_names: dict[str, tuple[str, ...]]
+    file_stats: Mapping[str, list[int]]
+    tokenizer: TokenizerFacts
+    tokenizer_file: str
+    tokenizer_name: str
+    shard_names: Mapping[str, tuple[str, ...]]
     run_id: str
-    #: a local copy of the tokenizer file, and the name it gets beside the shards
-    tokenizer_file: tuple[str, str] = ("", "")
-    #: ``path -> [size, mtime]`` of the matched files: a changed corpus is a different run
-    file_stats: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of the input files (compressed ones as stored)."""
+        return sum(stat[0] for stat in self.file_stats.values())
 
     @property
     def all_names(self) -> list[str]:
+        """Every file the pipeline writes: the shards of both splits, then the rejected lines."""
         return [*self.shard_names["train"], *self.shard_names["validation"], REJECTED_FILE]
 
 

@@ -1,6 +1,6 @@
 """``info.json`` of a preprocessing run: counts gathered in the pipeline, checked, written last.
 
-:class:`CollectRun` sums every step's counts and lists the shards written; :class:`WriteInfo`
+:class:`CollectRun` sums every step's counts (:mod:`pipelines.counters`) and lists the shards written; :class:`WriteInfo`
 builds ``info.json`` (checked against ``schemas/shard_info.json``), removes the spill files and
 commits the run's version (:mod:`kogpt2.outputs`), unless a split training needs came out empty or
 an input was corrupt.
@@ -8,10 +8,9 @@ an input was corrupt.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 
@@ -21,48 +20,54 @@ from kogpt2.jobs import DataFailedError
 from kogpt2.outputs import INFO_FILE, OutputRun, commit
 from kogpt2.schemas import validate_info
 from pipelines.common import join, write_json
-from pipelines.counters import Counters
-from pipelines.preprocess_config import (
-    FINGERPRINT_METHOD,
-    Plan,
-    PreprocessConfig,
-)
-from pipelines.sorted_shards import delete_spills
-from pipelines.textio import REJECT_REASONS, REJECTED_FILE
+from pipelines.counters import REJECTED_BY_REASON, TOKENS, UNKS, Count, Counters, StepCounts
+from pipelines.preprocess_config import Plan, PreprocessConfig, Role, settings
+from pipelines.shards.spill import delete_spills
+from pipelines.shards.textio import REJECTED_FILE
+from pipelines.shards.writer import WrittenFile
+
+
+class RunTally(NamedTuple):
+    """What the pipeline gathered for ``info.json``: every step's counts summed, and the files written.
+
+    Attributes:
+        counts: each :class:`~pipelines.counters.Count` summed over the run (absent: 0).
+        corrupt_inputs: the corrupt compressed input files, sorted.
+        files: the shards and the rejected-lines file written, sorted by name.
+    """
+
+    counts: Counter[Count]
+    corrupt_inputs: tuple[str, ...]
+    files: tuple[WrittenFile, ...]
 
 
 class CollectRun(beam.CombineFn):
-    """Gather what ``info.json`` needs: ``("counts", dict)`` summed key by key, ``("shard", dict)`` listed.
+    """Gather what ``info.json`` needs: :class:`~pipelines.counters.StepCounts` summed, written files listed.
 
-    Output: ``(counts, shard results sorted by name)``.
+    Output: one :class:`RunTally`.
     """
 
-    def create_accumulator(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
-        return {}, []
+    def create_accumulator(self) -> RunTally:
+        return RunTally(Counter(), (), ())
 
-    def add_input(self, acc: tuple[dict[str, int], list[dict[str, Any]]], item: tuple[str, dict[str, Any]]) -> Any:
-        counts, shards = acc
-        kind, value = item
-        if kind == "counts":
-            for key, n in value.items():
-                counts[key] = counts.get(key, 0) + n
-        else:
-            shards.append(value)
-        return acc
+    def add_input(self, acc: RunTally, item: StepCounts | WrittenFile) -> RunTally:
+        if isinstance(item, WrittenFile):
+            return acc._replace(files=(*acc.files, item))
+        acc.counts.update(item.counts)
+        return acc._replace(corrupt_inputs=(*acc.corrupt_inputs, *item.corrupt_inputs))
 
-    def merge_accumulators(self, accs: Iterable[Any]) -> tuple[dict[str, int], list[dict[str, Any]]]:
-        out: tuple[dict[str, int], list[dict[str, Any]]] = ({}, [])
-        for counts, shards in accs:
-            self.add_input(out, ("counts", counts))
-            out[1].extend(shards)
+    def merge_accumulators(self, accs: Iterable[RunTally]) -> RunTally:
+        out = self.create_accumulator()
+        for acc in accs:
+            out.counts.update(acc.counts)
+            out = out._replace(corrupt_inputs=out.corrupt_inputs + acc.corrupt_inputs, files=out.files + acc.files)
         return out
 
-    def extract_output(self, acc: tuple[dict[str, int], list[dict[str, Any]]]) -> Any:
-        counts, shards = acc
-        return dict(sorted(counts.items())), sorted(shards, key=lambda r: str(r["name"]))
+    def extract_output(self, acc: RunTally) -> RunTally:
+        return RunTally(acc.counts, tuple(sorted(set(acc.corrupt_inputs))), tuple(sorted(acc.files)))
 
 
-def summarize_counts(config: PreprocessConfig, stats: dict[str, int], shards: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_counts(config: PreprocessConfig, tally: RunTally) -> dict[str, Any]:
     """The ``counts`` block of ``info.json`` from the summed step counts and the written shards.
 
     Every input line has one fate: ``rejected`` (by reason: ``undecodable``, ``too_long``),
@@ -74,27 +79,27 @@ def summarize_counts(config: PreprocessConfig, stats: dict[str, int], shards: li
     Raises:
         RuntimeError: the accounting does not add up (a bug, never a data problem).
     """
-    s = Counter(stats)
+    s = tally.counts
     if config.dedup:
-        kept = s["dedup.kept_lines"] if config.split_sentences else s["sentences.unique"]
-        duplicate = s["dedup.candidate_lines"] - kept
+        kept = s[Count.DEDUP_KEPT_LINES] if config.split_sentences else s[Count.SENTENCES_UNIQUE]
+        duplicate = s[Count.DEDUP_CANDIDATE_LINES] - kept
     else:
-        kept, duplicate = s["kept"], 0
-    filtered = {"empty": s["filtered.empty"], "too_short": s["filtered.too_short"], "duplicate": duplicate}
-    examples = {split: sum(r["examples"] for r in shards if r["split"] == split) for split in records.SPLITS}
-    tokens = {split: s[f"tokens.{split}"] for split in records.SPLITS}
+        kept, duplicate = s[Count.KEPT], 0
+    filtered = {"empty": s[Count.FILTERED_EMPTY], "too_short": s[Count.FILTERED_TOO_SHORT], "duplicate": duplicate}
+    examples = {split: sum(f.examples for f in tally.files if f.split == split) for split in records.SPLITS}
+    tokens = {split: s[TOKENS[split]] for split in records.SPLITS}
     total_tokens = sum(tokens.values())
-    unk = s["unk.train"] + s["unk.validation"]
+    unk = sum(s[UNKS[split]] for split in records.SPLITS)
     blocks = sum(examples.values())
     counts: dict[str, Any] = {
-        "lines_read": s["lines_read"],
+        "lines_read": s[Count.LINES_READ],
         "kept": kept,
         "filtered": filtered,
-        "rejected": s["rejected"],
-        "rejected_by_reason": {r: s[f"rejected.{r}"] for r in REJECT_REASONS if r != "corrupt_input"},
-        "corrupt_inputs": sorted(k.split(":", 1)[1] for k in s if k.startswith("corrupt_input:")),
-        "truncated": s["truncated"],
-        "windowed": s["windowed"],
+        "rejected": s[Count.REJECTED],
+        "rejected_by_reason": {reason: s[count] for reason, count in REJECTED_BY_REASON.items()},
+        "corrupt_inputs": list(tally.corrupt_inputs),
+        "truncated": s[Count.TRUNCATED],
+        "windowed": s[Count.WINDOWED],
         "examples": examples,
         "tokens": tokens,
         "unk_tokens": unk,
@@ -104,48 +109,44 @@ def summarize_counts(config: PreprocessConfig, stats: dict[str, int], shards: li
         else None,
     }
     if config.split_sentences:
-        unique = s["sentences.unique"] if config.dedup else s["sentences.candidates"]
+        unique = s[Count.SENTENCES_UNIQUE] if config.dedup else s[Count.SENTENCES_CANDIDATES]
         counts["sentences"] = {
-            "split": s["sentences.split"],
-            "too_short": s["sentences.too_short"],
-            "duplicate": s["sentences.candidates"] - unique,
+            "split": s[Count.SENTENCES_SPLIT],
+            "too_short": s[Count.SENTENCES_TOO_SHORT],
+            "duplicate": s[Count.SENTENCES_CANDIDATES] - unique,
             "kept": unique,
         }
     accounted = kept + sum(filtered.values()) + counts["rejected"]
     if accounted != counts["lines_read"]:
+        by_name = {count.value: n for count, n in sorted(s.items(), key=lambda kv: kv[0].value)}
         raise RuntimeError(
-            f"accounting error: lines_read={counts['lines_read']} but kept+filtered+rejected={accounted}: {dict(s)}"
+            f"accounting error: lines_read={counts['lines_read']} but kept+filtered+rejected={accounted}: {by_name}"
         )
     return counts
 
 
-def data_fingerprint(shards: list[dict[str, Any]]) -> str:
-    """sha256 over the sorted ``name<TAB>records sha256`` lines of the train/validation shards."""
-    lines = sorted(f"{r['name']}\t{r['sha256']}\n" for r in shards if r["split"] in records.SPLITS)
-    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+def data_fingerprint(files: Iterable[WrittenFile]) -> str:
+    """The shards' fingerprint (:func:`kogpt2.records.data_fingerprint`) from the train and validation files written."""
+    return records.data_fingerprint({f.name: f.sha256 for f in files if f.split in records.SPLITS})
 
 
-def build_info(
-    config: PreprocessConfig, plan: Plan, stats: dict[str, int], shards: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """The ``info.json`` document (validated against ``schemas/shard_info.json``)."""
+def build_info(config: PreprocessConfig, plan: Plan, tally: RunTally) -> dict[str, Any]:
+    """The ``info.json`` document (validated against ``schemas/shard_info.json``).
+
+    It records every setting that shapes the examples (:data:`~pipelines.preprocess_config.Role.SHAPES`:
+    the same the run's signature holds), the inputs and tokenizer as the plan resolved them, whether
+    corrupt inputs were accepted, the counts and the shards.
+    """
     info = {
         "schema_version": 1,
         "created_by": f"kogpt2-pipeline {kogpt2.__version__}",
-        "data_fingerprint": data_fingerprint(shards),
-        "fingerprint_method": FINGERPRINT_METHOD,
-        "tokenizer": dict(plan.tokenizer),
-        "max_len": config.max_len,
-        "packing": config.packing,
-        "overflow": config.overflow,
-        "val_fraction": float(config.val_fraction),
-        "encoding": config.encoding,
-        "split_sentences": config.split_sentences,
-        "min_chars": config.min_chars,
-        "dedup": config.dedup,
+        "data_fingerprint": data_fingerprint(tally.files),
+        "fingerprint_method": records.FINGERPRINT_METHOD,
+        "tokenizer": plan.tokenizer.to_json(),
+        **settings(config, Role.SHAPES),
         "inputs": list(plan.files),
         "allow_corrupt_input": config.allow_corrupt_input,
-        "counts": summarize_counts(config, stats, shards),
+        "counts": summarize_counts(config, tally),
         "shards": {split: list(plan.shard_names[split]) for split in records.SPLITS},
         "rejected_file": REJECTED_FILE,
     }
@@ -224,16 +225,15 @@ class WriteInfo(beam.DoFn):
         self.plan = plan
         self.run = run
 
-    def process(self, collected: tuple[dict[str, int], list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
-        stats, shards = collected
-        info = build_info(self.config, self.plan, stats, shards)
+    def process(self, tally: RunTally) -> Iterator[dict[str, Any]]:
+        info = build_info(self.config, self.plan, tally)
         counts = info["counts"]
-        if self.config.dedup:
-            Counters().add({"kept": counts["kept"], "filtered.duplicate": counts["filtered"]["duplicate"]})
+        if self.config.dedup:  # known only now: the kept lines and the duplicates
+            Counters().add({Count.KEPT: counts["kept"], Count.FILTERED_DUPLICATE: counts["filtered"]["duplicate"]})
         work = self.run.work
         write_json(join(work, INFO_FILE), info)
         delete_spills(work)
         if not blocking_problems(self.config, counts):
-            files = [*self.plan.all_names, INFO_FILE, self.plan.tokenizer_file[1]]
+            files = [*self.plan.all_names, INFO_FILE, self.plan.tokenizer_name]
             commit(self.run, files, summary=status_summary(info))
         yield info

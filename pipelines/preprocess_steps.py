@@ -20,10 +20,11 @@ from kogpt2 import records
 from kogpt2 import text as textlib
 from kogpt2.tokenizer import Tokenizer, load_tokenizer
 from pipelines.common import freeze_worker_heap, local_copy
-from pipelines.counters import Counters
+from pipelines.counters import SEQUENCES, TOKENS, UNKS, Count, Counters, StepCounts
 from pipelines.preprocess_config import Plan, PreprocessConfig
-from pipelines.run_records import KEY_LEN, FileBatch, batch_of, run_record
-from pipelines.textio import REJECTED_FILE, LineBatch, rejected_entry
+from pipelines.shards import framing
+from pipelines.shards.runs import KEY_LEN, FileBatch, batch_of, run_record
+from pipelines.shards.textio import REJECTED_FILE, LineBatch, rejected_entry
 
 _TOKENIZERS: dict[tuple[str, int, int], Tokenizer] = {}
 
@@ -52,7 +53,8 @@ class CleanLines(beam.DoFn):
     """Decode, normalize, split sentences and filter a batch of lines.
 
     Main output: a list of texts, or with ``dedup`` a list of ``(text, (path, start, index, sentence))``.
-    ``rejected`` output: ``{rejected file name: [run records]}``. ``stats`` output: count dicts.
+    ``rejected`` output: ``{rejected file name: [run records]}``. ``stats`` output:
+    :class:`~pipelines.counters.StepCounts`.
     """
 
     REJECTED = "rejected"
@@ -105,18 +107,18 @@ class CleanLines(beam.DoFn):
                     out.extend((s, (path, start, index, j)) for j, s in enumerate(good))
                 else:
                     out.extend(good)
-        stats = {
-            "rejected": len(rejected),
-            "rejected.undecodable": len(rejected),
-            "filtered.empty": empty,
-            "filtered.too_short": too_short,
+        counts = {
+            Count.REJECTED: len(rejected),
+            Count.REJECTED_UNDECODABLE: len(rejected),
+            Count.FILTERED_EMPTY: empty,
+            Count.FILTERED_TOO_SHORT: too_short,
             # with dedup, a line is kept only if one of its sentences survives Dedup
-            "dedup.candidate_lines" if dedup else "kept": kept,
-            "sentences.candidates": candidates,
-            "sentences.split": split_total,
-            "sentences.too_short": split_short,
+            Count.DEDUP_CANDIDATE_LINES if dedup else Count.KEPT: kept,
+            Count.SENTENCES_CANDIDATES: candidates,
+            Count.SENTENCES_SPLIT: split_total,
+            Count.SENTENCES_TOO_SHORT: split_short,
         }
-        self.counters.add(stats)
+        stats = self.counters.report(counts)
         if out:
             yield out
         if rejected:
@@ -128,8 +130,8 @@ class Dedup(beam.PTransform):
     """Keep the first occurrence (lowest file, range, line, sentence) of each normalized text.
 
     Input: lists of ``(text, location)``. Output: ``(texts, stats)`` PCollections: lists of
-    texts and count dicts (``sentences.unique``; with sentence splitting ``dedup.kept_lines``, the lines
-    still holding a sentence).
+    texts and :class:`~pipelines.counters.StepCounts` (``SENTENCES_UNIQUE``; with sentence splitting
+    ``DEDUP_KEPT_LINES``, the lines still holding a sentence).
     """
 
     def __init__(self, batch_size: int, split_sentences: bool):
@@ -142,7 +144,7 @@ class Dedup(beam.PTransform):
         stats = [
             firsts
             | "CountUnique" >> beam.combiners.Count.Globally()
-            | "UniqueStats" >> beam.Map(lambda n: {"sentences.unique": n})
+            | "UniqueStats" >> beam.Map(lambda n: StepCounts({Count.SENTENCES_UNIQUE: n}))
         ]
         if self.split_sentences:
             stats.append(
@@ -150,7 +152,7 @@ class Dedup(beam.PTransform):
                 | "LineOf" >> beam.Map(lambda kv: kv[1][:3])
                 | "DistinctLines" >> beam.Distinct()
                 | "CountLines" >> beam.combiners.Count.Globally()
-                | "LineStats" >> beam.Map(lambda n: {"dedup.kept_lines": n})
+                | "LineStats" >> beam.Map(lambda n: StepCounts({Count.DEDUP_KEPT_LINES: n}))
             )
         texts = (
             firsts
@@ -242,8 +244,8 @@ class Tokenize(OneAhead):
         freeze_worker_heap()  # a worker process's modules and tokenizer live as long as it does
 
     def work(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        flat, lengths = records.flatten(self.tok.encode_batch(texts))
-        return records.frame_flat(flat, lengths, self.tok.bos_id, self.tok.eos_id)
+        flat, lengths = framing.flatten(self.tok.encode_batch(texts))
+        return framing.frame_flat(flat, lengths, self.tok.bos_id, self.tok.eos_id)
 
     def emit(self, texts: list[str], encoded: tuple[np.ndarray, np.ndarray]) -> Iterator[EncodedBatch]:
         yield EncodedBatch(records.stable_hashes(texts), *encoded)
@@ -262,9 +264,10 @@ def window_indices(owners: list[int]) -> list[int]:
 class MakeExamples(OneAhead):
     """Assign split and shard by the text hash; fit, pad, serialize and frame as TFRecords, a batch at a time.
 
-    With ``packing`` sentences stay whole (token ids) until :class:`~pipelines.sorted_shards.WriteShards`
-    packs them. Main output: a :class:`~pipelines.run_records.FileBatch` per batch: run records
-    keyed by the text hash and window index, each with its shard file. ``stats`` output.
+    With ``packing`` sentences stay whole (token ids) until :class:`~pipelines.shards.writer.WriteShards`
+    packs them. Main output: a :class:`~pipelines.shards.runs.FileBatch` per batch: run records
+    keyed by the text hash and window index, each with its shard file. ``stats`` output:
+    :class:`~pipelines.counters.StepCounts`.
     """
 
     STATS = "stats"
@@ -276,24 +279,23 @@ class MakeExamples(OneAhead):
         self.packing = config.packing
         self.val_fraction = float(config.val_fraction)
         self.names = plan.shard_names
-        self.pad_id = int(plan.tokenizer["pad_id"])
-        self.unk_id = int(plan.tokenizer["unk_id"])
+        self.pad_id = plan.tokenizer.pad_id
+        self.unk_id = plan.tokenizer.unk_id
 
     def setup(self) -> None:
         super().setup()  # the examples of a batch are made on a thread (:class:`OneAhead`)
         self.counters = Counters()
 
-    def emit(self, batch: EncodedBatch, made: tuple[FileBatch, dict[str, int]]) -> Iterator[Any]:
-        items, stats = made
-        self.counters.add(stats)
+    def emit(self, batch: EncodedBatch, made: tuple[FileBatch, dict[Count, int]]) -> Iterator[Any]:
+        items, counts = made
         yield items
-        yield beam.pvalue.TaggedOutput(self.STATS, stats)
+        yield beam.pvalue.TaggedOutput(self.STATS, self.counters.report(counts))
 
-    def work(self, batch: EncodedBatch) -> tuple[FileBatch, dict[str, int]]:
+    def work(self, batch: EncodedBatch) -> tuple[FileBatch, dict[Count, int]]:
         """The run records of a batch, with their output files, and its counts."""
         digests, flat, lengths = batch
         names = (self.names["train"], self.names["validation"])
-        splits, shards = records.split_masks(digests, self.val_fraction, (len(names[0]), len(names[1])))
+        splits, shards = framing.split_masks(digests, self.val_fraction, (len(names[0]), len(names[1])))
         max_len, packing = self.max_len, self.packing
         overflowed = 0 if packing else int((lengths > max_len).sum())
         if packing:  # whole sentences (int32 ids), packed into blocks by WriteShards
@@ -304,12 +306,12 @@ class MakeExamples(OneAhead):
         else:
             if self.overflow == "truncate" or not overflowed:
                 owners, windows = np.arange(len(digests)), None
-                pieces, piece_lengths = records.truncate_flat(flat, lengths, max_len)
+                pieces, piece_lengths = framing.truncate_flat(flat, lengths, max_len)
             else:
-                owned, fitted = records.fit_batch(records.unflatten(flat, lengths), max_len, self.overflow)
+                owned, fitted = framing.fit_batch(framing.unflatten(flat, lengths), max_len, self.overflow)
                 owners, windows = np.asarray(owned, dtype=np.int64), window_indices(owned)
-                pieces, piece_lengths = records.flatten(fitted)
-            data, sizes = records.tfrecord_example_batch(pieces, piece_lengths, max_len, self.pad_id)
+                pieces, piece_lengths = framing.flatten(fitted)
+            data, sizes = framing.tfrecord_example_batch(pieces, piece_lengths, max_len, self.pad_id)
         # per split (0 = train, 1 = validation): tokens, <unk> tokens, sequences
         piece_split = np.asarray(splits, dtype=np.int64)[owners]
         rows = np.repeat(np.arange(len(piece_lengths)), piece_lengths)
@@ -325,7 +327,7 @@ class MakeExamples(OneAhead):
         # the output file of each piece: its split's shard, numbered train files first
         files = piece_split * len(names[0]) + np.asarray(shards, dtype=np.int64)[owners]
         items = FileBatch((*names[0], *names[1]), files, batch_of(keys, data, sizes))
-        stats = {"truncated" if self.overflow == "truncate" else "windowed": overflowed}
+        counts = {Count.TRUNCATED if self.overflow == "truncate" else Count.WINDOWED: overflowed}
         for v, split in enumerate(records.SPLITS):
-            stats.update({f"tokens.{split}": tokens[v], f"unk.{split}": unks[v], f"sequences.{split}": sequences[v]})
-        return items, stats
+            counts.update({TOKENS[split]: tokens[v], UNKS[split]: unks[v], SEQUENCES[split]: sequences[v]})
+        return items, counts

@@ -92,7 +92,6 @@ def write_test_shards(
     right-padded with ``<pad>``. Packed mode: all sequences concatenated into ``max_len``
     blocks; only the last block is padded.
     """
-    import hashlib
     import json
 
     from kogpt2 import outputs
@@ -113,7 +112,7 @@ def write_test_shards(
             return list(records.pack(seqs, max_len, tokenizer.pad_id))
         return [records.pad(records.truncate(s, max_len), max_len, tokenizer.pad_id) for s in seqs]
 
-    digest = hashlib.sha256()
+    digests: dict[str, str] = {}
     shards: dict[str, list[str]] = {}
     counts_ex: dict[str, int] = {}
     counts_tok: dict[str, int] = {}
@@ -125,16 +124,17 @@ def write_test_shards(
         shards[split] = []
         for k in range(n_files):
             name = records.shard_name(split, k, n_files)
+            serialized = [records.serialize_example(ids, length) for ids, length in rows[k::n_files]]
             with tf.io.TFRecordWriter(str(folder / name), options="GZIP") as w:
-                for ids, length in rows[k::n_files]:
-                    w.write(records.serialize_example(ids, length))
-            digest.update((folder / name).read_bytes())
+                for data in serialized:
+                    w.write(data)
+            digests[name] = records.shard_digest(serialized)  # fingerprinted as the pipeline does it
             shards[split].append(name)
     n = len(train_texts) + len(val_texts)
     info = {
         "schema_version": 1,
         "created_by": "tests/conftest.py write_test_shards",
-        "data_fingerprint": digest.hexdigest(),
+        "data_fingerprint": records.data_fingerprint(digests),
         "tokenizer": {**tokenizer.describe(), **(tokenizer_overrides or {})},
         "max_len": max_len,
         "packing": packing,

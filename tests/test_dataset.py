@@ -18,7 +18,6 @@ from kogpt2.dataset import (
     make_dataset,
     open_shards,
     shift_targets,
-    synthetic_dataset,
 )
 from kogpt2.tf_setup import import_tf
 
@@ -155,13 +154,6 @@ def test_tokenizer_mismatch_names_both_sides(tmp_path: Path, tiny_tokenizer, tin
     msg = str(err.value)
     assert "ffffffffffffffff" in msg and tiny_tokenizer.fingerprint[:16] in msg
     assert "50000" in msg and str(tiny_tokenizer.vocab_size) in msg and "my-model" in msg
-
-
-def test_synthetic_dataset_matches_the_shard_batches() -> None:
-    x, y = next(iter(synthetic_dataset(400, 32, 8, real_fraction=0.5)))
-    assert x.shape == y.shape == (8, 31)
-    assert int(np.sum(y.numpy() != IGNORE_ID)) == 8 * 15
-    assert x.numpy().max() < 400
 
 
 def test_worker_shares_cover_each_example_once_in_equal_steps(tmp_path: Path, tiny_tokenizer) -> None:

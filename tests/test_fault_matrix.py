@@ -44,14 +44,14 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 if point == "mid-run" and job == "preprocess":
-    from pipelines import sorted_shards
-    real_write = sorted_shards.write_tfrecord
+    from pipelines.shards import writer
+    real_write = writer.write_tfrecord
     def write(*a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
             die()  # one shard written, the next one not
         return real_write(*a, **k)
-    sorted_shards.write_tfrecord = write
+    writer.write_tfrecord = write
 elif point == "mid-run":
     real_unit = outputs.commit_unit
     def commit_unit(*a, **k):

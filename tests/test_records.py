@@ -5,34 +5,22 @@ from __future__ import annotations
 import hashlib
 import re
 
-import numpy as np
 import pytest
 
 from kogpt2.records import (
     assign_shard,
     assign_split,
     fit,
-    fit_batch,
-    flatten,
     frame,
-    frame_flat,
-    masked_crc32c,
     pack,
-    pack_array,
     packing_efficiency,
     pad,
     parse_example,
     serialize_example,
     shard_name,
-    split_masks,
     stable_hash,
     stable_hashes,
-    tfrecord_examples,
-    tfrecord_frame,
-    tfrecord_frames,
     truncate,
-    truncate_flat,
-    unflatten,
     windows,
 )
 from kogpt2.schemas import load_schema
@@ -144,102 +132,31 @@ def test_serialize_example_matches_tensorflow() -> None:
     assert int(parsed["length"]) == 3
 
 
-# --- batches (numpy) and TFRecord framing --------------------------------------------------
-
-
-def test_flat_frame_and_truncate() -> None:
-    flat, lengths = flatten([[7, 8], [], [9, 10, 11, 12]])
-    assert flat.tolist() == [7, 8, 9, 10, 11, 12] and lengths.tolist() == [2, 0, 4]
-    framed, framed_lengths = frame_flat(flat, lengths, BOS, EOS)
-    assert unflatten(framed, framed_lengths) == [[BOS, 7, 8, EOS], [BOS, EOS], [BOS, 9, 10, 11, 12, EOS]]
-    cut, cut_lengths = truncate_flat(framed, framed_lengths, 3)
-    assert unflatten(cut, cut_lengths) == [[BOS, 7, 8], [BOS, EOS], [BOS, 9, 10]]
-    assert fit_batch([[1, 2, 3, 4, 5], [6]], 2, "window") == ([0, 0, 1], [[1, 2], [3, 4], [6]])
-
-
-@pytest.mark.parametrize("top", [100, 50_000, 2**21 + 5, 2**34 + 3, 2**40])
-def test_tfrecord_examples_are_the_one_at_a_time_bytes(top: int) -> None:
-    seqs = [[BOS, EOS], [BOS, 5, top - 1, EOS], [BOS] + list(range(top - 6, top)) + [EOS], [top // 2] * 8]
-    flat, lengths = flatten(seqs)
-    expected = [tfrecord_frame(serialize_example(*pad(seq, 8, PAD))) for seq in seqs]
-    assert tfrecord_examples(flat, lengths, 8, PAD) == expected
-    assert tfrecord_frames([serialize_example(*pad(seq, 8, PAD)) for seq in seqs]) == expected
-    with pytest.raises(ValueError, match="max_len=7"):
-        tfrecord_examples(flat, lengths, 7, PAD)
-
-
-def test_tfrecord_example_batch_is_the_same_in_any_chunks(monkeypatch) -> None:
-    """Big batches are laid out in chunks of rows; every chunking, length and id width gives the same bytes."""
-    from kogpt2 import records
-
-    rng = np.random.default_rng(7)
-    seqs = [[BOS, *rng.integers(0, 60_000, int(rng.integers(0, 15))).tolist(), EOS] for _ in range(500)]
-    flat, lengths = flatten(seqs)
-    expected = [tfrecord_frame(serialize_example(*pad(seq, 17, PAD))) for seq in seqs]
-    for slots in (17, 17 * 3, 1 << 18):
-        monkeypatch.setattr(records, "_TABLE_SLOTS", slots)
-        data, sizes = records.tfrecord_example_batch(flat, lengths, 17, PAD)
-        assert sizes.tolist() == [len(e) for e in expected]
-        assert data.tobytes() == b"".join(expected)
-    assert records.tfrecord_example_batch(flat[:0], lengths[:0], 17, PAD)[1].tolist() == []
-
-
-def test_split_masks_agree_with_assign_split_and_shard() -> None:
-    digests = [stable_hash(f"문장 {i}") for i in range(3000)]
-    for fraction, shards in ((0.0, (1, 1)), (0.1, (3, 1)), (0.5, (4, 7))):
-        splits, indices = split_masks(digests, fraction, shards)
-        assert splits == [int(assign_split(d, fraction) == "validation") for d in digests]
-        assert indices == [assign_shard(d, shards[v]) for d, v in zip(digests, splits, strict=True)]
-
-
-def test_pack_array_gives_the_full_blocks_of_pack() -> None:
-    import numpy as np
-
-    blocks, rest = pack_array(np.arange(11), 4)
-    assert blocks.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]] and rest.tolist() == [8, 9, 10]
-
-
-def test_masked_crc32c_known_value() -> None:
-    # TFRecord's masked CRC32C of b"" and of the 8-byte length 0 (TensorFlow's own test values)
-    assert masked_crc32c(b"") == 0xA282EAD8
-    assert tfrecord_frame(b"")[:12].hex() == "0000000000000000" + masked_crc32c(bytes(8)).to_bytes(4, "little").hex()
-
-
-def test_tfrecord_gzip_file_is_byte_identical_to_tensorflows(tmp_path, monkeypatch) -> None:
-    from kogpt2.tf_setup import import_tf
-    from pipelines.sorted_shards import frames_of, write_tfrecord
-
-    tf = import_tf()
-    examples = [serialize_example(*pad([BOS, *range(i % 300, i % 300 + i % 9), EOS], 12, PAD)) for i in range(5000)]
-    expected = tmp_path / "tf.tfrecord.gz"
-    with tf.io.TFRecordWriter(str(expected), options=tf.io.TFRecordOptions(compression_type="GZIP")) as writer:
-        for data in examples:
-            writer.write(data)
-    ours = tmp_path / "ours.tfrecord.gz"
-    framed = tfrecord_frames(examples)
-    result = write_tfrecord(str(ours), [frames_of(framed[i : i + 777]) for i in range(0, len(framed), 777)])
-    assert ours.read_bytes() == expected.read_bytes()
-    assert result == {"examples": 5000, "sha256": hashlib.sha256(b"".join(examples)).hexdigest()}
-    read = [r.numpy() for r in tf.data.TFRecordDataset(str(ours), compression_type="GZIP")]
-    assert read == examples
-    # a file of many blocks (compressed on threads): the same bytes however it is written, read by TensorFlow
-    import gzip
-
-    from pipelines import sorted_shards
-
-    monkeypatch.setattr(sorted_shards, "GZIP_BLOCK", 10_000)
-    many = [tmp_path / f"many-{size}.tfrecord.gz" for size in (1, 333, 5000)]
-    for path, size in zip(many, (1, 333, 5000), strict=True):
-        write_tfrecord(str(path), [frames_of(framed[i : i + size]) for i in range(0, len(framed), size)])
-    assert many[0].read_bytes() == many[1].read_bytes() == many[2].read_bytes() != expected.read_bytes()
-    assert gzip.decompress(many[0].read_bytes()) == gzip.decompress(expected.read_bytes()) == b"".join(framed)
-    assert [r.numpy() for r in tf.data.TFRecordDataset(str(many[0]), compression_type="GZIP")] == examples
-    empty = tmp_path / "empty.tfrecord.gz"
-    with tf.io.TFRecordWriter(str(empty), options=tf.io.TFRecordOptions(compression_type="GZIP")):
-        pass
-    assert write_tfrecord(str(tmp_path / "e.gz"), [])["examples"] == 0
-    assert (tmp_path / "e.gz").read_bytes() == empty.read_bytes()
-
-
 def test_stable_hashes() -> None:
     assert stable_hashes(["그는 웃었다.", ""]) == [stable_hash("그는 웃었다."), stable_hash("")]
+
+
+def test_example_prefix_and_suffix_frame_the_packed_ids() -> None:
+    """What the batch framer writes around the ids it lays out itself is serialize_example's bytes."""
+    from kogpt2.protowire import varint
+    from kogpt2.records import example_prefix, example_suffix
+
+    for ids, length in (([BOS, 9, EOS, PAD], 3), ([BOS, *range(100, 300), EOS], 202), ([2**40, 7], 2)):
+        packed = b"".join(varint(i) for i in ids)
+        suffix = example_suffix(length)
+        assert example_prefix(len(packed), len(suffix)) + packed + suffix == serialize_example(ids, length)
+
+
+def test_data_fingerprint_is_over_sorted_shard_digests() -> None:
+    from kogpt2.records import data_fingerprint, shard_digest
+
+    examples = [serialize_example(*pad([BOS, i, EOS], 5, PAD)) for i in range(10)]
+    digest = shard_digest(examples)
+    assert digest == hashlib.sha256(b"".join(examples)).hexdigest()
+    two = {"train-00000-of-00001.tfrecord.gz": digest, "validation-00000-of-00001.tfrecord.gz": shard_digest([])}
+    expected = "".join(f"{name}\t{d}\n" for name, d in sorted(two.items()))
+    assert data_fingerprint(two) == hashlib.sha256(expected.encode()).hexdigest()
+    assert data_fingerprint(dict(reversed(two.items()))) == data_fingerprint(two)  # order-free
+    assert data_fingerprint(
+        {**two, "train-00000-of-00001.tfrecord.gz": shard_digest(examples[1:])}
+    ) != data_fingerprint(two)

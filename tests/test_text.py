@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 
 import pytest
+from preprocess_helpers import unescape_bytes
 
 from kogpt2.text import (
     check_encoding,
@@ -15,7 +16,6 @@ from kogpt2.text import (
     normalize_text,
     normalize_texts,
     split_sentences,
-    unescape_bytes,
 )
 
 

@@ -1,8 +1,8 @@
 """Sorted-run records: a fixed-length sort key, the payload's length, the payload.
 
-What preprocessing's steps emit and :mod:`pipelines.sorted_shards` sorts and merges; a
-module of its own so that reading (:mod:`pipelines.textio`) and merging need not import each
-other.
+What preprocessing's steps emit and :mod:`pipelines.shards.spill` sorts and merges; a
+module of its own so that reading (:mod:`pipelines.shards.textio`) and merging need not import
+each other.
 
 Records travel in batches (:class:`RunBatch`): a column of keys, a column of payload sizes and
 the payloads concatenated, so that sorting, gathering and writing them are numpy operations on
@@ -22,8 +22,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kogpt2.records import split_buffer
-
 #: Bytes of a record's sort key.
 KEY_LEN = 20
 #: Bytes a record's key and size take in a block.
@@ -36,9 +34,10 @@ def run_record(key: bytes, payload: bytes) -> bytes:
     return key + len(payload).to_bytes(4, "big") + payload
 
 
-def record_payload(record: bytes) -> bytes:
-    """The payload of a :func:`run_record`."""
-    return record[RECORD_HEAD:]
+def split_buffer(data: bytes, sizes: np.ndarray) -> list[bytes]:
+    """Cut ``data`` into consecutive pieces of ``sizes`` bytes."""
+    ends = np.cumsum(sizes).tolist()
+    return [data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 class RunBatch(NamedTuple):

@@ -1,6 +1,6 @@
 """Reading raw text files as lines of bytes, and the dead letters of lines and files.
 
-Files are matched when a run starts (:func:`match_files`), cut into byte ranges
+Files are matched when a run starts (:func:`pipelines.common.match_globs`), cut into byte ranges
 (:func:`plan_ranges`) and read in parallel by :class:`ReadLines`, which remembers file, range
 and line index. Lines end at ``\n``, ``\r\n`` or a lone ``\r`` (:func:`iter_lines`), and a
 line longer than ``--max-line-bytes`` is never held whole: it becomes a ``too_long`` dead letter
@@ -32,17 +32,14 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from kogpt2 import text as textlib
-from pipelines.common import match_globs
-from pipelines.counters import Counters
-from pipelines.run_records import run_record
+from pipelines.counters import Count, Counters
+from pipelines.shards.runs import run_record
 
 REJECTED_FILE = "rejected-00000-of-00001.jsonl"
 #: Default byte limit of one line, terminator excluded (``--max-line-bytes``).
 MAX_LINE_BYTES = 1 << 20
 #: Bytes of a too-long line kept in its dead letter.
 PREFIX_BYTES = 64
-#: Dead-letter reasons of preprocessing.
-REJECT_REASONS = ("undecodable", "too_long", "corrupt_input")
 #: The line index of a file-level dead letter: it sorts after every line of its file.
 FILE_LEVEL = (1 << 64) - 1
 _READ_CHUNK = 1 << 16
@@ -56,15 +53,6 @@ _CHECKED = {
     CompressionTypes.LZMA: lambda raw: lzma.LZMAFile(raw, mode="rb"),
 }
 _CORRUPT_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
-
-
-def match_files(patterns: Sequence[str]) -> dict[str, int]:
-    """The files (any Beam filesystem) the globs match, with their sizes in bytes.
-
-    Raises:
-        FileNotFoundError: a glob matches no file.
-    """
-    return {path: size for path, (size, _) in match_globs(patterns, flag="--input").items()}
 
 
 def plan_ranges(
@@ -343,7 +331,7 @@ class ReadLines(beam.DoFn):
     ``first_index + k`` of a segment is numbered by the segments before it (:func:`write_rejected`).
     ``line_counts`` output: ``(path, segment_start, lines in the segment)``: every line, too-long
     ones included. ``rejected`` output: ``{rejected file name: [run records]}`` of too-long lines
-    and corrupt files. ``stats`` output: count dicts.
+    and corrupt files. ``stats`` output: :class:`~pipelines.counters.StepCounts`.
     """
 
     LINE_COUNTS = "line_counts"
@@ -367,7 +355,7 @@ class ReadLines(beam.DoFn):
         n = too_long = 0  # lines of the range (of the whole file when ``whole``), those over the limit
         segments: dict[int, int] = {}  # segment start -> lines read in it (this reader's segments)
         rejected: list[bytes] = []
-        stats: dict[str, int] = {}
+        corrupt: tuple[str, ...] = ()  # this file, if it is corrupt
         batch: list[bytes] = []
         seg = first = 0  # the pending batch: its segment and the index of its first line there
         f, watch = open_input(path, whole=whole)
@@ -424,17 +412,20 @@ class ReadLines(beam.DoFn):
                     f"{type(exc).__name__}: {exc}; the {n} lines read before it are kept, the rest of the file is lost"
                 )
                 rejected.append(run_record(*file_entry(file_index, path, "corrupt_input", detail)))
-                stats = {"corrupt_inputs": 1, f"corrupt_input:{path}": 1}
+                corrupt = (path,)
         finally:
             f.close()
         if batch:
             yield LineBatch(path, seg, first, batch)
-        read = sum(segments.values())
-        counts = {"lines_read": read, "rejected": too_long, "rejected.too_long": too_long}
-        self.counters.add({**counts, "corrupt_inputs": stats.get("corrupt_inputs", 0)})
+        counts = {
+            Count.LINES_READ: sum(segments.values()),
+            Count.REJECTED: too_long,
+            Count.REJECTED_TOO_LONG: too_long,
+            Count.CORRUPT_INPUTS: len(corrupt),
+        }
         if rejected:
             yield beam.pvalue.TaggedOutput(self.REJECTED, {REJECTED_FILE: rejected})
-        yield beam.pvalue.TaggedOutput(self.STATS, {"rejected": too_long, "rejected.too_long": too_long, **stats})
+        yield beam.pvalue.TaggedOutput(self.STATS, self.counters.report(counts, corrupt))
         if not whole:
             segments = {start: n}
         for seg_start, count in sorted(segments.items()):
