@@ -47,6 +47,9 @@ BYTE_COLUMNS = 257
 #: The nucleus of a row the tries did not resolve is looked for among its best this many tokens
 #: first (top-k kernel), before a full sort.
 SORTED_CANDIDATES = 1024
+#: Where the token draw runs: ``host`` (:class:`HostSampler`, numpy: the fastest on this CPU,
+#: measured) or ``graph`` (:mod:`kogpt2.graph_sampling`, one XLA function beside the model: the logits
+#: never leave the device, the choice for GPU workers, not measured on one).
 SAMPLERS = ("host", "graph")
 _BLOCK = 256
 _TINY = 1e-30  # below this total mass (underflow), a row is drawn exactly
@@ -335,6 +338,9 @@ class HostSampler:
         if self._buf.shape[0] < rows:
             self._buf = np.empty((rows, self.vocab), dtype=np.float32)
         e = np.subtract(x, top[:, None], out=self._buf[:rows])  # (R, V)
+        # The first index where x == top (x - top is exactly 0 there and only there): a greedy row's
+        # token when no constraint touches it. Taken from e: numpy copies a read-only x to argmax it.
+        best = e.argmax(axis=1)
         logz = np.zeros(rows)
         scaled = np.flatnonzero(inv_t != 1.0)  # rows drawn from exp((x - top) / T): their scores need exp(x - top)
         for r in scaled.tolist():  # row by row, in place: no copy of the rows
@@ -352,6 +358,9 @@ class HostSampler:
             self._constrain(e, x, top, inv_t, fast, inputs, rules)
             tokens[fast_rows] = self._nucleus(e, fast_rows, inputs)
         tokens[inputs.idle] = 0
+        pending = np.flatnonzero(tokens < 0)
+        stands = pending[_best_stands(best, pending, inputs, rules) & np.isfinite(top[pending])]
+        tokens[stands] = best[stands]
         exact = np.flatnonzero(tokens < 0)
         if len(exact):
             tokens[exact] = self._exact(x, exact, inputs, rules)
@@ -471,6 +480,33 @@ class HostSampler:
                     z[i, order][None], order[None], np.array([self.vocab]), top_p[i, None], u[i, None]
                 )[0][0]
         return out
+
+
+def _best_stands(best: np.ndarray, rows: np.ndarray, inputs: DrawInputs, rules: VocabRules) -> np.ndarray:
+    """``(len(rows),)`` bool: the row takes the best token and no constraint touches it.
+
+    Such a row's token is ``best`` itself: the masked argmax of :meth:`HostSampler._exact`
+    would only find it again after copying the whole row (the first maximum stays the first
+    when only other tokens are masked or lowered). True for greedy rows whose best token is
+    allowed (vocabulary, bytes, ``</s>``, n-gram bans) and not under the repetition penalty,
+    in a row whose penalties only lower tokens (factors >= 1).
+    """
+    t = best[rows]
+    ok = inputs.greedy[rows] | (inputs.temperature[rows] < MIN_TEMPERATURE)
+    ok &= rules.static_ok[t]
+    ok &= inputs.allowed_bytes[rows, rules.byte_of[t]]  # column 256: pieces that are not bytes
+    ok &= ~(inputs.ban_eos[rows] & (t == rules.eos_id))
+    position = np.full(len(best), -1)
+    position[rows] = np.arange(len(rows))
+    for pairs, touched in (
+        (inputs.banned, lambda r, tok: tok == best[r]),
+        (inputs.penalized, lambda r, tok: (tok == best[r]) | (inputs.penalty < 1.0)),
+    ):
+        if len(pairs):
+            r, tok = pairs[:, 0], pairs[:, 1]
+            at = position[r[touched(r, tok)]]
+            ok[at[at >= 0]] = False
+    return ok
 
 
 def _byte_bans(allowed: np.ndarray, rows: np.ndarray, rules: VocabRules) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -177,6 +177,41 @@ def test_the_compiled_draw_equals_the_host_draw():
     assert not set(np.delete(host_tokens, [10, 32, 45]).tolist()) & {0, 3, 5, *range(10, 42)}
 
 
+def test_a_greedy_row_whose_best_token_is_not_allowed_takes_the_best_allowed_one():
+    """Each constraint in turn hits a row's best token: the row takes the next best allowed token, as masking would."""
+    rows, vocab = 8, 400
+    logits = np.tile(np.linspace(0.0, 1.0, vocab, dtype=np.float32)[::-1], (rows, 1))  # token 0 best, then 1, 2...
+    byte_of = np.full(vocab, 256, np.int32)
+    byte_of[100:356] = np.arange(256)
+    static_ok = np.ones(vocab, bool)
+    static_ok[3] = False
+    logits[1, 3] = 5.0  # row 1: the best token is suppressed for every row
+    allowed = np.ones((rows, 257), bool)
+    logits[2, 100] = 5.0  # row 2: the best token is the byte 0x00, not allowed there
+    allowed[2, 0] = False
+    logits[3, 1] = 5.0  # row 3: the best token is </s>, banned before min_new_tokens
+    logits[4, 9] = 5.0  # row 4: the best token would repeat an n-gram
+    logits[5, 7] = 5.0  # row 5: the best token is under a repetition penalty that brings it below token 0
+    logits[5, 0] = 4.0
+    allowed[6, :] = False  # row 6: inside a character, only bytes 0x80-0x81 may come next
+    allowed[6, 0x80:0x82] = True
+    logits[7, 12] = 0.5  # row 7: a penalty below 1 raises token 12 above the unconstrained best
+    inputs = DrawInputs.make(
+        np.arange(rows, dtype=np.uint64),
+        0,
+        greedy=True,
+        allowed_bytes=allowed,
+        ban_eos=np.arange(rows) == 3,
+        penalized=np.array([[5, 7], [7, 12]]),
+        penalty=np.array([3.0, 0.1]),
+        banned=np.array([[4, 9]]),
+    )
+    tokens, scores = HostSampler(vocab).draw(logits, inputs, VocabRules(static_ok, byte_of, 1))
+    assert tokens.tolist() == [0, 0, 0, 0, 0, 0, 100 + 0x80, 12]
+    logz = np.log(np.exp(logits.astype(np.float64)).sum(axis=1))
+    np.testing.assert_allclose(scores, logits[np.arange(rows), tokens] - logz, atol=1e-5)  # under the raw logits
+
+
 def test_greedy_ties_and_tiny_cuts_pick_the_best_token():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(8, 50)).astype(np.float32)
