@@ -17,6 +17,7 @@ No TensorFlow here.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import re
@@ -180,12 +181,39 @@ def read_config_grid(path: str, base: GenerationConfig) -> list[NamedConfig]:
 def effective(base: GenerationConfig, row: Mapping[str, Any], named: NamedConfig | None) -> GenerationConfig:
     """A row's settings under a configuration: the job's defaults < the row's columns < the configuration's.
 
+    Rows mostly share a few distinct settings, so the result is computed once per distinct
+    ``(base, row, configuration)`` and shared (a config is frozen): a bulk job asks for it
+    several times per row.
+
     Raises:
         SettingError: the combination is invalid (named).
     """
+    try:
+        key = (
+            base,
+            tuple(sorted(row.items())),
+            None if named is None else (named.name, *sorted(named.overrides.items())),
+        )
+        hash(key)
+    except TypeError:  # an unhashable value: validated (and refused) the slow way
+        return _effective(base, row, named)
+    return _effective_cached(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _effective_cached(key: tuple[Any, ...]) -> GenerationConfig:
+    base, row, named = key
+    return _layered(base, dict(row), None if named is None else dict(named[1:]))
+
+
+def _effective(base: GenerationConfig, row: Mapping[str, Any], named: NamedConfig | None) -> GenerationConfig:
+    return _layered(base, row, None if named is None else named.overrides)
+
+
+def _layered(base: GenerationConfig, row: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> GenerationConfig:
     layers = [base.describe() | _tuples(base), dict(row)]
-    if named is not None:
-        layers.append(named.overrides)  # a greedy configuration drops the row's sampling columns
+    if overrides is not None:
+        layers.append(dict(overrides))  # a greedy configuration drops the row's sampling columns
     try:
         return GenerationConfig.from_layers(*layers)
     except ValueError as exc:
