@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kogpt2.flags import flag
-from kogpt2.sampling import row_seed
+from kogpt2.sampling import SAMPLERS, row_seed
 from kogpt2.validate import check_bool, check_choice, check_int, check_number, is_int
 
 DECODING_STRATEGIES = ("greedy", "sample")
@@ -273,7 +273,7 @@ def write_generation_config(folder: str | Path, config: GenerationConfig, specia
 
 
 #: Rows decoded together by default.
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = 256
 #: Computation types of the decoder.
 DTYPES = ("float32", "bfloat16")
 
@@ -285,10 +285,18 @@ class DecodeSettings:
 
     batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata=flag("rows decoded together", metavar="N"))
     dtype: str = field(default="float32", metadata=flag("computation type", choices=DTYPES))
+    sampler: str = field(
+        default="host",
+        metadata=flag(
+            "where the token draw runs: host (numpy; fastest on CPU) or graph (XLA, beside the model: for GPUs)",
+            choices=SAMPLERS,
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_int("DecodeSettings", "batch_size", self.batch_size, low=1)
         check_choice("DecodeSettings", "dtype", self.dtype, DTYPES)
+        check_choice("DecodeSettings", "sampler", self.sampler, SAMPLERS)
 
     @staticmethod
     def flag(name: str) -> dict[str, Any]:

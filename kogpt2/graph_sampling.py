@@ -1,12 +1,14 @@
-"""The token draw as one XLA function: the alternative to :class:`kogpt2.sampling.HostSampler`, to measure.
+"""The token draw as one XLA function (``--sampler graph``): for accelerators, where logits should stay put.
 
 Same inputs, rules and algorithm as the host sampler (inverse CDF over 256-token block sums,
 acceptance when the mass ranked before the candidate is < top_p, an exact sorted draw for
 top-k rows and for the few nucleus rows still unresolved after :data:`MAX_ATTEMPTS` tries),
 so both draw the same tokens up to floating-point rounding; here the logits never leave
-TensorFlow. On the 2-core CPU this project measures on, XLA ran these passes single-threaded
-and its compare-and-sum pass slower than numpy's, so the host sampler is the default:
-``benchmarks/generate.py --sampler host graph`` compares them (``Generator(sampler="graph")``).
+TensorFlow, so on a GPU worker the ``(batch, 50,000)`` logits of each step are not copied to
+the host (51 MB a step at batch 256). On the 2-core CPU this project measures on, XLA ran
+these passes single-threaded and its compare-and-sum pass slower than numpy's (16.6-17.7
+against 9.3 ms a step, docs/BENCHMARKS.md), so the host sampler is the default; it was not
+measured on a GPU. ``benchmarks/generate.py --sampler host graph`` compares them.
 """
 
 from __future__ import annotations

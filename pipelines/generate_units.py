@@ -365,11 +365,13 @@ class GenerateUnits(beam.DoFn):
                 from kogpt2.generation import Generator
 
                 started = time.perf_counter()
-                gen = Generator.from_folder(local_copy(job.model), dtype=job.dtype, batch_size=job.batch_size)
+                gen = Generator.from_folder(
+                    local_copy(job.model), dtype=job.dtype, batch_size=job.batch_size, sampler=job.sampler
+                )
                 log.info("loaded %s (%s) in %.1f s", job.model, job.dtype, time.perf_counter() - started)
                 return gen
 
-            tag = f"kogpt2-generator:{job.model}:{self._plan.model_fingerprint}:{job.dtype}:{job.batch_size}"
+            tag = f"kogpt2-generator:{job.model}:{self._plan.model_fingerprint}:{job.dtype}:{job.batch_size}:{job.sampler}"
             if job.share_model_across_processes:
                 from apache_beam.utils.multi_process_shared import MultiProcessShared
 
