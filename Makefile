@@ -9,7 +9,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format typecheck demo report bench clean
+.PHONY: help install test test-all test-fast lint format typecheck demo report bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -24,7 +24,10 @@ $(STAMP): setup.py pyproject.toml
 
 install: $(STAMP) ## Create .venv with the package and dev tools (idempotent)
 
-test: $(STAMP) ## Run the test suite (installs first)
+test: $(STAMP) ## Run the test suite (installs first; about 10 minutes on 2 cores)
+	$(PY) -m pytest -q -ra -m "not long" tests
+
+test-all: $(STAMP) ## The test suite and the tests marked long
 	$(PY) -m pytest -q -ra tests
 
 test-fast: $(STAMP) ## Run the tests not marked slow

@@ -89,6 +89,7 @@ def test_demo_stops_at_the_failing_stage(tmp_path: Path, capsys: pytest.CaptureF
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the demo's stages: also test_demo_end_to_end_report_matches_run_files; fine-tuning a folder: test_training
 def test_demo_fine_tunes_a_model_folder_like_the_notebook(tmp_path: Path, tiny_model_dir: Path) -> None:
     from pipelines.demo import main
 

@@ -83,7 +83,7 @@ import sys, time
 import kogpt2.generation as generation
 real = generation._decode_batch
 def slow(*a, **k):
-    time.sleep(0.2)
+    time.sleep(0.1)
     return real(*a, **k)
 generation._decode_batch = slow
 from pipelines.generate import main

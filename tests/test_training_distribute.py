@@ -50,6 +50,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.long  # the global masked mean across replicas: also test_two_workers_on_localhost_match_one_worker
 def test_mirrored_strategy_over_two_logical_cpus(tmp_path: Path, tiny_shards: Path, tiny_model_dir: Path) -> None:
     # A dropout-free copy, so a mirrored run and a single-device run must agree.
     model = tmp_path / "model"
