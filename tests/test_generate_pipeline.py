@@ -166,6 +166,8 @@ def test_rerun_of_a_finished_folder_changes_nothing_and_another_run_is_refused(
     assert "config.seed: 0 -> 5" in capsys.readouterr().err
     assert run(argv(tiny_model_dir, seeds_dir / "*", first_run, "--batch-size", "8")) == 2
     assert "batch_size: 256 -> 8" in capsys.readouterr().err  # near-tie tokens can flip with it
+    assert run(argv(tiny_model_dir, seeds_dir / "*", first_run, "--sampler", "graph")) == 2
+    assert 'sampler: "host" -> "graph"' in capsys.readouterr().err  # the same draw, rounded differently
     assert tree(first_run) == before
 
 
