@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from outputs_helpers import SIG, build
 
 from kogpt2 import outputs
 from kogpt2.outputs import (
@@ -29,22 +30,6 @@ from kogpt2.outputs import (
     open_committed,
 )
 from kogpt2.storage import store_for
-
-SIG = {"inputs": ["a.txt"], "max_len": 30}
-
-
-def build(
-    folder: str, sig: dict, files: dict[str, bytes], *, overwrite: bool = False, keep: int = 2, job: str = "test"
-):
-    """One run that writes ``files`` and commits them; returns the manifest (or the run if already complete)."""
-    with Lease(folder, job) as lease:
-        run = begin(folder, job, sig, lease, overwrite=overwrite, keep_versions=keep)
-        if run.action == ALREADY_COMPLETE:
-            return run
-        store = store_for(folder)
-        for name, data in files.items():
-            store.write(run.path(name), data)
-        return commit(run, list(files), summary={"rows": len(files)})
 
 
 def test_a_commit_makes_a_version_readers_open_through_the_manifest(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import os
 import time
 
 import pytest
+from outputs_helpers import SIG, build
 
 from kogpt2 import outputs
 from kogpt2.outputs import (
@@ -27,19 +28,6 @@ from kogpt2.outputs import (
     open_committed,
 )
 from kogpt2.storage import ABSENT, PreconditionFailed, store_for
-
-SIG = {"inputs": ["a.txt"], "max_len": 30}
-
-
-def build(folder: str, sig: dict, files: dict[str, bytes], *, overwrite: bool = False, keep: int = 2):
-    with Lease(folder, "test") as lease:
-        run = begin(folder, "test", sig, lease, overwrite=overwrite, keep_versions=keep)
-        if run.action == ALREADY_COMPLETE:
-            return run
-        store = store_for(folder)
-        for name, data in files.items():
-            store.write(run.path(name), data)
-        return commit(run, list(files), summary={"files": len(files)})
 
 
 def test_objects_are_written_only_if_absent_or_at_their_generation(gcs_bucket: str) -> None:
