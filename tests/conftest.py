@@ -16,6 +16,22 @@ V1_TOKENIZER = SHARED_DATA / "kogpt2_v1_tokenizer.spiece"
 NOVEL = SHARED_DATA / "finetune_data_unsu_joeun_nal.txt"
 
 
+#: ``python -c SLOW_GENERATE SECONDS ARGS...``: the bulk job with each decode batch delayed by SECONDS,
+#: so a test can kill or race it mid-run (the delay is patched in: no test hook in the product).
+SLOW_GENERATE = r"""
+import sys, time
+import kogpt2.generation as generation
+delay, args = float(sys.argv[1]), sys.argv[2:]
+real = generation._decode_batch
+def slow(*a, **k):
+    time.sleep(delay)
+    return real(*a, **k)
+generation._decode_batch = slow
+from pipelines.generate import main
+sys.exit(main(args))
+"""
+
+
 def make_sentences(n: int) -> list[str]:
     """n distinct, deterministic Korean sentences (the project's one generator)."""
     from kogpt2.synthetic import korean_sentences

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_sentences
+from conftest import REPO, SLOW_GENERATE, make_sentences
 
 from kogpt2 import outputs
 from kogpt2.storage import store_for
@@ -76,18 +76,6 @@ if job == "preprocess":
 else:
     from pipelines.generate import main
 sys.exit(main(args))
-"""
-
-SLOW_GENERATE = r"""
-import sys, time
-import kogpt2.generation as generation
-real = generation._decode_batch
-def slow(*a, **k):
-    time.sleep(0.1)
-    return real(*a, **k)
-generation._decode_batch = slow
-from pipelines.generate import main
-sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -181,12 +169,11 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_output(job, point, where, in
 def test_a_second_concurrent_run_is_refused_and_the_first_completes(job, where, inputs, references) -> None:
     out = f"{where}/{job}-race"
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    code = (
-        SLOW_GENERATE
-        if job == "generate"
-        else "import sys; from pipelines.preprocess import main; sys.exit(main(sys.argv[1:]))"
-    )
-    first = subprocess.Popen([sys.executable, "-c", code, *job_args(job, inputs, out)], env=env,
+    if job == "generate":
+        code = [SLOW_GENERATE, "0.1"]
+    else:
+        code = ["import sys; from pipelines.preprocess import main; sys.exit(main(sys.argv[1:]))"]
+    first = subprocess.Popen([sys.executable, "-c", *code, *job_args(job, inputs, out)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 120
     while not store_for(out).exists(f"{out}/.lock") and first.poll() is None and time.monotonic() < deadline:

@@ -339,22 +339,9 @@ def test_a_failing_batch_dead_letters_its_rows_and_a_rerun_redoes_its_unit(
     assert ours.keys() == ref.keys() and all(ours[k]["text"] == ref[k]["text"] for k in ours)
 
 
-SLOW_MAIN = """
-import sys, time
-import kogpt2.generation as generation
-real = generation._decode_batch
-def slow(*args, **kwargs):
-    time.sleep(0.25)
-    return real(*args, **kwargs)
-generation._decode_batch = slow
-from pipelines.generate import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.slow
 def test_a_run_killed_mid_job_resumes_to_exactly_the_rows_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
-    from conftest import make_sentences
+    from conftest import SLOW_GENERATE, make_sentences
 
     from pipelines.generate import run
 
@@ -366,7 +353,7 @@ def test_a_run_killed_mid_job_resumes_to_exactly_the_rows_of_an_uninterrupted_ru
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_MAIN, *argv(tiny_model_dir, seeds, out, *args, "--lease-seconds", "2")],
+        [sys.executable, "-c", SLOW_GENERATE, "0.25", *argv(tiny_model_dir, seeds, out, *args, "--lease-seconds", "2")],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
