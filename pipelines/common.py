@@ -104,11 +104,6 @@ def frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
-def join(folder: str, name: str) -> str:
-    """Join a path in any filesystem (local, ``gs://``, ...)."""
-    return storage.join(folder, name)
-
-
 def write_text(path: str, text: str) -> None:
     """Write a UTF-8 text file atomically: a reader sees the old file or the whole new one (:mod:`kogpt2.storage`)."""
     storage.store_for(path).write(path, text.encode("utf-8"))
@@ -149,7 +144,7 @@ def local_copy(path: str) -> str:
         inside = [n for n in store.children(root) if not n.endswith("/")]
         if inside:  # a folder
             for name in inside:
-                copy_file(join(root, name), os.path.join(target, name))
+                copy_file(storage.join(root, name), os.path.join(target, name))
             _LOCAL_COPIES[path] = target
         else:
             local = os.path.join(target, storage.basename(path))

@@ -50,12 +50,12 @@ from kogpt2.generation import GenerationConfig
 from kogpt2.jobs import DataFailedError, ExitStatus, run_main
 from kogpt2.outputs import ALREADY_COMPLETE, INFO_FILE, RESUME, OutputRun
 from kogpt2.row_settings import DEFAULT_CONFIG, ROW_SETTINGS, SEED_ALIAS, NamedConfig, read_config_grid
+from kogpt2.storage import join
 from pipelines.common import (
     check_beam_args,
     create_pipeline,
     expand_globs,
     file_sizes,
-    join,
     local_copy,
     pipeline_options,
     read_text,

@@ -22,8 +22,8 @@ from apache_beam.metrics import Metrics
 
 from kogpt2 import outputs
 from kogpt2.records import assign_shard, stable_hash
-from kogpt2.storage import store_for
-from pipelines.common import join, local_copy, write_text
+from kogpt2.storage import join, store_for
+from pipelines.common import local_copy, write_text
 from pipelines.generate_config import GenerateJob, GeneratePlan
 from pipelines.seeds import NAMESPACE, Rejected, SeedRow
 

@@ -57,14 +57,13 @@ from kogpt2.flags import add_config_arguments, add_underscore_spellings, config_
 from kogpt2.jobs import ExitStatus, run_main
 from kogpt2.outputs import ALREADY_COMPLETE, INFO_FILE, RESUME, OutputRun
 from kogpt2.records import TokenizerFacts
-from kogpt2.storage import store_for
+from kogpt2.storage import join, store_for
 from pipelines.common import (
     check_beam_args,
     copy_file,
     create_pipeline,
     freeze_heap,
     frozen_heap,
-    join,
     match_globs,
     pipeline_options,
     read_text,

@@ -19,7 +19,8 @@ from kogpt2 import records
 from kogpt2.jobs import DataFailedError
 from kogpt2.outputs import INFO_FILE, OutputRun, commit
 from kogpt2.schemas import validate_info
-from pipelines.common import join, write_json
+from kogpt2.storage import join
+from pipelines.common import write_json
 from pipelines.counters import REJECTED_BY_REASON, TOKENS, UNKS, Count, Counters, StepCounts
 from pipelines.preprocess_config import Plan, PreprocessConfig, Role, settings
 from pipelines.shards.spill import delete_spills

@@ -20,7 +20,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
-from pipelines.common import join
+from kogpt2.storage import join
 from pipelines.shards.runs import (
     FileBatch,
     RunBatch,

@@ -23,7 +23,7 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.common import join
+from kogpt2.storage import join
 from pipelines.shards import framing
 from pipelines.shards.runs import RunBatch
 from pipelines.shards.spill import merge_runs
