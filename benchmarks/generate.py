@@ -18,7 +18,8 @@ rounds, ours and the ceiling alike), random weights:
   as the text grows): their mean is the mean over the whole generation.
 - ``ours``: :class:`kogpt2.generation.Generator` as the bulk pipeline uses it: batch-size
   rows (seed words x samples), ``--max-new-tokens`` new tokens each, top-p ``--top-p``; one
-  variant per combination of ``--dtype``, ``--batch-size``, ``--cache-growth`` and ``--sampler``, their
+  variant per combination of ``--dtype``, ``--batch-size``, ``--cache-growth``, ``--sampler`` and
+  ``--attention-splits``, their
   order rotating from round to round. Random weights rarely emit ``</s>``, so every row runs
   the full budget (the worst case: no batch compaction) and the nucleus holds most of the
   vocabulary. Each variant runs once untimed first (compiles: every shape it meets).
@@ -79,6 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--cache-growth", type=int, nargs="+", default=None, help="cache slots added at a time; 0 = whole budget"
+    )
+    p.add_argument(
+        "--attention-splits",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="head groups of the cached attention run side by side; 0 = the decoder's default (one per CPU)",
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], nargs="+", default=["float32"])
     p.add_argument("--sampler", choices=["host", "graph"], nargs="+", default=["host"], help="where the draw runs")
@@ -243,14 +251,16 @@ def step_pieces(gen: Any, rows: int, width: int, max_new: int, reps: int, config
     out: dict[str, float] = {"slot": slot, "capacity": dec.capacity}
     logits = dec.step(tokens, starts, slot)
     dt, heads, hd, emb = dec._dt, dec.n_head, dec.head_dim, dec.n_embd
-    qkv = [tf.random.normal([rows, heads, hd], dtype=tf.float32) for _ in range(3)]
-    qkv = [tf.cast(t, dt) for t in qkv]
+    qkv = tf.cast(tf.random.normal([rows, 3, heads, hd], dtype=tf.float32), dt)
     starts_t, slot_t = tf.constant(starts, tf.int32), tf.constant(slot, tf.int32)
-    attention = tf.function(
-        lambda: tf.add_n(
-            [tf.reduce_sum(dec._attend(k, v, *qkv, starts_t, slot_t)) for k, v in zip(dec._k, dec._v, strict=True)]
-        )
-    )
+
+    def attention_fn() -> Any:  # layer after layer, as in the step (each layer's head groups side by side)
+        x = qkv
+        for k_vars, v_vars in zip(dec._k, dec._v, strict=True):
+            x = x + tf.reduce_sum(dec._attend_groups(k_vars, v_vars, x, starts_t, slot_t)) * 0
+        return tf.reduce_sum(x)
+
+    attention = tf.function(attention_fn)
     x = tf.cast(tf.random.normal([rows, emb]), dt)
 
     def dense_fn(x: Any) -> Any:
@@ -298,10 +308,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return [(s, i) for i in range(samples) for s in seeds][:batch]
 
     variants: dict[str, dict[str, Any]] = {}
-    for dtype, batch, growth, sampler in itertools.product(args.dtype, args.batch_size, growths, args.sampler):
-        name = f"{dtype} b{batch} g{growth} {sampler}"
+    combos = itertools.product(args.dtype, args.batch_size, growths, args.sampler, args.attention_splits)
+    for dtype, batch, growth, sampler, splits in combos:
+        gen = Generator(
+            model,
+            tok,
+            dtype=dtype,
+            batch_size=batch,
+            cache_growth=growth,
+            sampler=sampler,
+            attention_splits=splits or None,
+        )
+        name = f"{dtype} b{batch} g{growth} {sampler} s{gen.decoder.attention_splits}"
         rows = rows_for(batch)
-        gen = Generator(model, tok, dtype=dtype, batch_size=batch, cache_growth=growth, sampler=sampler)
         start = time.perf_counter()
         gen.generate_rows(rows, config)  # every shape the run meets is compiled here
         first = time.perf_counter() - start

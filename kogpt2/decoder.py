@@ -27,6 +27,12 @@ cache variables in place; graph-mode ``scatter_nd_update`` switches a variable t
 copy-on-read, and the batched matmul over the cache was 4x slower). The XLA attention
 compiles once per (batch, cache capacity) shape: prompt length buckets and capacity levels
 bound that.
+
+One XLA attention call runs on one core (measured: the same time pinned to one core as on two),
+so the heads are split into groups (``attention_splits``, by default as many as the CPUs this
+process may use, dividing the heads evenly), each with its own cache variables and its own call:
+the step graph's executor runs a layer's groups side by side. Each head's arithmetic is the same
+whatever the split, so the logits are identical bit for bit (tested).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from kogpt2.generation_config import DTYPES  # re-exported: the decoder's computation types
-from kogpt2.tf_setup import import_tf
+from kogpt2.tf_setup import import_tf, usable_cpus
 
 #: Cache slots added at a time; 0 allocates the whole budget at prefill.
 DEFAULT_CACHE_GROWTH = 32
@@ -59,12 +65,22 @@ class Decoder:
             softmax, the key/value cache and the logits stay float32).
         cache_growth: cache slots added at a time (capacity levels are its multiples, up to
             the model's positions); 0 allocates the whole capacity given to :meth:`prefill`.
+        attention_splits: head groups whose cached attention runs side by side (must divide
+            the heads); None: :func:`default_attention_splits`.
 
     Raises:
-        ValueError: unknown dtype, a negative ``cache_growth``, or an unsupported model configuration.
+        ValueError: unknown dtype, a negative ``cache_growth``, ``attention_splits`` not a divisor
+            of the heads, or an unsupported model configuration.
     """
 
-    def __init__(self, model: Any, dtype: str = "float32", *, cache_growth: int = DEFAULT_CACHE_GROWTH) -> None:
+    def __init__(
+        self,
+        model: Any,
+        dtype: str = "float32",
+        *,
+        cache_growth: int = DEFAULT_CACHE_GROWTH,
+        attention_splits: int | None = None,
+    ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
         if not isinstance(cache_growth, int) or cache_growth < 0:
@@ -81,6 +97,11 @@ class Decoder:
         self.cache_growth = cache_growth
         self.n_layer, self.n_head, self.n_embd = cfg.n_layer, cfg.n_head, cfg.n_embd
         self.head_dim = cfg.n_embd // cfg.n_head
+        splits = default_attention_splits(cfg.n_head) if attention_splits is None else attention_splits
+        if not isinstance(splits, int) or splits < 1 or cfg.n_head % splits:
+            raise ValueError(f"attention_splits={splits!r}: must be a positive divisor of n_head={cfg.n_head}")
+        self.attention_splits = splits
+        self._group = cfg.n_head // splits  # heads per group
         self.n_positions = cfg.n_positions
         self.vocab_size = cfg.vocab_size
         self._approx_gelu = act != "gelu"
@@ -90,9 +111,15 @@ class Decoder:
         self._cache_dt = tf.float32
         self._w = self._collect_weights(model)
         shape = tf.TensorShape(None)
-        empty = tf.zeros([0, self.n_head, 0, self.head_dim], self._cache_dt)
-        self._k = [tf.Variable(empty, shape=shape, trainable=False) for _ in range(self.n_layer)]
-        self._v = [tf.Variable(empty, shape=shape, trainable=False) for _ in range(self.n_layer)]
+        empty = tf.zeros([0, self._group, 0, self.head_dim], self._cache_dt)
+
+        def group_vars() -> list[Any]:
+            return [tf.Variable(empty, shape=shape, trainable=False) for _ in range(splits)]
+
+        # [layer][group]: (B, heads per group, S, D) each
+        self._k = [group_vars() for _ in range(self.n_layer)]
+        self._v = [group_vars() for _ in range(self.n_layer)]
+        self._cache = [var for layer in self._k + self._v for var in layer]
         self.lock = threading.Lock()
         self.traces = 0  # graph traces: prefill, step, row selection; once each (shapes are dynamic)
         self._shapes: set[tuple[int, int]] = set()  # (batch, cache capacity) shapes stepped so far
@@ -107,7 +134,7 @@ class Decoder:
                 tf.TensorSpec([], i32),  # capacity S: cache slots
             ],
         )
-        self._attend = _cached_attention(self.n_head, self.head_dim, dtype)
+        self._attend = _cached_attention(self._group, self.head_dim, dtype)
         self._select = tf.function(self._select_fn, input_signature=[tf.TensorSpec([None], i32)])
         self._step = tf.function(
             self._step_fn,
@@ -185,14 +212,17 @@ class Decoder:
         # key j visible to query i: j <= i and j is a real token of the row
         visible = (slots[None, :] <= slots[:, None])[None] & (slots[None, None, :] >= starts[:, None, None])
         bias = tf.where(visible, 0.0, _NEG)[:, None]  # (B, 1, T, T)
-        pad = tf.zeros([batch, heads, capacity - length, hd], self._cache_dt)
+        group = self._group
+        pad = tf.zeros([batch, group, capacity - length, hd], self._cache_dt)
 
-        def full_attention(k_var: Any, v_var: Any) -> Callable[[Any], Any]:
+        def full_attention(k_vars: list[Any], v_vars: list[Any]) -> Callable[[Any], Any]:
             def attend(qkv: Any) -> Any:  # (B*T, 3E) -> (B*T, E); fills the cache
                 qkv = tf.transpose(tf.reshape(qkv, [batch, length, 3, heads, hd]), [2, 0, 3, 1, 4])  # (3, B, H, T, D)
                 q, k, v = qkv[0], qkv[1], qkv[2]
-                k_var.assign(tf.concat([tf.cast(k, self._cache_dt), pad], axis=2))  # (B, H, S, D)
-                v_var.assign(tf.concat([tf.cast(v, self._cache_dt), pad], axis=2))
+                for g, (k_var, v_var) in enumerate(zip(k_vars, v_vars, strict=True)):  # (B, H/splits, S, D) each
+                    heads_g = slice(g * group, (g + 1) * group)
+                    k_var.assign(tf.concat([tf.cast(k[:, heads_g], self._cache_dt), pad], axis=2))
+                    v_var.assign(tf.concat([tf.cast(v[:, heads_g], self._cache_dt), pad], axis=2))
                 scores = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32) / math.sqrt(hd) + bias  # (B, H, T, T)
                 att = tf.matmul(tf.cast(tf.nn.softmax(scores, axis=-1), self._dt), v)  # (B, H, T, D)
                 return tf.reshape(tf.transpose(att, [0, 2, 1, 3]), [-1, emb])  # (B*T, E)
@@ -200,8 +230,8 @@ class Decoder:
             return attend
 
         x = tf.reshape(x, [-1, emb])  # (B*T, E)
-        for layer, k_var, v_var in zip(self._w["layers"], self._k, self._v, strict=True):
-            x = self._block(x, layer, full_attention(k_var, v_var))
+        for layer, k_vars, v_vars in zip(self._w["layers"], self._k, self._v, strict=True):
+            x = self._block(x, layer, full_attention(k_vars, v_vars))
         return self._logits(tf.reshape(x, [batch, length, emb])[:, -1])
 
     def _step_fn(self, tokens: Any, starts: Any, slot: Any) -> Any:
@@ -211,18 +241,28 @@ class Decoder:
         heads, hd, emb = self.n_head, self.head_dim, self.n_embd
         x = tf.gather(self._w["wte"], tokens) + tf.gather(self._w["wpe"], slot - starts)  # (B, E)
 
-        def cached_attention(k_var: Any, v_var: Any) -> Callable[[Any], Any]:
+        def cached_attention(k_vars: list[Any], v_vars: list[Any]) -> Callable[[Any], Any]:
             def attend(qkv: Any) -> Any:  # (B, 3E) -> (B, E); writes this token's key/value
-                qkv = tf.reshape(qkv, [batch, 3, heads, hd])
                 return tf.reshape(
-                    self._attend(k_var, v_var, qkv[:, 0], qkv[:, 1], qkv[:, 2], starts, slot), [batch, emb]
+                    self._attend_groups(k_vars, v_vars, tf.reshape(qkv, [batch, 3, heads, hd]), starts, slot),
+                    [batch, emb],
                 )
 
             return attend
 
-        for layer, k_var, v_var in zip(self._w["layers"], self._k, self._v, strict=True):
-            x = self._block(x, layer, cached_attention(k_var, v_var))
+        for layer, k_vars, v_vars in zip(self._w["layers"], self._k, self._v, strict=True):
+            x = self._block(x, layer, cached_attention(k_vars, v_vars))
         return self._logits(x)
+
+    def _attend_groups(self, k_vars: list[Any], v_vars: list[Any], qkv: Any, starts: Any, slot: Any) -> Any:
+        """One layer's cached attention, ``qkv`` ``(B, 3, H, D)`` -> ``(B, H, D)``: one XLA call per head
+        group, independent of each other (the graph's executor runs them side by side)."""
+        tf, group = self._tf, self._group
+        out = []
+        for g, (k_var, v_var) in enumerate(zip(k_vars, v_vars, strict=True)):
+            part = qkv[:, :, g * group : (g + 1) * group]  # (B, 3, H/splits, D)
+            out.append(self._attend(k_var, v_var, part[:, 0], part[:, 1], part[:, 2], starts, slot))
+        return out[0] if len(out) == 1 else tf.concat(out, axis=1)
 
     # -- public -------------------------------------------------------------------
     def level(self, slots: int) -> int:
@@ -273,7 +313,7 @@ class Decoder:
         """Pad every layer's cache to ``allocated`` slots, one layer at a time (a copy per level)."""
         tf = self._tf
         pad = [[0, 0], [0, 0], [0, allocated - self._allocated], [0, 0]]
-        for var in self._k + self._v:
+        for var in self._cache:
             var.assign(tf.pad(var, pad))
         self._allocated = allocated
 
@@ -295,16 +335,31 @@ class Decoder:
     def _select_fn(self, rows: Any) -> Any:
         tf = self._tf
         self.traces += 1
-        for var in self._k + self._v:
+        for var in self._cache:
             var.assign(tf.gather(var.read_value(), rows))
         return tf.constant(0)
 
     def release(self) -> None:
         """Free the cache memory (the variables keep their graphs)."""
         tf = self._tf
-        empty = tf.zeros([0, self.n_head, 0, self.head_dim], self._cache_dt)
-        for var in self._k + self._v:
+        empty = tf.zeros([0, self._group, 0, self.head_dim], self._cache_dt)
+        for var in self._cache:
             var.assign(empty)
+
+
+def default_attention_splits(heads: int, cpus: int | None = None) -> int:
+    """Head groups for the cached attention: 1 with a GPU, else the largest divisor of ``heads``
+    up to the CPUs this process may use (one XLA attention call runs on one core here).
+
+    Args:
+        heads: the model's attention heads.
+        cpus: CPUs to use; None: those this process may run on.
+    """
+    if cpus is None:
+        if import_tf().config.list_logical_devices("GPU"):
+            return 1  # one call runs on the device; more would add launches (not measured on a GPU)
+        cpus = usable_cpus()
+    return max(d for d in range(1, max(1, min(heads, cpus)) + 1) if heads % d == 0)
 
 
 @functools.cache

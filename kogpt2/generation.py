@@ -195,6 +195,8 @@ class Generator:
             see :class:`kogpt2.decoder.Decoder`.
         sampler: ``host`` (numpy, the default) or ``graph`` (one XLA function; to compare, see
             :mod:`kogpt2.graph_sampling`).
+        attention_splits: head groups whose cached attention runs side by side; None: as many as
+            the CPUs (see :class:`kogpt2.decoder.Decoder`). The logits do not depend on it.
     """
 
     def __init__(
@@ -207,13 +209,14 @@ class Generator:
         scores: bool = True,
         cache_growth: int = DEFAULT_CACHE_GROWTH,
         sampler: str = "host",
+        attention_splits: int | None = None,
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
         if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
         self.tokenizer = tokenizer
-        self.decoder = Decoder(model, dtype, cache_growth=cache_growth)
+        self.decoder = Decoder(model, dtype, cache_growth=cache_growth, attention_splits=attention_splits)
         self.sampler = make_sampler(sampler, self.decoder.vocab_size, scores=scores)
         self._sampler_base = (self.sampler.traces, self.sampler.xla_compiles)  # shared: count from here
         self.dtype = dtype

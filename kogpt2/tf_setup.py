@@ -32,6 +32,11 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 VERBOSE_ENV = "KOGPT2_VERBOSE"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def set_verbose(verbose: bool) -> None:
     """Show (or hide) library chatter: TensorFlow start-up lines, transformers' reports."""
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"

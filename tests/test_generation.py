@@ -7,7 +7,15 @@ import pytest
 from conftest import make_sentences
 
 from kogpt2.generation import GenerationConfig
-from kogpt2.sampling import DrawInputs, HostSampler, VocabRules, repeated_ngram_bans, row_seed, seen_tokens, uniforms
+from kogpt2.sampling import (
+    DrawInputs,
+    HostSampler,
+    VocabRules,
+    repeated_ngram_bans,
+    row_seed,
+    seen_tokens,
+    uniforms,
+)
 
 PROMPTS = ["이때", "그날 밤", "마침내 그는", "아이들은 강가에서 오래 기다렸다", "노인은"]
 
@@ -138,13 +146,12 @@ def test_nucleus_draws_cover_a_large_vocabulary_exactly():
     assert abs(np.mean(full == heavy) - p[heavy]) < 4 * np.sqrt(p[heavy] / 3000) + 1e-3
 
 
-def test_the_compiled_draw_equals_the_host_draw():
-    """The XLA sampler (an alternative to measure) runs the same algorithm: same tokens, same scores."""
-    from kogpt2.graph_sampling import GraphSampler
-
+def mixed_draw_case():
+    """48 rows of 700 logits with every kind of setting and constraint, spread over the batch."""
     rng = np.random.default_rng(5)
     rows, vocab = 48, 700
     logits = (rng.normal(size=(rows, vocab)) * 2).astype(np.float32)
+    logits[30, 300] = logits[40, 301] = 20.0  # greedy rows whose best token is penalized / banned
     byte_of = np.full(vocab, 256, np.int32)
     byte_of[10:266] = np.arange(256)
     static_ok = np.ones(vocab, bool)
@@ -163,11 +170,20 @@ def test_the_compiled_draw_equals_the_host_draw():
         top_p=np.where(np.arange(rows) % 2 == 0, 0.9, 1e-4),
         allowed_bytes=allowed,
         ban_eos=np.arange(rows) % 6 == 0,
-        penalized=np.array([[1, 2], [2, 40], [4, 2]]),
-        penalty=np.array([1.5, 1.5, 0.5]),
-        banned=np.array([[1, 7], [9, 8]]),
+        penalized=np.array([[1, 2], [2, 40], [4, 2], [30, 300], [31, 500]]),
+        penalty=np.array([1.5, 1.5, 0.5, 100.0, 0.5]),
+        banned=np.array([[1, 7], [9, 8], [25, 3], [40, 301]]),
         idle=np.isin(np.arange(rows), [10, 32, 45]),  # finished rows: nothing drawn
     )
+    return logits, inputs, rules
+
+
+def test_the_compiled_draw_equals_the_host_draw():
+    """The XLA sampler (an alternative to measure) runs the same algorithm: same tokens, same scores."""
+    from kogpt2.graph_sampling import GraphSampler
+
+    logits, inputs, rules = mixed_draw_case()
+    vocab, byte_of = logits.shape[1], rules.byte_of
     host_tokens, host_lp = HostSampler(vocab).draw(logits, inputs, rules)
     graph_tokens, graph_lp = GraphSampler(vocab).draw(logits, inputs, rules)
     np.testing.assert_array_equal(host_tokens, graph_tokens)
@@ -262,6 +278,45 @@ def test_decoder_logits_match_the_transformers_model(tiny):
         n = len(prompts[b])
         for step, out in enumerate(outs):
             np.testing.assert_allclose(out[b], ref[n - 1 + step], atol=1e-4)
+
+
+def test_head_groups_change_no_logit_bit(tmp_path):
+    """The cached attention split into head groups (run side by side) computes every head as before."""
+    from transformers import GPT2Config, TFGPT2LMHeadModel
+
+    from kogpt2.decoder import Decoder
+    from kogpt2.tf_setup import import_tf
+
+    tf = import_tf()
+    tf.random.set_seed(3)
+    model = TFGPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4))
+    model(tf.constant([[1, 2]]))
+    ids = np.array([[3, 3, 5, 6], [7, 8, 9, 10], [3, 11, 12, 13]])
+    starts = np.array([2, 0, 1])
+    logits = {}
+    for splits in (1, 2, 4):
+        dec = Decoder(model, "float32", cache_growth=8, attention_splits=splits)
+        assert dec.attention_splits == splits
+        outs = [dec.prefill(ids, starts, 20).numpy()]
+        for slot in range(4, 12):  # crosses the level at 8
+            outs.append(dec.step(np.array([slot, slot + 1, slot + 2]), starts, slot).numpy())
+        dec.select_rows(np.array([2, 0]))  # a row finished
+        outs.append(dec.step(np.array([20, 21]), starts[[2, 0]], 12).numpy())
+        logits[splits] = outs
+    for splits in (2, 4):
+        for a, b in zip(logits[1], logits[splits], strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="attention_splits=3"):
+        Decoder(model, "float32", attention_splits=3)
+
+
+@pytest.mark.parametrize(
+    "heads, cpus, splits", [(12, 2, 2), (12, 5, 4), (12, 1, 1), (12, 64, 12), (2, 8, 2), (7, 4, 1)]
+)
+def test_default_head_groups_divide_the_heads_up_to_the_cpus(heads, cpus, splits):
+    from kogpt2.decoder import default_attention_splits
+
+    assert default_attention_splits(heads, cpus) == splits
 
 
 # -- strategies on the tiny model -----------------------------------------------------------
