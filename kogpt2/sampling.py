@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -51,6 +52,8 @@ SORTED_CANDIDATES = 1024
 #: measured) or ``graph`` (:mod:`kogpt2.graph_sampling`, one XLA function beside the model: the logits
 #: never leave the device, the choice for GPU workers, not measured on one).
 SAMPLERS = ("host", "graph")
+#: Fewest rows a thread of the host draw takes: below this a second thread costs more than it saves.
+MIN_ROWS_PER_THREAD = 16
 _BLOCK = 256
 _TINY = 1e-30  # below this total mass (underflow), a row is drawn exactly
 _INT63 = (1 << 63) - 1
@@ -250,6 +253,42 @@ class DrawInputs:
         )
 
 
+def _take_pairs(pairs: np.ndarray, values: np.ndarray | None, lo: int, hi: int) -> tuple[np.ndarray, Any]:
+    """The ``(row, token)`` pairs of rows ``lo .. hi-1`` (and their values), rows renumbered from 0."""
+    if not len(pairs):
+        return pairs, values
+    sel = (pairs[:, 0] >= lo) & (pairs[:, 0] < hi)
+    out = pairs[sel].copy()
+    out[:, 0] -= lo
+    return out, None if values is None else values[sel]
+
+
+def take_rows(inputs: DrawInputs, lo: int, hi: int) -> DrawInputs:
+    """The inputs of rows ``lo .. hi-1`` alone, as a batch of their own (rows renumbered from 0)."""
+    penalized, penalty = _take_pairs(inputs.penalized, inputs.penalty, lo, hi)
+    banned, _ = _take_pairs(inputs.banned, None, lo, hi)
+    rows = slice(lo, hi)
+    return replace(
+        inputs,
+        greedy=inputs.greedy[rows],
+        temperature=inputs.temperature[rows],
+        top_k=inputs.top_k[rows],
+        top_p=inputs.top_p[rows],
+        uniforms=inputs.uniforms[rows],
+        allowed_bytes=inputs.allowed_bytes[rows],
+        ban_eos=inputs.ban_eos[rows],
+        penalized=penalized,
+        penalty=penalty,
+        banned=banned,
+        idle=inputs.idle[rows],
+    )
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="kogpt2-draw")
+
+
 class Sampler(Protocol):
     """What :mod:`kogpt2.generation` needs from a sampler."""
 
@@ -302,17 +341,28 @@ class HostSampler:
     inside-a-character and unresolved rows are drawn exactly from a masked copy of their
     logits.
 
+    Rows are independent, so a batch is cut into contiguous parts drawn side by side on
+    ``threads`` threads (numpy releases the GIL in its loops); the tokens are the same as in
+    one part (tested).
+
     Args:
         vocab: logits width ``V``.
         scores: compute the log-probability of each drawn token (False returns zeros).
+        threads: threads for one batch; None: the CPUs this process may use. Each takes at
+            least :data:`MIN_ROWS_PER_THREAD` rows.
     """
 
     traces = 0  # nothing is compiled
     xla_compiles = 0
 
-    def __init__(self, vocab: int, *, scores: bool = True) -> None:
+    def __init__(self, vocab: int, *, scores: bool = True, threads: int | None = None) -> None:
+        from kogpt2.tf_setup import usable_cpus
+
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads={threads!r}: must be an integer >= 1")
         self.vocab = int(vocab)
         self.scores = scores
+        self.threads = usable_cpus() if threads is None else threads
         self._buf = np.empty((0, self.vocab), dtype=np.float32)
 
     def draw(self, logits: Any, inputs: DrawInputs, rules: VocabRules) -> tuple[np.ndarray, np.ndarray]:
@@ -329,15 +379,31 @@ class HostSampler:
         """
         x = np.asarray(logits, dtype=np.float32)  # (R, V); a view of the tensor: never written
         rows = x.shape[0]
+        if self._buf.shape[0] < rows:
+            self._buf = np.empty((rows, self.vocab), dtype=np.float32)
+        parts = min(self.threads, rows // MIN_ROWS_PER_THREAD)
+        if parts <= 1:
+            return self._draw(x, inputs, rules, self._buf[:rows])
+        bounds = [rows * i // parts for i in range(parts + 1)]
+        futures = [
+            _pool(self.threads).submit(self._draw, x[lo:hi], take_rows(inputs, lo, hi), rules, self._buf[lo:hi])
+            for lo, hi in zip(bounds, bounds[1:], strict=False)
+        ]
+        drawn = [f.result() for f in futures]
+        return np.concatenate([t for t, _ in drawn]), np.concatenate([lp for _, lp in drawn])
+
+    def _draw(
+        self, x: np.ndarray, inputs: DrawInputs, rules: VocabRules, buf: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`draw` for one part of a batch, ``buf`` its rows' scratch space."""
+        rows = x.shape[0]
         sampling = ~inputs.greedy & (inputs.temperature >= MIN_TEMPERATURE) & ~inputs.idle
         top_k = sampling & (inputs.top_k > 0) & (inputs.top_k < self.vocab)
         inside = ~inputs.allowed_bytes[:, 256]  # rows inside a character: a few byte pieces allowed
         fast = sampling & ~top_k & ~inside
         inv_t = np.where(fast, 1.0 / np.maximum(inputs.temperature, MIN_TEMPERATURE), 1.0).astype(np.float32)
         top = x.max(axis=1)  # (R,)
-        if self._buf.shape[0] < rows:
-            self._buf = np.empty((rows, self.vocab), dtype=np.float32)
-        e = np.subtract(x, top[:, None], out=self._buf[:rows])  # (R, V)
+        e = np.subtract(x, top[:, None], out=buf)  # (R, V)
         # The first index where x == top (x - top is exactly 0 there and only there): a greedy row's
         # token when no constraint touches it. Taken from e: numpy copies a read-only x to argmax it.
         best = e.argmax(axis=1)

@@ -14,6 +14,7 @@ from kogpt2.sampling import (
     repeated_ngram_bans,
     row_seed,
     seen_tokens,
+    take_rows,
     uniforms,
 )
 
@@ -184,13 +185,29 @@ def test_the_compiled_draw_equals_the_host_draw():
 
     logits, inputs, rules = mixed_draw_case()
     vocab, byte_of = logits.shape[1], rules.byte_of
-    host_tokens, host_lp = HostSampler(vocab).draw(logits, inputs, rules)
+    host_tokens, host_lp = HostSampler(vocab, threads=1).draw(logits, inputs, rules)
     graph_tokens, graph_lp = GraphSampler(vocab).draw(logits, inputs, rules)
     np.testing.assert_array_equal(host_tokens, graph_tokens)
     np.testing.assert_allclose(host_lp, graph_lp, atol=1e-4)
     assert all(0x80 <= byte_of[t] < 0x84 for t in host_tokens[::7])  # inside a character: its next byte
     assert host_tokens[[10, 32, 45]].tolist() == [0, 0, 0]
     assert not set(np.delete(host_tokens, [10, 32, 45]).tolist()) & {0, 3, 5, *range(10, 42)}
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_batch_drawn_in_parts_on_threads_draws_what_one_part_draws(threads):
+    """Rows are independent: cut into parts (each with its own penalties and bans), the same tokens and scores."""
+    logits, inputs, rules = mixed_draw_case()
+    vocab = logits.shape[1]
+    one = HostSampler(vocab, threads=1)
+    many = HostSampler(vocab, threads=threads)
+    tokens, scores = one.draw(logits, inputs, rules)
+    assert tokens[30] != 300 and tokens[40] != 301  # the constraints of rows in a later part apply there
+    for _ in range(2):  # the second time with the parts' buffers reused
+        got_tokens, got_scores = many.draw(logits, inputs, rules)
+        np.testing.assert_array_equal(got_tokens, tokens)
+        np.testing.assert_array_equal(got_scores, scores)
+    assert many.draw(logits[:20], take_rows(inputs, 0, 20), rules)[0].tolist() == tokens[:20].tolist()  # one part
 
 
 def test_a_greedy_row_whose_best_token_is_not_allowed_takes_the_best_allowed_one():
