@@ -250,8 +250,8 @@ def step_pieces(gen: Any, rows: int, width: int, max_new: int, reps: int, config
     tokens = np.full(rows, tok.bos_id)
     out: dict[str, float] = {"slot": slot, "capacity": dec.capacity}
     logits = dec.step(tokens, starts, slot)
-    dt, heads, hd, emb = dec._dt, dec.n_head, dec.head_dim, dec.n_embd
-    qkv = tf.cast(tf.random.normal([rows, 3, heads, hd], dtype=tf.float32), dt)
+    dt, emb = dec._dt, dec.n_embd
+    qkv = tf.cast(tf.random.normal([rows, 3 * emb], dtype=tf.float32), dt)
     starts_t, slot_t = tf.constant(starts, tf.int32), tf.constant(slot, tf.int32)
 
     def attention_fn() -> Any:  # layer after layer, as in the step (each layer's head groups side by side)

@@ -134,7 +134,7 @@ class Decoder:
                 tf.TensorSpec([], i32),  # capacity S: cache slots
             ],
         )
-        self._attend = _cached_attention(self._group, self.head_dim, dtype)
+        self._attend = _cached_attention(self.n_head, self._group, self.head_dim, dtype)
         self._select = tf.function(self._select_fn, input_signature=[tf.TensorSpec([None], i32)])
         self._step = tf.function(
             self._step_fn,
@@ -181,7 +181,10 @@ class Decoder:
         return tf.cast(y, self._dt)
 
     def _dense(self, x: Any, wb: tuple[Any, Any]) -> Any:
-        return self._tf.matmul(x, wb[0]) + self._tf.reshape(wb[1], [-1])
+        # bias_add, not +: Grappler fuses MatMul + BiasAdd into one oneDNN kernel (measured: the 12
+        # layers' dense part of a 64-row step in 85 ms instead of 91, median of 8 alternations)
+        tf = self._tf
+        return tf.nn.bias_add(tf.matmul(x, wb[0]), tf.reshape(wb[1], [-1]))
 
     def _block(self, x: Any, layer: dict[str, Any], attention: Callable[[Any], Any]) -> Any:
         """One transformer block on ``x`` ``(N, E)`` (N = every position of every row fed).
@@ -238,15 +241,12 @@ class Decoder:
         tf = self._tf
         self.traces += 1
         batch = tf.shape(tokens)[0]
-        heads, hd, emb = self.n_head, self.head_dim, self.n_embd
+        emb = self.n_embd
         x = tf.gather(self._w["wte"], tokens) + tf.gather(self._w["wpe"], slot - starts)  # (B, E)
 
         def cached_attention(k_vars: list[Any], v_vars: list[Any]) -> Callable[[Any], Any]:
             def attend(qkv: Any) -> Any:  # (B, 3E) -> (B, E); writes this token's key/value
-                return tf.reshape(
-                    self._attend_groups(k_vars, v_vars, tf.reshape(qkv, [batch, 3, heads, hd]), starts, slot),
-                    [batch, emb],
-                )
+                return tf.reshape(self._attend_groups(k_vars, v_vars, qkv, starts, slot), [batch, emb])
 
             return attend
 
@@ -255,13 +255,14 @@ class Decoder:
         return self._logits(x)
 
     def _attend_groups(self, k_vars: list[Any], v_vars: list[Any], qkv: Any, starts: Any, slot: Any) -> Any:
-        """One layer's cached attention, ``qkv`` ``(B, 3, H, D)`` -> ``(B, H, D)``: one XLA call per head
-        group, independent of each other (the graph's executor runs them side by side)."""
-        tf, group = self._tf, self._group
-        out = []
-        for g, (k_var, v_var) in enumerate(zip(k_vars, v_vars, strict=True)):
-            part = qkv[:, :, g * group : (g + 1) * group]  # (B, 3, H/splits, D)
-            out.append(self._attend(k_var, v_var, part[:, 0], part[:, 1], part[:, 2], starts, slot))
+        """One layer's cached attention, ``qkv`` ``(B, 3E)`` -> ``(B, H, D)``: one XLA call per head
+        group, independent of each other (the graph's executor runs them side by side). Each call
+        slices its heads out of ``qkv`` itself: slices outside XLA cost a graph op each."""
+        tf = self._tf
+        out = [
+            self._attend(k_var, v_var, qkv, starts, slot, tf.constant(g * self._group, tf.int32))
+            for g, (k_var, v_var) in enumerate(zip(k_vars, v_vars, strict=True))
+        ]
         return out[0] if len(out) == 1 else tf.concat(out, axis=1)
 
     # -- public -------------------------------------------------------------------
@@ -363,7 +364,7 @@ def default_attention_splits(heads: int, cpus: int | None = None) -> int:
 
 
 @functools.cache
-def _cached_attention(heads: int, hd: int, dtype: str) -> Any:
+def _cached_attention(n_head: int, heads: int, hd: int, dtype: str) -> Any:
     """Cached attention of one layer for one new token per row: write its key/value, attend.
 
     One XLA function serves every layer of every decoder of this shape in the process (the
@@ -375,10 +376,11 @@ def _cached_attention(heads: int, hd: int, dtype: str) -> Any:
     tf = import_tf()
     cache_dt, dt = tf.float32, (tf.bfloat16 if dtype == "bfloat16" else tf.float32)
 
-    def attend(k_var: Any, v_var: Any, q: Any, k: Any, v: Any, starts: Any, slot: Any) -> Any:
-        # q, k, v: (B, H, D); the cache variables: (B, H, S, D)
-        batch = tf.shape(q)[0]
-        q, k, v = (tf.cast(t, cache_dt) for t in (q, k, v))
+    def attend(k_var: Any, v_var: Any, qkv: Any, starts: Any, slot: Any, first: Any) -> Any:
+        # qkv: (B, 3E), its heads first .. first+heads-1 this group's; the cache variables: (B, heads, S, D)
+        batch = tf.shape(qkv)[0]
+        part = tf.slice(tf.reshape(qkv, [batch, 3, n_head, hd]), [0, 0, first, 0], [-1, -1, heads, -1])
+        q, k, v = (tf.cast(part[:, i], cache_dt) for i in range(3))  # (B, heads, D) each
         bh = tf.stack(tf.meshgrid(tf.range(batch), tf.range(heads), indexing="ij"), axis=-1)  # (B, H, 2)
         where = tf.concat([bh, tf.fill([batch, heads, 1], slot)], axis=-1)  # (B, H, 3)
         # XLA aliases the variable buffers: the cache is updated in place
