@@ -30,11 +30,13 @@ from __future__ import annotations
 import functools
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from kogpt2.tf_setup import usable_cpus  # no TensorFlow import: it only sets the environment
 
 MAX_ATTEMPTS = 16
 #: Uniform draws per row and step: one per nucleus attempt, then one for the sorted draw.
@@ -253,35 +255,25 @@ class DrawInputs:
         )
 
 
-def _take_pairs(pairs: np.ndarray, values: np.ndarray | None, lo: int, hi: int) -> tuple[np.ndarray, Any]:
-    """The ``(row, token)`` pairs of rows ``lo .. hi-1`` (and their values), rows renumbered from 0."""
-    if not len(pairs):
-        return pairs, values
-    sel = (pairs[:, 0] >= lo) & (pairs[:, 0] < hi)
-    out = pairs[sel].copy()
-    out[:, 0] -= lo
-    return out, None if values is None else values[sel]
+#: :class:`DrawInputs` fields that list ``(row, token)`` pairs, with the field of their per-pair values.
+_PAIRED = {"penalized": "penalty", "banned": ""}
 
 
 def take_rows(inputs: DrawInputs, lo: int, hi: int) -> DrawInputs:
-    """The inputs of rows ``lo .. hi-1`` alone, as a batch of their own (rows renumbered from 0)."""
-    penalized, penalty = _take_pairs(inputs.penalized, inputs.penalty, lo, hi)
-    banned, _ = _take_pairs(inputs.banned, None, lo, hi)
-    rows = slice(lo, hi)
-    return replace(
-        inputs,
-        greedy=inputs.greedy[rows],
-        temperature=inputs.temperature[rows],
-        top_k=inputs.top_k[rows],
-        top_p=inputs.top_p[rows],
-        uniforms=inputs.uniforms[rows],
-        allowed_bytes=inputs.allowed_bytes[rows],
-        ban_eos=inputs.ban_eos[rows],
-        penalized=penalized,
-        penalty=penalty,
-        banned=banned,
-        idle=inputs.idle[rows],
-    )
+    """The inputs of rows ``lo .. hi-1`` alone, as a batch of their own (rows renumbered from 0).
+
+    Every field is a per-row array except the ``(row, token)`` pair lists (:data:`_PAIRED`),
+    which keep their pairs of these rows and the matching values.
+    """
+    paired = {*_PAIRED, *_PAIRED.values()}
+    parts = {f.name: getattr(inputs, f.name)[lo:hi] for f in fields(inputs) if f.name not in paired}
+    for name, values in _PAIRED.items():
+        pairs = getattr(inputs, name)
+        sel = (pairs[:, 0] >= lo) & (pairs[:, 0] < hi)
+        parts[name] = pairs[sel] - np.array([lo, 0], dtype=pairs.dtype)
+        if values:
+            parts[values] = getattr(inputs, values)[sel]
+    return DrawInputs(**parts)
 
 
 @functools.cache
@@ -356,8 +348,6 @@ class HostSampler:
     xla_compiles = 0
 
     def __init__(self, vocab: int, *, scores: bool = True, threads: int | None = None) -> None:
-        from kogpt2.tf_setup import usable_cpus
-
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads={threads!r}: must be an integer >= 1")
         self.vocab = int(vocab)
