@@ -12,11 +12,12 @@ The job's skeleton (the same as preprocessing's):
    keep the committed units of an interrupted run with the same flags (a resume);
 4. **build the pipeline**: read seeds (``.txt`` one per line, ``.csv`` / ``.jsonl`` /
    ``.parquet`` with ``--seed-column``) -> validate each (empty, undecodable or over-long
-   seeds become dead letters with their reason) -> key every seed and dead letter by a
-   stable hash into a **work unit** -> per unit, in one fused step: skip it if its file
-   is committed, else generate its rows in full length-bucketed batches, write its Parquet
-   file under a temporary name and rename it (the commit) -> one last step counts every
-   unit, checks that no row is missing and writes ``info.json`` and ``COMPLETED``;
+   seeds become dead letters with their reason) -> place every seed in a **work unit** of
+   seeds of similar prompt length (:class:`~pipelines.generate_units.UnitLayout`; dead
+   letters by a hash of their place) -> per unit, in one fused step: skip it if it is
+   committed, else generate its rows in full length-bucketed batches, write its files and
+   commit the unit by writing its record last -> one last step counts every unit, checks
+   that no row is missing and writes ``info.json`` and ``COMPLETED``;
 5. **report**: the launcher waits and prints the summary; it writes nothing the run needs,
    so a detached or templated Dataflow run leaves a finished folder too.
 
@@ -64,11 +65,14 @@ from pipelines.common import (
 from pipelines.generate_config import GenerateJob, GeneratePlan, RowCheck
 from pipelines.generate_units import (
     FAILED_PATTERN,
+    UNIT_LAYOUT,
     UNIT_PATTERN,
     GenerateUnits,
     KeptColumnTypes,
     UnitItem,
+    UnitLayout,
     UnitStats,
+    length_class,
     unit_of,
 )
 from pipelines.seeds import (
@@ -280,6 +284,7 @@ def signature(job: GenerateJob, plan: GeneratePlan) -> dict[str, Any]:
         "num_shards": job.num_shards,
         "rows_per_file": job.rows_per_file,
         "max_seed_tokens": plan.max_seed_tokens,
+        "unit_layout": UNIT_LAYOUT,  # which rows share a file: a folder of another layout is not resumed
     }
 
 
@@ -364,8 +369,12 @@ def finalize(
     job: GenerateJob,
     plan: GeneratePlan,
     claim: OutputRun,
+    repeated_ids: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Count every unit, check that no row is missing, write ``info.json`` and ``job.json``, then commit.
+
+    ``repeated_ids``: the row ids that more than one valid input row carries, with their counts
+    (counted over the whole job: rows of one id can sit in different units).
 
     With failed rows, ``info.json`` (in the work folder) says so (``status: failed``) and nothing
     is committed: a rerun redoes the failed units.
@@ -418,7 +427,7 @@ def finalize(
     duplicates = duplicate_counts(stats, names) if not failed else {}
     for name, dup in duplicates.items():
         per_config[name].update(dup)
-    dup_ids = sorted({i for s in stats for i in s.duplicate_ids})
+    repeated = repeated_ids or {}
     info: dict[str, Any] = {
         "created_by": f"kogpt2-pipeline {kogpt2.__version__}",
         "status": status,
@@ -440,8 +449,8 @@ def finalize(
             "failed_rows": failed,
             "finish_eos": eos,
             "finish_length": rows - eos,
-            "duplicate_row_ids": sum(s.duplicate_id_rows for s in stats),
-            "duplicate_row_id_examples": dup_ids[:10],
+            "duplicate_row_ids": sum(n - 1 for n in repeated.values()),
+            "duplicate_row_id_examples": sorted(repeated)[:10],
             "duplicates": sum(d["duplicates"] for d in duplicates.values()) if duplicates else None,
         },
         "by_config": per_config,
@@ -508,10 +517,28 @@ def build_pipeline(
     checked = records | "Validate" >> beam.ParDo(validate).with_outputs(ValidateSeeds.REJECTED, main="valid")
     valid, rejected = checked.valid, checked[ValidateSeeds.REJECTED]
 
-    row_counts = valid | "RowsOfEach" >> beam.Map(rows_of, job, plan)
-    units = row_counts | "CountRows" >> beam.CombineGlobally(sum) | "Units" >> beam.Map(num_units, job)
+    class_rows = (
+        valid
+        | "RowsOfEach" >> beam.Map(lambda r: (length_class(r.tokens), rows_of(r, job, plan)))
+        | "RowsPerLength" >> beam.CombinePerKey(sum)
+    )
+    units = (
+        class_rows
+        | "Counts" >> beam.Values()
+        | "CountRows" >> beam.CombineGlobally(sum)
+        | "Units" >> beam.Map(num_units, job)
+    )
     n_units = AsSingleton(units)
-    keyed_rows = valid | "KeyRows" >> beam.Map(lambda r, u: (unit_of(r.row_id, u), UnitItem(row=r)), u=n_units)
+    layout = units | "Layout" >> beam.Map(lambda u, c: UnitLayout.of(c, u), c=AsDict(class_rows))
+    keyed_rows = valid | "KeyRows" >> beam.Map(
+        lambda r, lay: (lay.unit_of(r.row_id, length_class(r.tokens)), UnitItem(row=r)), lay=AsSingleton(layout)
+    )
+    repeated_ids = (
+        valid
+        | "Ids" >> beam.Map(lambda r: (r.row_id, 1))
+        | "RowsPerId" >> beam.CombinePerKey(sum)
+        | "Repeated" >> beam.Filter(lambda kv: kv[1] > 1)
+    )
     keyed_dead = rejected | "KeyDead" >> beam.Map(lambda r, u: (unit_of(r.key(), u), UnitItem(rejected=r)), u=n_units)
     markers = units | "EveryUnit" >> beam.FlatMap(lambda u: [(i, UnitItem()) for i in range(u)])
     unit_rows = (
@@ -535,11 +562,12 @@ def build_pipeline(
         | "Finish" >> beam.Create([None])
         | "Finalize"
         >> beam.Map(
-            lambda _, st, si, u, ur: finalize(st, si, u, ur, job, plan, claim),
+            lambda _, st, si, u, ur, ri: finalize(st, si, u, ur, job, plan, claim, dict(ri)),
             st=AsList(stats),
             si=AsSingleton(seeds_in),
             u=n_units,
             ur=AsDict(unit_rows),
+            ri=AsList(repeated_ids),
         )
     )
     return {"valid": valid, "rejected": rejected, "units": stats, "info": info}

@@ -87,6 +87,8 @@ class SeedRow(NamedTuple):
         prompt: what the model continues (``--prompt-template`` filled, or the seed).
         columns: the kept input columns, with their values as read.
         settings: the row's own sampling settings (:func:`kogpt2.row_settings.row_overrides`).
+        tokens: the prompt's length in tokens, ``<s>`` included (before any cut to fit a
+            ``max_new_tokens``): what places the row in a work unit of similar lengths.
     """
 
     row_id: str
@@ -95,6 +97,7 @@ class SeedRow(NamedTuple):
     prompt: str
     columns: dict[str, Any]
     settings: dict[str, Any]
+    tokens: int = 0
 
 
 class Rejected(NamedTuple):
@@ -306,7 +309,7 @@ class ValidateSeeds(beam.DoFn):
             if record.kind == "csv":  # CSV has no null: an empty cell is one
                 kept = {k: (None if v == "" else v) for k, v in kept.items()}
         self._valid.inc()
-        yield SeedRow(row_id, (record.source, record.number), seed, prompt, kept, settings)
+        yield SeedRow(row_id, (record.source, record.number), seed, prompt, kept, settings, n)
 
 
 def read_seeds(p: beam.Pipeline, files: Sequence[str], parquet_columns: Sequence[str] | None) -> beam.PCollection:

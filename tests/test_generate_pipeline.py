@@ -447,3 +447,29 @@ def test_one_model_shared_by_the_worker_processes_gives_the_same_rows(first_run,
     assert run(argv(tiny_model_dir, seeds_dir / "*", out, "--share-model-across-processes")) == 0
     ours, reference = all_rows(out), all_rows(first_run)
     assert ours.keys() == reference.keys() and all(ours[k]["text"] == reference[k]["text"] for k in ours)
+
+
+def test_units_hold_rows_of_similar_prompt_length_in_balanced_stable_shares():
+    """The decoder ends each length bucket of a unit with a partial batch: few buckets per unit."""
+    from collections import Counter
+
+    from pipelines.generate_units import UnitLayout, length_class, unit_of
+
+    assert [length_class(n) for n in (1, 8, 9, 16, 17, 100, 5000)] == [8, 8, 16, 16, 32, 128, 2048]
+    classes = {8: 900, 16: 90, 32: 10}  # output rows per class, as in real seeds (mostly short)
+    layout = UnitLayout.of(classes, 4)
+    rows = [(f"{k}:{i}", k) for k, n in classes.items() for i in range(n)]
+    placed = [(layout.unit_of(row_id, k), k) for row_id, k in rows]
+    # the line of 1,000 rows cut in 4: class 8 fills units 0-3 (900 rows), 16 and 32 share unit 3
+    assert {k: sorted({u for u, kk in placed if kk == k}) for k in classes} == {8: [0, 1, 2, 3], 16: [3], 32: [3]}
+    sizes = Counter(u for u, _ in placed)
+    assert all(abs(sizes[u] - 250) < 60 for u in range(4)), sizes  # balanced up to hash noise
+    # 6 (unit, bucket) pairs, each at most one partial batch; a plain hash of the id puts every class in every unit
+    assert len(set(placed)) == 6
+    assert len({(unit_of(row_id, 4), k) for row_id, k in rows}) == 12
+    # the same input is laid out the same way in another process, whatever the order the counts arrive in
+    again = UnitLayout.of(dict(reversed(list(classes.items()))), 4)
+    assert [again.unit_of(row_id, k) for row_id, k in rows] == [u for u, _ in placed]
+    # one class, or more units than rows: every row still lands in range
+    assert {UnitLayout.of({8: 3}, 5).unit_of(f"r{i}", 8) for i in range(3)} <= set(range(5))
+    assert {UnitLayout.of({8: 1000}, 1).unit_of(f"r{i}", 8) for i in range(1000)} == {0}

@@ -287,3 +287,41 @@ def test_kill_and_rerun_of_a_table_grid_job_gives_the_uninterrupted_rows(tiny_mo
         (key(r), r["text"], r["topic"]) for r in rows_of(reference)
     )
     assert info_of(out)["units"]["resumed"] == 2 and info_of(out)["by_config"] == info_of(reference)["by_config"]
+
+
+def test_units_hold_similar_prompt_lengths_and_ids_repeated_across_units_are_counted(tiny_model_dir, tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    from kogpt2.tokenizer import load_tokenizer
+    from pipelines.generate_units import length_class
+
+    tok = load_tokenizer(tiny_model_dir)
+    long_seed = " ".join(SEEDS)  # another length bucket than the short seeds
+    rows = [{"id": f"s{i}", "text": SEEDS[i % len(SEEDS)]} for i in range(30)]
+    rows += [{"id": f"l{i}", "text": f"{long_seed} {i}"} for i in range(9)]
+    rows.append({"id": "s0", "text": long_seed})  # the id of a short row, on a long one: in another unit
+    table = tmp_path / "rows.jsonl"
+    table.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out"
+    assert (
+        gen(tiny_model_dir, table, out, "--seed-column", "text", "--id-column", "id", "--greedy", "--num-shards", "3")
+        == 0
+    )
+
+    def klass(prompt: str) -> int:
+        return length_class(1 + len(tok.encode(prompt)))
+
+    long = klass(long_seed)
+    assert {klass(r["text"]) for r in rows[:30]} == {8} and {klass(r["text"]) for r in rows[30:]} == {long} != {8}
+    files = sorted(version(out).glob("generations-*.parquet"))
+    per_file = [[klass(p) for p in pq.read_table(f, columns=["prompt"]).column("prompt").to_pylist()] for f in files]
+    assert sum(map(len, per_file)) == len(rows)
+    # 40 rows on a line of 30 short then 10 long, cut in 3: the long rows share the last unit alone
+    assert [sorted(set(c)) for c in per_file] == [[8], [8], [8, long]]
+    assert per_file[2].count(long) == 10
+    ids = [pq.read_table(f, columns=["row_id"]).column("row_id").to_pylist() for f in files]
+    assert len([n for n, i in enumerate(ids) if "s0" in i]) == 2  # the repeated id sits in two units
+    info = info_of(out)
+    assert info["counts"]["duplicate_row_ids"] == 1 and info["counts"]["duplicate_row_id_examples"] == ["s0"]
+    s0 = [r for r in rows_of(out) if r["row_id"] == "s0"]
+    assert sorted(klass(r["prompt"]) for r in s0) == [8, long]  # both generated, never merged
