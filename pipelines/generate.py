@@ -225,7 +225,14 @@ def make_plan(job: GenerateJob) -> GeneratePlan:
         started=time.time(),
         grid=grid,
         parquet_types=parquet_types,
+        ids_may_repeat=bool(job.id_column) or matches_a_file_twice(job.seeds),
     )
+
+
+def matches_a_file_twice(patterns: Sequence[str]) -> bool:
+    """Two of the seed globs match one file (its rows are read twice: their ``file:line`` ids repeat)."""
+    paths = [meta.path for m in FileSystems.match(list(patterns)) for meta in m.metadata_list]
+    return len(paths) != len(set(paths))
 
 
 def check_columns(job: GenerateJob, parquet_types: dict[str, dict[str, str]]) -> None:
@@ -533,12 +540,15 @@ def build_pipeline(
     keyed_rows = valid | "KeyRows" >> beam.Map(
         lambda r, lay: (lay.unit_of(r.row_id, length_class(r.tokens)), UnitItem(row=r)), lay=AsSingleton(layout)
     )
-    repeated_ids = (
-        valid
-        | "Ids" >> beam.Map(lambda r: (r.row_id, 1))
-        | "RowsPerId" >> beam.CombinePerKey(sum)
-        | "Repeated" >> beam.Filter(lambda kv: kv[1] > 1)
-    )
+    if plan.ids_may_repeat:  # else every id is a distinct file:line: nothing to count (nor to hold in memory)
+        repeated_ids = (
+            valid
+            | "Ids" >> beam.Map(lambda r: (r.row_id, 1))
+            | "RowsPerId" >> beam.CombinePerKey(sum)
+            | "Repeated" >> beam.Filter(lambda kv: kv[1] > 1)
+        )
+    else:
+        repeated_ids = p | "NoRepeatedIds" >> beam.Create([])
     keyed_dead = rejected | "KeyDead" >> beam.Map(lambda r, u: (unit_of(r.key(), u), UnitItem(rejected=r)), u=n_units)
     markers = units | "EveryUnit" >> beam.FlatMap(lambda u: [(i, UnitItem()) for i in range(u)])
     unit_rows = (

@@ -325,3 +325,17 @@ def test_units_hold_similar_prompt_lengths_and_ids_repeated_across_units_are_cou
     assert info["counts"]["duplicate_row_ids"] == 1 and info["counts"]["duplicate_row_id_examples"] == ["s0"]
     s0 = [r for r in rows_of(out) if r["row_id"] == "s0"]
     assert sorted(klass(r["prompt"]) for r in s0) == [8, long]  # both generated, never merged
+
+
+def test_a_file_two_globs_match_is_read_once_and_file_line_ids_never_repeat(tiny_model_dir, tmp_path) -> None:
+    from pipelines.generate import matches_a_file_twice
+
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("\n".join(SEEDS[:3]) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert gen(tiny_model_dir, [seeds, tmp_path / "seeds.*"], out, "--greedy") == 0
+    counts = info_of(out)["counts"]
+    assert counts["seeds_in"] == counts["rows"] == 3 and counts["duplicate_row_ids"] == 0
+    # a job built without the command line's glob expansion reads such a file twice: then its ids are counted
+    assert matches_a_file_twice([str(seeds), str(tmp_path / "seeds.*")])
+    assert not matches_a_file_twice([str(seeds), str(tmp_path / "other*")])
