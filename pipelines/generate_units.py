@@ -65,8 +65,9 @@ class UnitLayout(NamedTuple):
 
     The decoder pads a batch to its longest prompt's length bucket, so a unit ends every bucket
     it holds with a partial batch. Rows keyed by a plain hash put every bucket in every unit (up
-    to 30 partial batches in 6 units of real seeds, 7% of the run); here each unit holds one or
-    two buckets, about as few partial batches as one call over all the rows.
+    to 30 partial batches in 6 units of real seeds, 7% of the run); here the buckets share a
+    unit only where one ends and the next begins, so a job has at most units + buckets - 1
+    partial batches (10 there), about as few as one call over all the rows.
 
     The job's output rows are laid on a line by length class, shortest first, each class taking
     as much of the line as it has rows, and the line is cut into ``units`` equal stretches. A
