@@ -225,14 +225,14 @@ def make_plan(job: GenerateJob) -> GeneratePlan:
         started=time.time(),
         grid=grid,
         parquet_types=parquet_types,
-        ids_may_repeat=bool(job.id_column) or matches_a_file_twice(job.seeds),
     )
 
 
-def matches_a_file_twice(patterns: Sequence[str]) -> bool:
-    """Two of the seed globs match one file (its rows are read twice: their ``file:line`` ids repeat)."""
-    paths = [meta.path for m in FileSystems.match(list(patterns)) for meta in m.metadata_list]
-    return len(paths) != len(set(paths))
+def ids_may_repeat(job: GenerateJob, plan: GeneratePlan) -> bool:
+    """Rows can share a ``row_id``: the ids come from ``--id-column``, or the seeds are not exactly
+    the distinct files the plan listed (globs from a job built in code may match a file twice,
+    and its ``file:line`` ids then repeat). The command line lists every glob's files once."""
+    return bool(job.id_column) or len(set(job.seeds)) != len(job.seeds) or set(job.seeds) != set(plan.seed_files)
 
 
 def check_columns(job: GenerateJob, parquet_types: dict[str, dict[str, str]]) -> None:
@@ -540,7 +540,7 @@ def build_pipeline(
     keyed_rows = valid | "KeyRows" >> beam.Map(
         lambda r, lay: (lay.unit_of(r.row_id, length_class(r.tokens)), UnitItem(row=r)), lay=AsSingleton(layout)
     )
-    if plan.ids_may_repeat:  # else every id is a distinct file:line: nothing to count (nor to hold in memory)
+    if ids_may_repeat(job, plan):  # else every id is a distinct file:line: nothing to count (nor to hold in memory)
         repeated_ids = (
             valid
             | "Ids" >> beam.Map(lambda r: (r.row_id, 1))

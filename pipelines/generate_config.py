@@ -149,8 +149,6 @@ class GeneratePlan:
         started: launch time (seconds since the epoch), for ``wall_seconds``.
         grid: the named configurations every row is generated under.
         parquet_types: the Arrow types of Parquet seed files' columns.
-        ids_may_repeat: rows can share a ``row_id`` (``--id-column``, or globs that match a
-            file twice); otherwise ids are ``file:line``, unique, and are not counted.
     """
 
     n_positions: int
@@ -163,7 +161,6 @@ class GeneratePlan:
     grid: tuple[NamedConfig, ...] = ()
     #: ``path -> {column: Arrow type}`` of Parquet seed files (kept columns keep their types)
     parquet_types: dict[str, dict[str, str]] = field(default_factory=dict)
-    ids_may_repeat: bool = True
 
     @property
     def partitioned(self) -> bool:

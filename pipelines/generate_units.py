@@ -55,9 +55,9 @@ def unit_of(key: str, units: int) -> int:
 
 def length_class(tokens: int) -> int:
     """A row's length class: the prompt-length bucket its ``tokens`` (``<s>`` included) fall in."""
-    from kogpt2.generation import PROMPT_BUCKETS
+    from kogpt2.generation import PROMPT_BUCKETS, prompt_bucket
 
-    return next((b for b in PROMPT_BUCKETS if b >= tokens), PROMPT_BUCKETS[-1])
+    return prompt_bucket(tokens, PROMPT_BUCKETS[-1])
 
 
 class UnitLayout(NamedTuple):

@@ -6,6 +6,7 @@ several named configurations in one pass, duplicates counted (never dropped), ki
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -328,7 +329,7 @@ def test_units_hold_similar_prompt_lengths_and_ids_repeated_across_units_are_cou
 
 
 def test_a_file_two_globs_match_is_read_once_and_file_line_ids_never_repeat(tiny_model_dir, tmp_path) -> None:
-    from pipelines.generate import matches_a_file_twice
+    from pipelines.generate import ids_may_repeat, make_plan, parse_args
 
     seeds = tmp_path / "seeds.txt"
     seeds.write_text("\n".join(SEEDS[:3]) + "\n", encoding="utf-8")
@@ -336,6 +337,10 @@ def test_a_file_two_globs_match_is_read_once_and_file_line_ids_never_repeat(tiny
     assert gen(tiny_model_dir, [seeds, tmp_path / "seeds.*"], out, "--greedy") == 0
     counts = info_of(out)["counts"]
     assert counts["seeds_in"] == counts["rows"] == 3 and counts["duplicate_row_ids"] == 0
-    # a job built without the command line's glob expansion reads such a file twice: then its ids are counted
-    assert matches_a_file_twice([str(seeds), str(tmp_path / "seeds.*")])
-    assert not matches_a_file_twice([str(seeds), str(tmp_path / "other*")])
+    # a job built in code keeps its globs, which may read such a file twice: then its ids are counted
+    job, _ = parse_args(["--model", str(tiny_model_dir), "--seeds", str(seeds), "--seeds", str(tmp_path / "seeds.*"),
+                         "--output", str(tmp_path / "x")])  # fmt: skip
+    assert job.seeds == (str(seeds),) and not ids_may_repeat(job, make_plan(job))
+    in_code = dataclasses.replace(job, seeds=(str(seeds), str(tmp_path / "se*ds.txt")))
+    assert ids_may_repeat(in_code, make_plan(in_code))
+    assert ids_may_repeat(dataclasses.replace(job, id_column="id"), make_plan(job))
