@@ -139,6 +139,29 @@ def padded_batch(rows: int, max_batch: int) -> int:
     return min(1 << (rows - 1).bit_length(), max_batch)
 
 
+#: Cache slots a full batch is sized for. A batch whose rows need more (a long prompt bucket plus
+#: its new tokens) gets fewer rows (:func:`rows_per_batch`): the key/value cache grows with rows x
+#: slots (about 2.4 GB at 256 rows and 128 slots on the KoGPT2 shape, float32) and the prefill's
+#: activations with rows x prompt width, so a few long prompts must not multiply the memory a
+#: worker needs.
+BATCH_SLOTS = 128
+
+
+def rows_per_batch(batch_size: int, slots: int) -> int:
+    """Rows of a batch whose rows need up to ``slots`` cache slots (prompt width + new tokens).
+
+    ``batch_size`` up to :data:`BATCH_SLOTS` slots; beyond, as many as keep rows x slots within
+    ``batch_size`` x :data:`BATCH_SLOTS`: a multiple of 16 (few compiled shapes), or a power of two
+    below 16, at least 1.
+    """
+    if slots <= BATCH_SLOTS:
+        return batch_size
+    budget = batch_size * BATCH_SLOTS // slots
+    if budget >= 16:
+        return budget // 16 * 16
+    return 1 << (max(budget, 1).bit_length() - 1)
+
+
 class _Clock:
     """Adds the wall time between calls to named buckets of ``timings``."""
 

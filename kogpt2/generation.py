@@ -24,11 +24,11 @@ import logging
 import time
 import warnings
 import weakref
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kogpt2.decode_loop import DecodedRow, RowSettings, padded_batch, vocab_rules  # noqa: F401  (padded_batch: API)
+from kogpt2.decode_loop import DecodedRow, RowSettings, padded_batch, rows_per_batch, vocab_rules  # noqa: F401  (padded_batch: API)
 from kogpt2.decode_loop import decode_batch as _decode_batch  # a module name: tests replace it to simulate failures
 from kogpt2.decoder import DEFAULT_CACHE_GROWTH, DTYPES, Decoder
 from kogpt2.generation_config import (  # noqa: F401  (re-exported: the generation API)
@@ -346,7 +346,11 @@ class Generator:
                 configs[u.config],
             ),
         )
-        for batch in self._batches(unique, lambda u: (groups[batch_key(u.config)], width[u])):
+
+        def slots(unit: _Unit) -> int:  # the cache slots a row needs: its padded prompt and new tokens
+            return width[unit] + unit.config.max_new_tokens - 1
+
+        for batch in self._batches(unique, lambda u: (groups[batch_key(u.config)], width[u]), slots):
             started = time.perf_counter()
             positions = [pos for u in batch for pos in members[u]]
             batch_rows = [resolved[pos].row for pos in positions]
@@ -362,7 +366,7 @@ class Generator:
                         ),
                         vocab_rules(tok, self.decoder.vocab_size, *batch_key(batch[0].config)),
                         self.sampler,
-                        max_batch=self.batch_size,
+                        max_batch=rows_per_batch(self.batch_size, max(slots(u) for u in batch)),
                         timings=self.timings,
                     )
             except Exception as exc:  # noqa: BLE001 - reported per batch; the caller dead-letters the rows
@@ -393,14 +397,17 @@ class Generator:
                 warnings.warn(msg, stacklevel=4)
                 log.warning(msg)
 
-    def _batches(self, units: list[_Unit], group: Any) -> list[list[_Unit]]:
-        """Split sorted units into batches of at most ``batch_size`` sharing ``group(unit)``."""
+    def _batches(self, units: list[_Unit], group: Any, slots: Callable[[_Unit], int]) -> list[list[_Unit]]:
+        """Split sorted units into batches sharing ``group(unit)``, each of at most :func:`rows_per_batch`
+        rows for the cache slots its longest row needs (``slots(unit)``)."""
         batches: list[list[_Unit]] = []
         current: list[_Unit] = []
+        need = 0  # slots of the current batch's longest row
         for unit in units:
-            if current and (group(unit) != group(current[-1]) or len(current) == self.batch_size):
+            need = max(need, slots(unit))
+            if current and (group(unit) != group(current[-1]) or len(current) >= rows_per_batch(self.batch_size, need)):
                 batches.append(current)
-                current = []
+                current, need = [], slots(unit)
             current.append(unit)
         if current:
             batches.append(current)

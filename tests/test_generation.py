@@ -538,6 +538,38 @@ def test_cache_growth_changes_nothing_but_the_cache_size(tiny):
     assert [s.logprob_sum for s in graph] == pytest.approx([s.logprob_sum for s in runs[32]], abs=1e-3)
 
 
+def test_batches_of_long_rows_get_fewer_rows_so_a_worker_needs_no_more_memory(tiny):
+    """rows x cache slots stays within a full batch of BATCH_SLOTS-slot rows (the cache and the prefill's
+    activations grow with it), and each row's text is what it is in any other batch."""
+    from kogpt2.decode_loop import BATCH_SLOTS, rows_per_batch
+    from kogpt2.generation import Generator
+
+    assert rows_per_batch(256, 107) == rows_per_batch(256, BATCH_SLOTS) == 256
+    assert rows_per_batch(256, 131) == 240  # 250 fit: a multiple of 16, few shapes
+    assert rows_per_batch(256, 356) == 80  # a 256-token prompt bucket with 100 new tokens
+    assert [rows_per_batch(16, 137), rows_per_batch(4, 1024), rows_per_batch(1, 256)] == [8, 1, 1]
+    model, tok = tiny
+    prompts = [f"{p} {i}" for i in range(6) for p in ("이때", "노인은")]  # 12 rows, one length bucket
+    seen = []
+    generator = Generator(model, tok, batch_size=16)
+    prefill = generator.decoder.prefill
+
+    def spy(ids, starts, capacity):
+        seen.append((ids.shape[0], capacity))
+        return prefill(ids, starts, capacity)
+
+    generator.decoder.prefill = spy
+    cfg = GenerationConfig(top_p=0.9, max_new_tokens=130, seed=3)
+    long = generator.generate(prompts, cfg)
+    assert [rows for rows, _ in seen] == [8, 4]  # 137 slots: 8 rows a batch, not 16
+    assert all(rows * slots <= 16 * BATCH_SLOTS for rows, slots in seen)
+    seen.clear()
+    generator.generate(prompts, cfg.replace(max_new_tokens=20))
+    assert [rows for rows, _ in seen] == [16]  # short rows: the full batch (12 padded to 16)
+    alone = Generator(model, tok, batch_size=1).generate(prompts[8:], cfg)  # rows of the second batch, one by one
+    assert texts(alone) == {k: v for k, v in texts(long).items() if k[0] in prompts[8:]}
+
+
 def test_partial_batches_are_padded_to_few_shapes_so_compiles_stay_bounded(tiny):
     """A job's last batches have every size; the decoder only sees powers of two (and the full batch)."""
     from kogpt2.generation import Generator, padded_batch
