@@ -34,8 +34,9 @@ REJECTED_PATTERN = "rejected-{unit:05d}-of-{units:05d}.jsonl"
 FAILED_PATTERN = "failed-{unit:05d}-of-{units:05d}.jsonl"
 UNIT_PATTERN = "{unit:05d}-of-{units:05d}"
 #: How rows are placed in units (:class:`UnitLayout`); part of a run's signature, so a folder
-#: laid out otherwise is never resumed into.
-UNIT_LAYOUT = "prompt-length"
+#: laid out otherwise is never resumed into. It names the length classes
+#: (:data:`kogpt2.generation.PROMPT_BUCKETS`): other buckets place rows in other units.
+UNIT_LAYOUT = "prompt-length:4,8,16,32,64,128,256,512,1024,2048"
 #: Hive-style partition folder of a configuration's files (``--configs``): DuckDB, Arrow and
 #: BigQuery read ``config`` back as a column.
 PARTITION = "config={name}"

@@ -449,13 +449,21 @@ def test_one_model_shared_by_the_worker_processes_gives_the_same_rows(first_run,
     assert ours.keys() == reference.keys() and all(ours[k]["text"] == reference[k]["text"] for k in ours)
 
 
+def test_the_unit_layout_in_the_signature_changes_with_the_length_buckets():
+    """Other buckets put rows in other units: a folder cut by other buckets must not be resumed into."""
+    from kogpt2.generation import PROMPT_BUCKETS
+    from pipelines.generate_units import UNIT_LAYOUT
+
+    assert UNIT_LAYOUT == "prompt-length:" + ",".join(map(str, PROMPT_BUCKETS))
+
+
 def test_units_hold_rows_of_similar_prompt_length_in_balanced_stable_shares():
     """The decoder ends each length bucket of a unit with a partial batch: few buckets per unit."""
     from collections import Counter
 
     from pipelines.generate_units import UnitLayout, length_class, unit_of
 
-    assert [length_class(n) for n in (1, 8, 9, 16, 17, 100, 5000)] == [8, 8, 16, 16, 32, 128, 2048]
+    assert [length_class(n) for n in (1, 4, 5, 8, 9, 16, 17, 100, 5000)] == [4, 4, 8, 8, 16, 16, 32, 128, 2048]
     classes = {8: 900, 16: 90, 32: 10}  # output rows per class, as in real seeds (mostly short)
     layout = UnitLayout.of(classes, 4)
     rows = [(f"{k}:{i}", k) for k, n in classes.items() for i in range(n)]

@@ -297,8 +297,14 @@ def test_units_hold_similar_prompt_lengths_and_ids_repeated_across_units_are_cou
     from pipelines.generate_units import length_class
 
     tok = load_tokenizer(tiny_model_dir)
+
+    def klass(prompt: str) -> int:
+        return length_class(1 + len(tok.encode(prompt)))
+
+    short_class = klass(SEEDS[0])
+    short = [s for s in SEEDS if klass(s) == short_class]  # seeds of one length bucket
     long_seed = " ".join(SEEDS)  # another length bucket than the short seeds
-    rows = [{"id": f"s{i}", "text": SEEDS[i % len(SEEDS)]} for i in range(30)]
+    rows = [{"id": f"s{i}", "text": short[i % len(short)]} for i in range(30)]
     rows += [{"id": f"l{i}", "text": f"{long_seed} {i}"} for i in range(9)]
     rows.append({"id": "s0", "text": long_seed})  # the id of a short row, on a long one: in another unit
     table = tmp_path / "rows.jsonl"
@@ -309,23 +315,20 @@ def test_units_hold_similar_prompt_lengths_and_ids_repeated_across_units_are_cou
         == 0
     )
 
-    def klass(prompt: str) -> int:
-        return length_class(1 + len(tok.encode(prompt)))
-
     long = klass(long_seed)
-    assert {klass(r["text"]) for r in rows[:30]} == {8} and {klass(r["text"]) for r in rows[30:]} == {long} != {8}
+    assert {klass(r["text"]) for r in rows[30:]} == {long} != {short_class}
     files = sorted(version(out).glob("generations-*.parquet"))
     per_file = [[klass(p) for p in pq.read_table(f, columns=["prompt"]).column("prompt").to_pylist()] for f in files]
     assert sum(map(len, per_file)) == len(rows)
     # 40 rows on a line of 30 short then 10 long, cut in 3: the long rows share the last unit alone
-    assert [sorted(set(c)) for c in per_file] == [[8], [8], [8, long]]
+    assert [sorted(set(c)) for c in per_file] == [[short_class], [short_class], [short_class, long]]
     assert per_file[2].count(long) == 10
     ids = [pq.read_table(f, columns=["row_id"]).column("row_id").to_pylist() for f in files]
     assert len([n for n, i in enumerate(ids) if "s0" in i]) == 2  # the repeated id sits in two units
     info = info_of(out)
     assert info["counts"]["duplicate_row_ids"] == 1 and info["counts"]["duplicate_row_id_examples"] == ["s0"]
     s0 = [r for r in rows_of(out) if r["row_id"] == "s0"]
-    assert sorted(klass(r["prompt"]) for r in s0) == [8, long]  # both generated, never merged
+    assert sorted(klass(r["prompt"]) for r in s0) == [short_class, long]  # both generated, never merged
 
 
 def test_a_file_two_globs_match_is_read_once_and_file_line_ids_never_repeat(tiny_model_dir, tmp_path) -> None:

@@ -34,7 +34,7 @@ def outputs(samples):
 def test_a_row_in_a_mixed_batch_equals_the_same_row_in_a_single_setting_job(generator):
     rows = [GenRow(p, i, cfg, key=(n, p, i)) for n, cfg in enumerate(SETTINGS) for p in PROMPTS for i in range(2)]
     outcomes = list(generator.stream_rows(rows[::-1], BASE))  # any order
-    assert len(outcomes) == 2  # one batch per prompt-length bucket (8 and 16 tokens), whatever the mix
+    assert len(outcomes) == 3  # one batch per prompt-length bucket (4, 8 and 16 tokens), whatever the mix
     for o in outcomes:
         assert {r.key[0] for r in o.rows} == set(range(len(SETTINGS)))
         assert [s.key for s in o.samples] == [r.key for r in o.rows]
@@ -70,6 +70,6 @@ def test_only_suppressed_tokens_and_valid_utf8_split_batches(generator):
     shared = [BASE, BASE.replace(temperature=0.5, top_k=3, seed=9, stop=("x",), max_new_tokens=4)]
     apart = [BASE.replace(suppress_tokens=(0,)), BASE.replace(valid_utf8=False)]
     assert len({batch_key(c) for c in shared}) == 1 and len({batch_key(c) for c in [BASE, *apart]}) == 3
-    rows = [GenRow(p, 0, cfg) for p in PROMPTS[:2] for cfg in shared + apart]
+    rows = [GenRow(p, 0, cfg) for p in PROMPTS[1:3] for cfg in shared + apart]  # two prompts of one length bucket
     outcomes = list(generator.stream_rows(rows, BASE))
     assert sorted(len(o.rows) for o in outcomes) == [2, 2, 4]
