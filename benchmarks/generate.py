@@ -36,6 +36,11 @@ rounds, ours and the ceiling alike), random weights:
   temperature 0.8; top-k 50 at temperature 0.7; temperature 1.2 with repetition penalty 1.2)
   in one call (mixed batches), against the same rows all under the first setting (uniform),
   and split into one call per setting (each setting's rows in batches of their own).
+- ``steal``: the share of the VM's CPU time its hypervisor gave to other guests while each
+  timed part ran (``/proc/stat``), printed per round. On this project's 2-core VM a round that
+  lost 3-9% of its time to steal ran 10-20% slower, so the report also gives each variant's
+  ``/adjacent`` over the rounds where neither its run nor the ceiling pass after it lost more
+  than ``--quiet-steal`` (1%): a filter measured apart from the figures, both sides alike.
 - ``--plain``: also the first variant without what the generation contract adds (no valid-UTF-8
   or special-token masks, no log-probability scores), to show their cost.
 
@@ -48,6 +53,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -98,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, help="measure everything this many times; report medians")
     p.add_argument("--mixed-settings", action="store_true", help="also: four settings mixed in one batch vs one")
     p.add_argument("--plain", action="store_true", help="also: the first variant without masks and scores")
+    p.add_argument(
+        "--quiet-steal",
+        type=float,
+        default=0.01,
+        help="a round is quiet when the hypervisor stole at most this share of the CPU time from it (default 0.01)",
+    )
     p.add_argument("--piece-reps", type=int, default=10, help="calls timed per piece of the step breakdown (0: skip)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument(
@@ -211,6 +223,26 @@ def median_seconds(fn: Callable[[], Any], reps: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def stolen_seconds() -> float | None:
+    """CPU seconds this VM's hypervisor has given to other guests since boot, over all CPUs; None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 and fields[0] == "cpu" else None
+
+
+def with_steal(fn: Callable[[], float]) -> tuple[float, float | None]:
+    """``fn()`` and the share of the machine's CPU time stolen while it ran (None where unknown)."""
+    before, start = stolen_seconds(), time.perf_counter()
+    out = fn()
+    after, wall = stolen_seconds(), time.perf_counter() - start
+    if before is None or after is None:
+        return out, None
+    return out, (after - before) / (wall * (os.cpu_count() or 1))
 
 
 def ceiling_tokens_per_s(model: Any, batch: int, length: int, with_head: bool) -> float:
@@ -332,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "compiles": gen.compiles,
             "tps": [],
             "ratios": [],
+            "steal": [],  # (our run, the ceiling pass after it): shares of the CPU time stolen
         }
         print(f"{name}: first run (with compiles) {first:.1f} s, {gen.compiles} compiles", flush=True)
 
@@ -383,10 +416,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate which goes first
             v = variants[name]
-            v["tps"].append(run(v["gen"], v["rows"], config))
+            tps, ours_steal = with_steal(lambda v=v: run(v["gen"], v["rows"], config))
             # the ceiling right after each variant: this VM's speed drifts by tens of percent within
             # minutes, so each ratio compares two figures taken seconds apart
-            v["ratios"].append(v["tps"][-1] / ceiling_tokens_per_s(model, args.ceiling_batch, args.ceiling_len, True))
+            ceiling, ceiling_steal = with_steal(
+                lambda: ceiling_tokens_per_s(model, args.ceiling_batch, args.ceiling_len, True)
+            )
+            v["tps"].append(tps)
+            v["ratios"].append(tps / ceiling)
+            v["steal"].append((ours_steal, ceiling_steal))
         if args.plain:
             extra["plain"].append(run(plain, first_v["rows"], plain_config))
         if args.mixed_settings:
@@ -401,7 +439,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         extra["ceiling"].append(ceiling_tokens_per_s(model, args.ceiling_batch, args.ceiling_len, True))
         extra["ceiling_no_head"].append(ceiling_tokens_per_s(model, args.ceiling_batch, args.ceiling_len, False))
         line = ", ".join(f"{n} {variants[n]['tps'][-1]:.1f}" for n in names)
+        stolen = ", ".join(f"{n} {pct(variants[n]['steal'][-1][0])}/{pct(variants[n]['steal'][-1][1])}" for n in names)
         print(f"round {r + 1}: {line}; " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in extra.items() if v), flush=True)
+        print(f"  stolen by the hypervisor (run/ceiling after it): {stolen}", flush=True)
 
     med = {k: statistics.median(v) for k, v in extra.items() if v}
     result: dict[str, Any] = {
@@ -411,6 +451,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "top_p": args.top_p,
         "rounds": args.rounds,
         "statistic": "median of rounds (ceiling: each round the median of 3 passes)",
+        "quiet_steal": args.quiet_steal,
         **{f"{k}_tokens_per_s": round(v, 2) for k, v in med.items()},
         "variants": {},
     }
@@ -424,6 +465,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "vs_ceiling": round(tps / med["ceiling"], 3),
             "vs_adjacent_ceiling": round(statistics.median(v["ratios"]), 3),
             "adjacent_ratios": [round(x, 3) for x in v["ratios"]],
+            "steal_shares": [[None if x is None else round(x, 4) for x in pair] for pair in v["steal"]],
+            **quiet_figures(v["ratios"], v["steal"], args.quiet_steal),
             "vs_ceiling_no_head": round(tps / med["ceiling_no_head"], 3),
             "vs_notebook": round(tps / med["notebook"], 1) if "notebook" in med else None,
             "first_run_s": round(v["first_run_s"], 1),
@@ -447,6 +490,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def pct(share: float | None) -> str:
+    return "?" if share is None else f"{100 * share:.1f}%"
+
+
+def quiet_figures(ratios: list[float], steal: list[tuple[Any, Any]], limit: float) -> dict[str, Any]:
+    """The median adjacent ratio over the quiet rounds: neither side lost more than ``limit`` to steal."""
+    quiet = [
+        r for r, (a, b) in zip(ratios, steal, strict=True) if a is not None and b is not None and max(a, b) <= limit
+    ]
+    return {
+        "quiet_rounds": len(quiet),
+        "vs_adjacent_ceiling_quiet": round(statistics.median(quiet), 3) if quiet else None,
+    }
+
+
 def print_report(args: argparse.Namespace, result: dict[str, Any]) -> None:
     """The figures as a readable table."""
     print(
@@ -462,18 +520,20 @@ def print_report(args: argparse.Namespace, result: dict[str, Any]) -> None:
     )
     head = (
         f"  {'variant':<24} {'tokens/s':>9} {'/ceiling':>9} {'/adjacent':>10} {'/no head':>9} {'/notebook':>10} "
-        f"{'1st run s':>10} {'compiles':>9}"
+        f"{'1st run s':>10} {'compiles':>9} {'/adj quiet (rounds)':>20}"
     )
     print(head)
     for name, v in result["variants"].items():
         print(
             f"  {name:<24} {v['tokens_per_s']:>9} {v['vs_ceiling']:>9} {v['vs_adjacent_ceiling']:>10} "
             f"{v['vs_ceiling_no_head']:>9} {v['vs_notebook'] if v['vs_notebook'] is not None else '-':>10} "
-            f"{v['first_run_s']:>10} {v['compiles']:>9}"
+            f"{v['first_run_s']:>10} {v['compiles']:>9} "
+            f"{str(v['vs_adjacent_ceiling_quiet'] or '-') + ' (' + str(v['quiet_rounds']) + ')':>20}"
         )
     print(
         "  (/ceiling: medians of the rounds; /adjacent: the median of each round's tokens/s over a ceiling pass "
-        "measured right after it)"
+        "measured right after it; /adj quiet: the same over the rounds where the hypervisor stole at most "
+        f"{pct(args.quiet_steal)} of the CPU time from either)"
     )
     print("\n  step breakdown, ms per step (in the run: decoder / sampler / host; apart, at the middle slot:")
     print("  attention, dense, head, whole step, draw)")
