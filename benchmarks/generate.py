@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import sys
 import time
@@ -65,6 +64,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from steal import pct, quiet_figures, with_steal  # noqa: E402  (benchmarks/steal.py)
 
 V1_TOKENIZER = REPO.parent / "shared" / "data" / "kogpt2_v1_tokenizer.spiece"
 MIXED_SETTINGS = (
@@ -235,26 +236,6 @@ def median_seconds(fn: Callable[[], Any], reps: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def stolen_seconds() -> float | None:
-    """CPU seconds this VM's hypervisor has given to other guests since boot, over all CPUs; None off Linux."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 and fields[0] == "cpu" else None
-
-
-def with_steal(fn: Callable[[], float]) -> tuple[float, float | None]:
-    """``fn()`` and the share of the machine's CPU time stolen while it ran (None where unknown)."""
-    before, start = stolen_seconds(), time.perf_counter()
-    out = fn()
-    after, wall = stolen_seconds(), time.perf_counter() - start
-    if before is None or after is None:
-        return out, None
-    return out, (after - before) / (wall * (os.cpu_count() or 1))
 
 
 def ceiling_tokens_per_s(model: Any, batch: int, length: int, with_head: bool) -> float:
@@ -513,21 +494,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
-
-
-def pct(share: float | None) -> str:
-    return "?" if share is None else f"{100 * share:.1f}%"
-
-
-def quiet_figures(ratios: list[float], steal: list[tuple[Any, Any]], limit: float) -> dict[str, Any]:
-    """The median adjacent ratio over the quiet rounds: neither side lost more than ``limit`` to steal."""
-    quiet = [
-        r for r, (a, b) in zip(ratios, steal, strict=True) if a is not None and b is not None and max(a, b) <= limit
-    ]
-    return {
-        "quiet_rounds": len(quiet),
-        "vs_adjacent_ceiling_quiet": round(statistics.median(quiet), 3) if quiet else None,
-    }
 
 
 def print_report(args: argparse.Namespace, result: dict[str, Any]) -> None:

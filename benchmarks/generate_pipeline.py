@@ -41,6 +41,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from steal import pct, with_steal  # noqa: E402  (benchmarks/steal.py)
 
 CHILD_LIBRARY = """
 import json, resource, sys, time
@@ -90,13 +93,17 @@ def real_seeds(path: Path, n: int) -> list[str]:
 
 
 def child(code: str, args: list[str]) -> dict:
+    """Run ``code`` in a fresh process; its last stdout line (JSON), with ``steal``: the share of the
+    machine's CPU time the hypervisor gave to other guests meanwhile."""
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=False, cwd=REPO
+    proc, steal = with_steal(
+        lambda: subprocess.run(
+            [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=False, cwd=REPO
+        )
     )
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "steal": steal}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 pipes.append(pipeline(large, str(r)))
         print(
             f"round {r + 1}: library {libs[-1]['tokens'] / libs[-1]['seconds']:,.0f} tokens/s, "
-            f"pipeline {pipes[-1]['tokens'] / pipes[-1]['seconds']:,.0f} tokens/s",
+            f"pipeline {pipes[-1]['tokens'] / pipes[-1]['seconds']:,.0f} tokens/s "
+            f"(stolen by the hypervisor: {pct(libs[-1]['steal'])} / {pct(pipes[-1]['steal'])})",
             flush=True,
         )
     little = pipeline(small, "small")
