@@ -37,8 +37,9 @@ rounds, ours and the ceiling alike), random weights:
   in one call (mixed batches), against the same rows all under the first setting (uniform),
   and split into one call per setting (each setting's rows in batches of their own).
 - ``steal``: the share of the VM's CPU time its hypervisor gave to other guests while each
-  timed part ran (``/proc/stat``), printed per round. On this project's 2-core VM a round that
-  lost 3-9% of its time to steal ran 10-20% slower, so the report also gives each variant's
+  timed part ran (``/proc/stat``), printed per round. On this project's 2-core VM, in one run,
+  rounds that lost 4-8% of the CPU time to steal ran 6-14% slower than one that lost 1%, and one
+  that lost 36% ran 40% slower, so the report also gives each variant's
   ``/adjacent`` over the rounds where neither its run nor the ceiling pass after it lost more
   than ``--quiet-steal`` (1%): a filter measured apart from the figures, both sides alike.
   ``--until-quiet K`` goes on past ``--rounds`` until every variant has K quiet rounds (at most

@@ -1,7 +1,8 @@
 """CPU time a VM's hypervisor gives to other guests ("steal"), for the benchmarks' round-by-round notes.
 
-On this project's 2-core VM a round that lost 3-9% of the CPU time to steal ran 10-20% slower, and
-one that lost 36% ran 35% slower (2026-12-03), so each benchmark prints the share per timed part.
+On this project's 2-core VM, in one run (2026-12-03), rounds that lost 4-8% of the CPU time to steal
+ran 6-14% slower than one that lost 1%, and one that lost 36% ran 40% slower, so each benchmark prints
+the share per timed part.
 """
 
 from __future__ import annotations
