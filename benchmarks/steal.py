@@ -41,7 +41,7 @@ def pct(share: float | None) -> str:
     return "?" if share is None else f"{100 * share:.1f}%"
 
 
-def quiet_figures(ratios: list[float], steal: list[tuple[Any, Any]], limit: float) -> dict[str, Any]:
+def quiet_figures(ratios: list[float], steal: list[tuple[float | None, float | None]], limit: float) -> dict[str, Any]:
     """The median adjacent ratio over the quiet rounds: neither side lost more than ``limit`` to steal."""
     quiet = [
         r for r, (a, b) in zip(ratios, steal, strict=True) if a is not None and b is not None and max(a, b) <= limit

@@ -21,6 +21,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from kogpt2 import outputs
+from kogpt2.generation import PROMPT_BUCKETS, prompt_bucket
 from kogpt2.records import assign_shard, stable_hash
 from kogpt2.storage import join, store_for
 from pipelines.common import local_copy, write_text
@@ -36,7 +37,7 @@ UNIT_PATTERN = "{unit:05d}-of-{units:05d}"
 #: How rows are placed in units (:class:`UnitLayout`); part of a run's signature, so a folder
 #: laid out otherwise is never resumed into. It names the length classes
 #: (:data:`kogpt2.generation.PROMPT_BUCKETS`): other buckets place rows in other units.
-UNIT_LAYOUT = "prompt-length:4,8,16,32,64,128,256,512,1024,2048"
+UNIT_LAYOUT = "prompt-length:" + ",".join(map(str, PROMPT_BUCKETS))
 #: Hive-style partition folder of a configuration's files (``--configs``): DuckDB, Arrow and
 #: BigQuery read ``config`` back as a column.
 PARTITION = "config={name}"
@@ -56,8 +57,6 @@ def unit_of(key: str, units: int) -> int:
 
 def length_class(tokens: int) -> int:
     """A row's length class: the prompt-length bucket its ``tokens`` (``<s>`` included) fall in."""
-    from kogpt2.generation import PROMPT_BUCKETS, prompt_bucket
-
     return prompt_bucket(tokens, PROMPT_BUCKETS[-1])
 
 
