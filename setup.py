@@ -16,11 +16,12 @@ setup(
     packages=[
         *find_packages(include=["kogpt2", "kogpt2.*", "pipelines", "pipelines.*"]),
         "kogpt2.data",  # the bundled corpus and seed words (data files only)
+        "kogpt2.native",  # the attention kernel's C++ source, built on first use (kogpt2/native_ops.py)
         "kogpt2.schema_files",
     ],
     # schemas/ (the machine-readable specs) ships as the package data of kogpt2.schema_files
     package_dir={"kogpt2.schema_files": "schemas"},
-    package_data={"kogpt2.data": ["*.txt", "*.md"], "kogpt2.schema_files": ["*.json"]},
+    package_data={"kogpt2.data": ["*.txt", "*.md"], "kogpt2.native": ["*.cc"], "kogpt2.schema_files": ["*.json"]},
     include_package_data=True,
     install_requires=[
         "tensorflow==2.21.*",

@@ -199,8 +199,10 @@ class Generator:
             see :class:`kogpt2.decoder.Decoder`.
         sampler: ``host`` (numpy, the default) or ``graph`` (one XLA function; to compare, see
             :mod:`kogpt2.graph_sampling`).
-        attention_splits: head groups whose cached attention runs side by side; None: as many as
+        attention_splits: head groups whose XLA attention runs side by side; None: as many as
             the CPUs (see :class:`kogpt2.decoder.Decoder`). The logits do not depend on it.
+        attention: ``auto`` (the compiled kernel on a CPU where it builds, else XLA), ``native``
+            or ``xla``; see :class:`kogpt2.decoder.Decoder`.
     """
 
     def __init__(
@@ -214,13 +216,16 @@ class Generator:
         cache_growth: int = DEFAULT_CACHE_GROWTH,
         sampler: str = "host",
         attention_splits: int | None = None,
+        attention: str = "auto",
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: must be one of {DTYPES}")
         if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
         self.tokenizer = tokenizer
-        self.decoder = Decoder(model, dtype, cache_growth=cache_growth, attention_splits=attention_splits)
+        self.decoder = Decoder(
+            model, dtype, cache_growth=cache_growth, attention_splits=attention_splits, attention=attention
+        )
         self.sampler = make_sampler(sampler, self.decoder.vocab_size, scores=scores)
         self._sampler_base = (self.sampler.traces, self.sampler.xla_compiles)  # shared: count from here
         self.dtype = dtype
@@ -239,12 +244,21 @@ class Generator:
         batch_size: int = DEFAULT_BATCH_SIZE,
         cache_growth: int = DEFAULT_CACHE_GROWTH,
         sampler: str = "host",
+        attention: str = "auto",
     ) -> Generator:
         """Load a model folder (see :func:`kogpt2.model.load_model`) into a generator."""
         from kogpt2.model import load_model
 
         model, tokenizer = load_model(path)
-        return cls(model, tokenizer, dtype=dtype, batch_size=batch_size, cache_growth=cache_growth, sampler=sampler)
+        return cls(
+            model,
+            tokenizer,
+            dtype=dtype,
+            batch_size=batch_size,
+            cache_growth=cache_growth,
+            sampler=sampler,
+            attention=attention,
+        )
 
     @property
     def compiles(self) -> int:

@@ -276,6 +276,9 @@ def write_generation_config(folder: str | Path, config: GenerationConfig, specia
 DEFAULT_BATCH_SIZE = 256
 #: Computation types of the decoder.
 DTYPES = ("float32", "bfloat16")
+#: The decoder's cached attention: ``native`` (a compiled CPU kernel, built on first use), ``xla``, or
+#: ``auto`` (native on a CPU where the kernel builds, else xla with a warning); see :mod:`kogpt2.decoder`.
+ATTENTIONS = ("auto", "native", "xla")
 
 
 @dataclass(frozen=True)
@@ -292,11 +295,20 @@ class DecodeSettings:
             choices=SAMPLERS,
         ),
     )
+    attention: str = field(
+        default="auto",
+        metadata=flag(
+            "the cached attention: native (a compiled CPU kernel, built on first use with g++), xla, or auto "
+            "(native where it builds, else xla with a warning). The two round differently: near-tie tokens can flip",
+            choices=ATTENTIONS,
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_int("DecodeSettings", "batch_size", self.batch_size, low=1)
         check_choice("DecodeSettings", "dtype", self.dtype, DTYPES)
         check_choice("DecodeSettings", "sampler", self.sampler, SAMPLERS)
+        check_choice("DecodeSettings", "attention", self.attention, ATTENTIONS)
 
     @staticmethod
     def flag(name: str) -> dict[str, Any]:

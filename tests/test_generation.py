@@ -298,7 +298,7 @@ def test_decoder_logits_match_the_transformers_model(tiny):
 
 
 def test_head_groups_change_no_logit_bit(tmp_path):
-    """The cached attention split into head groups (run side by side) computes every head as before."""
+    """The XLA attention split into head groups (run side by side) computes every head as before."""
     from transformers import GPT2Config, TFGPT2LMHeadModel
 
     from kogpt2.decoder import Decoder
@@ -312,7 +312,7 @@ def test_head_groups_change_no_logit_bit(tmp_path):
     starts = np.array([2, 0, 1])
     logits = {}
     for splits in (1, 2, 4):
-        dec = Decoder(model, "float32", cache_growth=8, attention_splits=splits)
+        dec = Decoder(model, "float32", cache_growth=8, attention_splits=splits, attention="xla")
         assert dec.attention_splits == splits
         outs = [dec.prefill(ids, starts, 20).numpy()]
         for slot in range(4, 12):  # crosses the level at 8
@@ -510,7 +510,7 @@ def test_compiles_are_bounded_by_length_buckets_and_cache_levels(tiny):
     from kogpt2.generation import Generator
 
     model, tok = tiny
-    gen = Generator(model, tok, batch_size=4, cache_growth=16)
+    gen = Generator(model, tok, batch_size=4, cache_growth=16, attention="xla")
     cfg = GenerationConfig(strategy="greedy", max_new_tokens=5)
     gen.generate(["이때", "그날"], cfg)
     first = gen.compiles
@@ -523,6 +523,18 @@ def test_compiles_are_bounded_by_length_buckets_and_cache_levels(tiny):
     gen.generate(["이때", "그날"], cfg.replace(max_new_tokens=40, min_new_tokens=40))
     assert {c for _, c in gen.decoder._shapes} == {16, 32, 48}  # slots 8 .. 46
     assert gen.compiles == first + 2
+
+
+def test_the_native_attention_compiles_nothing_per_shape(tiny):
+    from kogpt2.generation import Generator
+
+    model, tok = tiny
+    gen = Generator(model, tok, batch_size=4, cache_growth=16, attention="native")
+    cfg = GenerationConfig(strategy="greedy", max_new_tokens=5)
+    gen.generate(["이때", "그날"], cfg)
+    assert gen.compiles == 2  # the prefill and step traces
+    gen.generate(["이때", "그날", "마침내 그는"], cfg.replace(max_new_tokens=40, min_new_tokens=40))  # levels, batches
+    assert gen.compiles == 2 and gen.decoder.capacity == 48
 
 
 def test_cache_growth_changes_nothing_but_the_cache_size(tiny):

@@ -82,7 +82,7 @@ def test_info_schema_is_valid_json_schema() -> None:
 
 
 @pytest.mark.slow
-def test_wheel_ships_schemas_corpus_and_console_script(tmp_path: Path) -> None:
+def test_wheel_ships_schemas_corpus_kernel_source_and_console_script(tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             sys.executable,
@@ -107,6 +107,7 @@ def test_wheel_ships_schemas_corpus_and_console_script(tmp_path: Path) -> None:
         assert f"kogpt2/schema_files/{schema}" in names, schema
     assert "kogpt2/data/corpus.txt" in names and "kogpt2/data/seeds.txt" in names
     assert "pipelines/common.py" in names
+    assert "kogpt2/native/cached_attention.cc" in names  # workers build the attention kernel from it
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "kogpt2 = kogpt2.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
