@@ -98,6 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[0],
         help="head groups of the cached attention run side by side; 0 = the decoder's default (one per CPU)",
     )
+    p.add_argument(
+        "--attention",
+        choices=["auto", "native", "xla"],
+        nargs="+",
+        default=["auto"],
+        help="cached attention: the compiled kernel (native), XLA, or auto (native on a CPU where it builds)",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], nargs="+", default=["float32"])
     p.add_argument("--sampler", choices=["host", "graph"], nargs="+", default=["host"], help="where the draw runs")
     p.add_argument("--max-new-tokens", type=int, default=100)
@@ -334,8 +341,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return [(s, i) for i in range(samples) for s in seeds][:batch]
 
     variants: dict[str, dict[str, Any]] = {}
-    combos = itertools.product(args.dtype, args.batch_size, growths, args.sampler, args.attention_splits)
-    for dtype, batch, growth, sampler, splits in combos:
+    combos = itertools.product(
+        args.dtype, args.batch_size, growths, args.sampler, args.attention, args.attention_splits
+    )
+    for dtype, batch, growth, sampler, attention, splits in combos:
         gen = Generator(
             model,
             tok,
@@ -344,8 +353,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cache_growth=growth,
             sampler=sampler,
             attention_splits=splits or None,
+            attention=attention,
         )
-        name = f"{dtype} b{batch} g{growth} {sampler} s{gen.decoder.attention_splits}"
+        d = gen.decoder
+        name = f"{dtype} b{batch} g{growth} {sampler} " + (
+            "native" if d.attention == "native" else f"xla s{d.attention_splits}"
+        )
         rows = rows_for(batch)
         start = time.perf_counter()
         gen.generate_rows(rows, config)  # every shape the run meets is compiled here

@@ -288,6 +288,7 @@ def signature(job: GenerateJob, plan: GeneratePlan) -> dict[str, Any]:
         "dtype": job.dtype,
         "batch_size": job.batch_size,  # near-tie tokens can flip with the batch shape
         "sampler": job.sampler,  # the same draw, but rounded differently: near ties can flip
+        "attention": job.attention,  # likewise
         "num_shards": job.num_shards,
         "rows_per_file": job.rows_per_file,
         "max_seed_tokens": plan.max_seed_tokens,

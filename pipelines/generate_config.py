@@ -68,6 +68,7 @@ class GenerateJob:
     batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata=DecodeSettings.flag("batch_size"))
     dtype: str = field(default="float32", metadata=DecodeSettings.flag("dtype"))
     sampler: str = field(default="host", metadata=DecodeSettings.flag("sampler"))
+    attention: str = field(default="auto", metadata=DecodeSettings.flag("attention"))
     rows_per_file: int = field(
         default=DEFAULT_ROWS_PER_FILE, metadata=flag("target rows per Parquet file, one work unit each", metavar="N")
     )

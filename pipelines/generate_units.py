@@ -412,12 +412,25 @@ class GenerateUnits(beam.DoFn):
 
                 started = time.perf_counter()
                 gen = Generator.from_folder(
-                    local_copy(job.model), dtype=job.dtype, batch_size=job.batch_size, sampler=job.sampler
+                    local_copy(job.model),
+                    dtype=job.dtype,
+                    batch_size=job.batch_size,
+                    sampler=job.sampler,
+                    attention=job.attention,
                 )
-                log.info("loaded %s (%s) in %.1f s", job.model, job.dtype, time.perf_counter() - started)
+                log.info(
+                    "loaded %s (%s, %s attention) in %.1f s",
+                    job.model,
+                    job.dtype,
+                    gen.decoder.attention,
+                    time.perf_counter() - started,
+                )
                 return gen
 
-            tag = f"kogpt2-generator:{job.model}:{self._plan.model_fingerprint}:{job.dtype}:{job.batch_size}:{job.sampler}"
+            tag = (
+                f"kogpt2-generator:{job.model}:{self._plan.model_fingerprint}:{job.dtype}:{job.batch_size}:"
+                f"{job.sampler}:{job.attention}"
+            )
             if job.share_model_across_processes:
                 from apache_beam.utils.multi_process_shared import MultiProcessShared
 

@@ -122,7 +122,14 @@ def run(args: argparse.Namespace) -> int:
     folder = resolve_model_folder(args.model)  # a training output folder: its committed version
     config, decode = resolve(args, folder)  # validate flags before loading TensorFlow
     model, tokenizer = load_model(folder)
-    gen = Generator(model, tokenizer, dtype=decode.dtype, batch_size=decode.batch_size, sampler=decode.sampler)
+    gen = Generator(
+        model,
+        tokenizer,
+        dtype=decode.dtype,
+        batch_size=decode.batch_size,
+        sampler=decode.sampler,
+        attention=decode.attention,
+    )
     rows = [(p, i) for p in prompts for i in range(config.num_samples)]
     unique = len(rows) if not config.greedy else len(set(prompts))
     bar = _Bar(len(rows), sys.stderr) if unique > gen.batch_size else None
