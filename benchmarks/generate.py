@@ -68,6 +68,8 @@ sys.path.insert(0, str(REPO))
 
 from steal import pct, quiet_figures, with_steal  # noqa: E402  (benchmarks/steal.py)
 
+from kogpt2.generation_config import ATTENTIONS, DTYPES, SAMPLERS  # noqa: E402  (no TensorFlow)
+
 V1_TOKENIZER = REPO.parent / "shared" / "data" / "kogpt2_v1_tokenizer.spiece"
 MIXED_SETTINGS = (
     {"top_p": 0.95},
@@ -100,13 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--attention",
-        choices=["auto", "native", "xla"],
+        choices=ATTENTIONS,
         nargs="+",
         default=["auto"],
         help="cached attention: the compiled kernel (native), XLA, or auto (native on a CPU where it builds)",
     )
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], nargs="+", default=["float32"])
-    p.add_argument("--sampler", choices=["host", "graph"], nargs="+", default=["host"], help="where the draw runs")
+    p.add_argument("--dtype", choices=DTYPES, nargs="+", default=["float32"])
+    p.add_argument("--sampler", choices=SAMPLERS, nargs="+", default=["host"], help="where the draw runs")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--notebook-tokens", type=int, default=5, help="tokens timed with the notebook method (0: skip)")

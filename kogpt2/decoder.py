@@ -385,11 +385,10 @@ def _choose_attention(attention: str, splits: int | None) -> tuple[str, Any]:
     """``(name, native op or None)`` for the ``attention`` asked for (see :class:`Decoder`)."""
     if attention == "xla":
         return "xla", None
+    gpu = bool(import_tf().config.list_logical_devices("GPU"))
     if attention == "auto":
-        if splits not in (None, 1):
-            return "xla", None  # head groups asked for: they are the XLA attention's
-        if import_tf().config.list_logical_devices("GPU"):
-            return "xla", None  # the kernel is the CPU's; XLA runs on the device
+        if splits not in (None, 1) or gpu:
+            return "xla", None  # head groups are the XLA attention's; on a GPU the cache lives on the device
         try:
             return "native", cached_attention_op()
         except NativeOpError as e:
@@ -397,7 +396,7 @@ def _choose_attention(attention: str, splits: int | None) -> tuple[str, Any]:
             return "xla", None
     if splits not in (None, 1):
         raise ValueError(f"attention_splits={splits}: head groups are the XLA attention's; the native kernel takes 1")
-    if import_tf().config.list_logical_devices("GPU"):
+    if gpu:
         raise ValueError("attention='native': the kernel runs on the CPU and the cache lives on the GPU here; use xla")
     return "native", cached_attention_op()
 
